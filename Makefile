@@ -1,0 +1,46 @@
+# x2 super-resolution: the two quick-start commands are `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-requirements.txt
+# The demo: a short training on the embedded skimage photos (a few CPU minutes), then its evaluation.
+DEMO_ARGS ?= run=demo max_steps=300 val_every=50 ckpt_every=100
+
+.PHONY: demo test test-slow venv data train evaluate tensorboard clean
+
+demo: venv
+	$(PY) code/prepare_data.py
+	$(PY) code/train.py $(DEMO_ARGS) resume=true
+	$(PY) code/evaluate.py checkpoint=checkpoints/demo/model.pt
+	@echo "Table: runs/eval_eval_bilinear.md  Curves: runs/demo/curves.png  TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+# Reuses an existing venv whose installed requirements equal requirements.txt (compared by content, not time).
+venv: $(STAMP)
+$(STAMP): requirements.txt
+	@if [ -f $@ ] && cmp -s requirements.txt $@; then touch $@; else \
+	  set -e; echo "Setting up $(VENV) from requirements.txt (torch is large: a few minutes the first time)"; \
+	  [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt; \
+	  cp requirements.txt $@; fi
+
+data: venv
+	$(PY) code/prepare_data.py
+
+# e.g. make train ARGS="run=t91 data_dir=../shared/data/T91 eval_dir=../shared/data/Set5"
+train: venv
+	$(PY) code/train.py $(ARGS)
+
+evaluate: venv
+	$(PY) code/evaluate.py $(ARGS)
+
+tensorboard: venv
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean:
+	rm -rf runs/demo checkpoints/demo runs/dataset_check runs/eval_*.md runs/eval_*.csv data/train data/eval

@@ -1,0 +1,145 @@
+"""One small config dict shared by every script, overridden with `key=value` arguments.
+
+    python code/train.py run=residual model=residual lr=1e-3 max_steps=5000
+
+Each value is parsed with the type of its default, so a typo or a wrong type is caught
+before any work starts, with a one-line message that lists the valid keys.
+"""
+import json
+import os
+
+DEFAULTS = {
+    # what to run and where its outputs go: runs/<run>/ (TensorBoard, plots) and checkpoints/<run>/
+    "run": "demo",
+    "runs_dir": "runs",
+    "ckpt_dir": "checkpoints",
+    # data: any folder of images; the defaults are built from skimage.data by code/prepare_data.py
+    "data_dir": "data/train",
+    "eval_dir": "data/eval",
+    "scale": 2,
+    "patch_size": 64,  # side of the HR training crop
+    "jitter": 0.2,  # ColorJitter brightness = contrast = saturation = hue
+    "degradation": "bilinear",  # how LR images are made: bilinear | bicubic | nearest
+    # model
+    "model": "basic",  # basic | residual (prediction + bilinear upsampling of the input)
+    "num_blocks": 10,
+    "channels": 64,
+    # optimisation
+    "batch_size": 16,
+    "lr": 1e-4,
+    "max_steps": 20000,
+    "seed": 0,
+    # bookkeeping, in steps
+    "log_every": 10,
+    "val_every": 500,
+    "ckpt_every": 1000,
+    "resume": False,  # continue checkpoints/<run>/train_state.pt if it exists
+    "overwrite": False,  # allow starting over in an existing run folder
+    # system
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "num_workers": 2,
+    # evaluate.py: comma-separated checkpoint files; empty = every checkpoints/*/model.pt
+    "checkpoint": "",
+    "out": "",  # evaluate.py: table path without extension; empty = runs/eval_<set>_<degradation>
+}
+
+CHOICES = {
+    "degradation": ("bilinear", "bicubic", "nearest"),
+    "model": ("basic", "residual"),
+}
+POSITIVE = ("scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
+            "log_every", "val_every", "ckpt_every", "lr")
+
+
+class ConfigError(ValueError):
+    """A bad key or value; its message is meant to be printed as one line."""
+
+
+def _parse_value(key, text, default):
+    if isinstance(default, bool):  # before int: bool is a subclass of int
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r}: expected true or false")
+    if isinstance(default, (int, float)):
+        try:
+            value = type(default)(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected {type(default).__name__}") from None
+        if isinstance(value, float) and value != value:
+            raise ConfigError(f"{key}={text!r}: expected a number")
+        return value
+    return text
+
+
+def parse_overrides(args, defaults=DEFAULTS):
+    """Return a copy of `defaults` updated by `key=value` strings, parsed and validated."""
+    cfg = dict(defaults)
+    for arg in args:
+        key, sep, text = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {arg!r}; valid keys: {', '.join(defaults)}")
+        if key not in defaults:
+            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(defaults)}")
+        cfg[key] = _parse_value(key, text, defaults[key])
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """Check values that are well-typed but still unusable, before any work starts."""
+    for key in POSITIVE:
+        if cfg[key] <= 0:
+            raise ConfigError(f"{key}={cfg[key]}: must be positive")
+    for key in ("seed", "num_workers"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{key}={cfg[key]}: must not be negative")
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
+    if cfg["patch_size"] % cfg["scale"]:
+        raise ConfigError(f"patch_size={cfg['patch_size']} is not divisible by scale={cfg['scale']}")
+    if not 0 <= cfg["jitter"] <= 0.5:
+        raise ConfigError(f"jitter={cfg['jitter']}: must be in [0, 0.5] (ColorJitter's hue limit)")
+    if not cfg["run"] or "/" in cfg["run"] or cfg["run"].startswith("."):
+        raise ConfigError(f"run={cfg['run']!r}: must be a plain folder name")
+    device = cfg["device"]
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def from_argv(argv):
+    """Parse a script's command line; print a one-line error and exit on bad input."""
+    if any(a in ("-h", "--help") for a in argv):
+        width = max(map(len, DEFAULTS))
+        print("usage: key=value ...  (defaults below)")
+        for key, value in DEFAULTS.items():
+            print(f"  {key:<{width}} = {value}")
+        raise SystemExit(0)
+    try:
+        return parse_overrides(argv)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+
+
+def save(cfg, folder):
+    """Write the resolved config as JSON beside a run's outputs, so a result says how it was made."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "config.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+def pick_device(name):
+    """'auto' means CUDA when available; asking for CUDA on a machine without it is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"config error: device={name} but CUDA is not available here; use device=cpu or auto")
+    return torch.device(name)

@@ -1,0 +1,208 @@
+"""Task 1: SRDataset, which makes (low-res, high-res) pairs from a folder of ordinary images.
+
+The HR image is a random 64x64 crop with colour jitter; the LR image is made from that jittered
+crop by `degrade`, the one place where the degradation lives, so LR and HR always correspond.
+
+    python code/dataset.py [data_dir=...]   # the handout's data-loader check
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.io import ImageReadMode
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+INTERPOLATION = {
+    "bilinear": transforms.InterpolationMode.BILINEAR,
+    "bicubic": transforms.InterpolationMode.BICUBIC,
+    "nearest": transforms.InterpolationMode.NEAREST,
+}
+
+
+class DataError(ValueError):
+    """A missing folder or an unreadable image; the message names it in one line."""
+
+
+def list_images(folder):
+    """Sorted image files of `folder`; hidden files and non-images (README, Thumbs.db) are ignored."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder")
+    names = sorted(n for n in os.listdir(folder)
+                   if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return [os.path.join(folder, n) for n in names]
+
+
+def read_image(path):
+    """Read any common image as a 3xHxW float tensor in [0, 1]."""
+    return to_float(decode_image(path))
+
+
+def decode_image(path):
+    """Decode to a 3xHxW uint8 (uint16 for 16-bit files) tensor.
+
+    torchvision decodes PNG/JPEG (gray, palette, RGBA and CMYK become RGB); Pillow covers what
+    it cannot decode, such as BMP and TIFF.
+    """
+    try:
+        return torchvision.io.read_image(path, ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return _read_with_pillow(path)
+
+
+def to_float(image):
+    return transforms.functional.convert_image_dtype(image, torch.float32)
+
+
+def _read_with_pillow(path):
+    try:
+        with Image.open(path) as pil:
+            if pil.mode.startswith("I"):  # 16/32-bit grayscale
+                array = np.asarray(pil, dtype=np.int32).clip(0, 65535).astype(np.uint16)
+                return torch.from_numpy(array)[None].expand(3, -1, -1).contiguous()
+            array = np.asarray(pil.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def degrade(hr, scale=2, method="bilinear"):
+    """Make the LR image: resize HR (CxHxW or NxCxHxW) down by `scale` with `method`."""
+    height, width = hr.shape[-2] // scale, hr.shape[-1] // scale
+    return transforms.functional.resize(hr, [height, width], INTERPOLATION[method], antialias=True)
+
+
+def crop_to_multiple(image, scale):
+    """Crop the bottom/right so both sides are multiples of `scale` (LR and HR then align exactly)."""
+    height, width = image.shape[-2] // scale * scale, image.shape[-1] // scale * scale
+    return image[..., :height, :width]
+
+
+class SRDataset(Dataset):
+    """Pairs (lr, hr) from every image of `folder`.
+
+    train=True: a random `patch_size` crop, colour-jittered, as HR. An index may also be an
+    (index, seed) pair, as `TrainSampler` yields: the crop and jitter are then drawn from that
+    seed, so a sample depends on nothing else and a resumed run sees the same data.
+    train=False: the whole image (cropped to a multiple of `scale`) with a deterministic LR.
+    cache=True keeps each decoded image in memory (uint8, about 3 bytes a pixel) after its first
+    use: decoding a whole photo for one 64x64 crop would otherwise cost more than the crop itself.
+    """
+
+    def __init__(self, folder, patch_size=64, scale=2, jitter=0.2, degradation="bilinear", train=True,
+                 cache=True):
+        self.files = list_images(folder)
+        self.scale, self.degradation, self.train = scale, degradation, train
+        self.cache = {} if cache else None  # decoded images, filled lazily (per DataLoader worker)
+        # crop while still 8-bit, so only the patch is converted to float
+        steps = [transforms.RandomCrop(patch_size), transforms.ConvertImageDtype(torch.float32)]
+        if jitter > 0:
+            steps.append(transforms.ColorJitter(jitter, jitter, jitter, jitter))
+        self.transform = transforms.Compose(steps)
+        if train:
+            self.files = self._drop_smaller_than(patch_size)
+
+    def _drop_smaller_than(self, patch_size):
+        kept = []
+        for path in self.files:
+            try:
+                with Image.open(path) as pil:
+                    small = min(pil.size) < patch_size
+            except (OSError, ValueError):
+                small = False  # not for Pillow to judge; read_image reports it when it is used
+            if small:
+                print(f"warning: {path}: smaller than patch_size={patch_size}, skipped", file=sys.stderr)
+            else:
+                kept.append(path)
+        if not kept:
+            raise DataError(f"{os.path.dirname(self.files[0])}: no image is at least {patch_size} px on each side")
+        return kept
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, index):
+        if self.cache is None:
+            return decode_image(self.files[index])
+        if index not in self.cache:
+            self.cache[index] = decode_image(self.files[index])
+        return self.cache[index]
+
+    def __getitem__(self, index):
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        image = self.load(index)
+        if not self.train:
+            hr = to_float(crop_to_multiple(image, self.scale))
+        elif seed is None:
+            hr = self.transform(image)
+        else:  # transforms draw from torch's global CPU generator: seed it for this sample only
+            generator = torch.random.default_generator
+            saved = generator.get_state()
+            generator.manual_seed(seed)
+            try:
+                hr = self.transform(image)
+            finally:
+                generator.set_state(saved)
+        return degrade(hr, self.scale, self.degradation), hr
+
+
+class TrainSampler(Sampler):
+    """Endless (image index, sample seed) stream for training, one epoch's permutation after another.
+
+    Sample k of a run depends only on (seed, k), so `start=k` resumes the exact data stream and
+    the worker count cannot change what the model sees.
+    """
+
+    def __init__(self, num_images, seed=0, start=0):
+        self.num_images, self.seed, self.start = num_images, seed, start
+
+    def __iter__(self):
+        sample = self.start
+        while True:
+            epoch, position = divmod(sample, self.num_images)
+            if position == 0 or sample == self.start:
+                order = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(
+                    _derive_seed(self.seed, 0, epoch))).tolist()
+            yield order[position], _derive_seed(self.seed, 1, sample)
+            sample += 1
+
+
+def _derive_seed(*numbers):
+    """A well-mixed 63-bit seed from a tuple of non-negative integers."""
+    return int(np.random.SeedSequence(numbers).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def main(argv):
+    """The handout's check: one shuffled mini-batch from a DataLoader, its first pair saved as PNG."""
+    import config
+
+    cfg = config.from_argv(argv)
+    try:
+        train_dataset = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"],
+                                  cfg["degradation"])
+    except DataError as err:
+        raise SystemExit(f"data error: {err}") from None
+    torch.manual_seed(cfg["seed"])
+    train_dataloader = DataLoader(train_dataset, batch_size=4, shuffle=True, num_workers=2,
+                                  drop_last=True, pin_memory=torch.cuda.is_available())
+    print(f" * Dataset contains {len(train_dataset)} image(s).")
+    out = os.path.join(cfg["runs_dir"], "dataset_check")
+    os.makedirs(out, exist_ok=True)
+    for _, batch in enumerate(train_dataloader, 0):
+        lr_image, hr_image = batch
+        print(f" * batch: lr {tuple(lr_image.shape)}, hr {tuple(hr_image.shape)}, "
+              f"values in [{hr_image.min():.3f}, {hr_image.max():.3f}]")
+        for name, image in (("lr_image.png", lr_image), ("hr_image.png", hr_image)):
+            torchvision.io.write_png(image[0].mul(255).round().byte(), os.path.join(out, name))
+            print(f" * wrote {os.path.join(out, name)}")
+        break  # one batch is enough for a check
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,60 @@
+"""Shared fixtures: the code/ modules on sys.path, and small real-photo folders made at test time."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code")
+sys.path.insert(0, CODE)
+SHARED_DATA = os.path.join(os.path.dirname(CODE), "..", "shared", "data")
+
+
+def photo_crops(size, count):
+    """`count` different size x size RGB crops of real photographs shipped by scikit-image."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    crops = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        top, left = 40 + 13 * i, 60 + 17 * i
+        crops.append(np.ascontiguousarray(photo[top:top + size, left:left + size]))
+    return crops
+
+
+def write_folder(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, pixels in enumerate(images):
+        Image.fromarray(pixels).save(os.path.join(folder, f"img{i:02d}.png"))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """{'train': folder of 4 80x80 photos, 'eval': folder of 2 48x48 photos}."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    return {"train": write_folder(root / "train", photo_crops(80, 4)),
+            "eval": write_folder(root / "eval", photo_crops(48, 2))}
+
+
+@pytest.fixture
+def tiny_cfg(tiny_data, tmp_path):
+    """A config for a model and data small enough that a few training steps take a second."""
+    import config
+
+    return config.parse_overrides([
+        f"data_dir={tiny_data['train']}", f"eval_dir={tiny_data['eval']}", f"runs_dir={tmp_path / 'runs'}",
+        f"ckpt_dir={tmp_path / 'checkpoints'}", "run=tiny", "num_blocks=1", "channels=8", "patch_size=32",
+        "batch_size=4", "lr=1e-3", "max_steps=20", "log_every=1", "val_every=10", "ckpt_every=10",
+        "num_workers=0", "device=cpu",
+    ])
+
+
+def shared_folder(name):
+    """Path of a standard set in ../shared/data, or skip the test where it is absent."""
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.isdir(path):
+        pytest.skip(f"{path} not present (standard data lives beside the repo, not in it)")
+    return path

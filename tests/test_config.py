@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+import config
+from config import ConfigError, parse_overrides
+
+
+def test_defaults_are_valid_and_untouched_without_overrides():
+    assert parse_overrides([]) == config.DEFAULTS
+
+
+def test_values_take_the_type_of_their_default():
+    cfg = parse_overrides(["lr=1e-3", "max_steps=7", "resume=yes", "run=abc", "jitter=0"])
+    assert cfg["lr"] == 1e-3 and isinstance(cfg["lr"], float)
+    assert cfg["max_steps"] == 7 and isinstance(cfg["max_steps"], int)
+    assert cfg["resume"] is True and cfg["run"] == "abc" and cfg["jitter"] == 0.0
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("bogus=1", "unknown key 'bogus'"),
+    ("lr=fast", "lr='fast': expected float"),
+    ("max_steps=1.5", "expected int"),
+    ("resume=maybe", "expected true or false"),
+    ("batch_size=0", "must be positive"),
+    ("lr=-1e-4", "must be positive"),
+    ("num_workers=-1", "must not be negative"),
+    ("patch_size=63", "not divisible by scale=2"),
+    ("model=vgg", "expected one of basic, residual"),
+    ("degradation=lanczos", "expected one of bilinear, bicubic, nearest"),
+    ("device=tpu", "expected auto, cpu"),
+    ("run=../escape", "plain folder name"),
+    ("lr", "expected key=value"),
+])
+def test_bad_overrides_give_one_line_errors(arg, fragment):
+    with pytest.raises(ConfigError) as error:
+        parse_overrides([arg])
+    assert fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match="valid keys: run, runs_dir"):
+        parse_overrides(["learning_rate=1"])
+
+
+def test_from_argv_exits_with_the_message(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        config.from_argv(["bogus=1"])
+    assert str(exit_.value).startswith("config error: unknown key 'bogus'")
+
+
+def test_cuda_without_cuda_is_an_error_before_work(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        config.pick_device("cuda")
+    assert config.pick_device("auto").type == "cpu"
+
+
+def test_save_writes_the_resolved_config(tmp_path):
+    cfg = parse_overrides(["lr=0.001"])
+    path = config.save(cfg, tmp_path / "run")
+    assert json.loads(open(path).read()) == cfg

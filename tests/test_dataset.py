@@ -1,0 +1,157 @@
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import dataset
+from conftest import photo_crops, shared_folder, write_folder
+from dataset import DataError, SRDataset, TrainSampler, degrade, read_image
+
+
+def test_training_pairs_have_the_right_shapes_and_range(tiny_data):
+    ds = SRDataset(tiny_data["train"], patch_size=32)
+    assert len(ds) == 4
+    low_res, high_res = ds[0]
+    assert high_res.shape == (3, 32, 32) and low_res.shape == (3, 16, 16)
+    assert high_res.dtype == low_res.dtype == torch.float32
+    assert 0 <= high_res.min() and high_res.max() <= 1 and high_res.std() > 0.01
+
+
+def test_lr_is_the_bilinear_downscale_of_the_jittered_hr(tiny_data):
+    low_res, high_res = SRDataset(tiny_data["train"], patch_size=32, jitter=0.2)[(1, 123)]
+    # independent of torchvision's Resize: antialiased bilinear interpolation in torch itself
+    expected = F.interpolate(high_res[None], size=(16, 16), mode="bilinear", antialias=True, align_corners=False)[0]
+    torch.testing.assert_close(low_res, expected, atol=1e-5, rtol=0)
+
+
+def test_hr_is_a_crop_of_the_image_when_jitter_is_off(tiny_data):
+    image = read_image(os.path.join(tiny_data["train"], "img00.png"))
+    _, high_res = SRDataset(tiny_data["train"], patch_size=32, jitter=0)[(0, 7)]
+    windows = image.unfold(1, 32, 1).unfold(2, 32, 1)  # every 32x32 window: 3 x H' x W' x 32 x 32
+    matches = (windows == high_res[:, None, None]).flatten(3).all(-1).all(0)
+    assert matches.sum() == 1
+
+
+def test_a_seeded_sample_is_reproducible_and_seeds_differ(tiny_data):
+    ds = SRDataset(tiny_data["train"], patch_size=32)
+    first, again, other = ds[(2, 99)], ds[(2, 99)], ds[(2, 100)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[1], other[1])
+
+
+def test_sampler_resumes_the_exact_stream_and_visits_every_image_each_epoch():
+    full = list(itertools.islice(iter(TrainSampler(5, seed=3)), 23))
+    resumed = list(itertools.islice(iter(TrainSampler(5, seed=3, start=12)), 11))
+    assert resumed == full[12:]
+    for epoch in range(4):
+        assert sorted(index for index, _ in full[epoch * 5:(epoch + 1) * 5]) == list(range(5))
+    assert len({seed for _, seed in full}) == len(full)
+    assert full != list(itertools.islice(iter(TrainSampler(5, seed=4)), 23))
+
+
+def test_dataloader_batches_are_the_same_with_and_without_workers(tiny_data):
+    ds = SRDataset(tiny_data["train"], patch_size=32)
+
+    def first_batches(workers):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=TrainSampler(len(ds), 0), num_workers=workers)
+        return [hr for _, (_, hr) in zip(range(3), loader)]
+
+    assert all(torch.equal(a, b) for a, b in zip(first_batches(0), first_batches(2)))
+
+
+def test_eval_mode_returns_whole_images_cropped_to_the_scale(tmp_path):
+    folder = write_folder(tmp_path / "eval", [photo_crops(41, 1)[0][:, :37]])
+    low_res, high_res = SRDataset(folder, train=False)[0]
+    assert high_res.shape == (3, 40, 36) and low_res.shape == (3, 20, 18)
+    torch.testing.assert_close(low_res, degrade(high_res))
+    assert torch.equal(SRDataset(folder, train=False)[0][0], low_res)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "bicubic", "nearest"])
+def test_degrade_halves_each_side(method):
+    assert degrade(torch.rand(2, 3, 10, 14), 2, method).shape == (2, 3, 5, 7)
+
+
+def make_odd_formats(folder):
+    """The same 20x30 picture in formats and modes users have; returns {file name: expected RGB array}."""
+    rgb = photo_crops(30, 1)[0][:20]
+    gray = rgb[..., 0]
+    os.makedirs(folder, exist_ok=True)
+    saved = {
+        "rgb.bmp": (Image.fromarray(rgb), rgb),
+        "rgb.tif": (Image.fromarray(rgb), rgb),
+        "gray.png": (Image.fromarray(gray), np.repeat(gray[..., None], 3, axis=2)),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, np.full_like(gray, 128)])), rgb),
+    }
+    palette = Image.fromarray(rgb).convert("P")
+    saved["palette.png"] = (palette, np.asarray(palette.convert("RGB")))
+    for name, (pil, _) in saved.items():
+        pil.save(os.path.join(folder, name))
+    return {name: expected for name, (_, expected) in saved.items()}
+
+
+def test_odd_formats_become_rgb_in_unit_range(tmp_path):
+    expected = make_odd_formats(tmp_path)
+    for name, pixels in expected.items():
+        image = read_image(str(tmp_path / name))
+        assert image.shape == (3, 20, 30), name
+        torch.testing.assert_close(image, torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255, msg=name)
+
+
+def test_16_bit_png_is_scaled_to_unit_range(tmp_path):
+    pixels = np.linspace(0, 65535, 20 * 30).reshape(20, 30).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    image = read_image(str(tmp_path / "deep.png"))
+    assert image.shape == (3, 20, 30)
+    assert image.min() == 0 and image.max() == 1
+    torch.testing.assert_close(image[0], torch.from_numpy(pixels.astype(np.float32) / 65535))
+
+
+def test_folder_listing_skips_non_images_and_hidden_files(tmp_path):
+    folder = write_folder(tmp_path / "d", photo_crops(40, 2))
+    for junk in (".DS_Store", "Thumbs.db", "README.txt", ".hidden.png"):
+        (tmp_path / "d" / junk).write_text("junk")
+    assert [os.path.basename(p) for p in dataset.list_images(folder)] == ["img00.png", "img01.png"]
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        SRDataset(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        SRDataset(str(tmp_path / "empty"))
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("this is text, not a PNG")
+    with pytest.raises(DataError, match="bad.png: cannot read image"):
+        read_image(str(bad))
+
+
+def test_images_smaller_than_the_crop_are_skipped_with_a_warning(tmp_path, capsys):
+    folder = write_folder(tmp_path / "d", [photo_crops(80, 1)[0], photo_crops(20, 1)[0]])
+    ds = SRDataset(folder, patch_size=32)
+    assert [os.path.basename(p) for p in ds.files] == ["img00.png"]
+    assert "img01.png: smaller than patch_size=32, skipped" in capsys.readouterr().err
+
+
+def test_standard_sets_read_as_rgb_including_grayscale_bridge():
+    folder = shared_folder("Set14")
+    ds = SRDataset(folder, train=False)
+    assert len(ds) == 14
+    bridge = ds.files.index(os.path.join(folder, "bridge.png"))
+    low_res, high_res = ds[bridge]
+    assert high_res.shape[0] == 3 and torch.equal(high_res[0], high_res[1])
+
+
+def test_dataset_script_writes_the_handouts_check_images(tiny_data, tmp_path, capsys):
+    dataset.main([f"data_dir={tiny_data['train']}", f"runs_dir={tmp_path}", "patch_size=32"])
+    assert "Dataset contains 4 image(s)" in capsys.readouterr().out
+    lr_png = np.asarray(Image.open(tmp_path / "dataset_check" / "lr_image.png"))
+    hr_png = np.asarray(Image.open(tmp_path / "dataset_check" / "hr_image.png"))
+    assert lr_png.shape == (16, 16, 3) and hr_png.shape == (32, 32, 3)

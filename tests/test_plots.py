@@ -1,0 +1,20 @@
+import os
+
+from torch.utils.tensorboard import SummaryWriter
+
+import plots
+
+
+def test_curves_read_back_from_tensorboard_keep_the_last_value_per_step(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    for step in (1, 2, 3):
+        writer.add_scalar("train/l1", 1.0 / step, step)
+    writer.add_scalar("val/psnr", 20.0, 3)
+    writer.close()
+    writer = SummaryWriter(str(tmp_path), purge_step=3)  # a resumed run rewrites step 3
+    writer.add_scalar("train/l1", 0.25, 3)
+    writer.close()
+    scalars = plots.read_scalars(str(tmp_path))
+    assert scalars["train/l1"] == ([1, 2, 3], [1.0, 0.5, 0.25])
+    out = plots.plot_training_curves(str(tmp_path), str(tmp_path / "curves.png"))
+    assert os.path.getsize(out) > 10_000
