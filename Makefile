@@ -12,7 +12,7 @@ DEMO_ARGS ?= run=demo model=residual max_steps=300 val_every=50 ckpt_every=100
 
 demo: venv
 	$(PY) code/prepare_data.py
-	$(PY) code/train.py $(DEMO_ARGS) resume=true
+	$(PY) code/train.py $(DEMO_ARGS) resume=auto
 	$(PY) code/evaluate.py checkpoint=checkpoints/demo/model.pt
 	@echo "Table: runs/eval_eval_bilinear.md  Curves: runs/demo/curves.png  TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
 

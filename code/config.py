@@ -33,8 +33,9 @@ DEFAULTS = {
     "log_every": 10,
     "val_every": 500,
     "ckpt_every": 1000,
-    "resume": False,  # continue checkpoints/<run>/train_state.pt if it exists
+    "resume": "never",  # never | auto: continue from the newest good checkpoints/<run>/step*.pt
     "overwrite": False,  # allow starting over in an existing run folder
+    "bad_files": "error",  # error | skip: what an unreadable or too small image in a data folder does
     # system
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "num_workers": 2,
@@ -46,6 +47,8 @@ DEFAULTS = {
 CHOICES = {
     "degradation": ("bilinear", "bicubic", "nearest"),
     "model": ("basic", "residual"),
+    "resume": ("never", "auto"),
+    "bad_files": ("error", "skip"),
 }
 POSITIVE = ("scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
             "log_every", "val_every", "ckpt_every", "lr")

@@ -17,6 +17,7 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MIN_EVAL_SIZE = 11  # pixels of the LR image: SSIM's window
 INTERPOLATION = {
     "bilinear": transforms.InterpolationMode.BILINEAR,
     "bicubic": transforms.InterpolationMode.BICUBIC,
@@ -91,52 +92,46 @@ class SRDataset(Dataset):
     (index, seed) pair, as `TrainSampler` yields: the crop and jitter are then drawn from that
     seed, so a sample depends on nothing else and a resumed run sees the same data.
     train=False: the whole image (cropped to a multiple of `scale`) with a deterministic LR.
-    cache=True keeps each decoded image in memory (uint8, about 3 bytes a pixel) after its first
-    use: decoding a whole photo for one 64x64 crop would otherwise cost more than the crop itself.
+
+    Every image is decoded once, here, and kept in memory (uint8, 3 bytes a pixel; DataLoader
+    workers share it): a broken file is found before any work, and a 64x64 crop does not pay for
+    decoding a whole photo. bad_files="error" stops at the first unusable file; "skip" leaves it
+    out with a one-line warning.
     """
 
     def __init__(self, folder, patch_size=64, scale=2, jitter=0.2, degradation="bilinear", train=True,
-                 cache=True):
-        self.files = list_images(folder)
+                 bad_files="error"):
         self.scale, self.degradation, self.train = scale, degradation, train
-        self.cache = {} if cache else None  # decoded images, filled lazily (per DataLoader worker)
         # crop while still 8-bit, so only the patch is converted to float
         steps = [transforms.RandomCrop(patch_size), transforms.ConvertImageDtype(torch.float32)]
         if jitter > 0:
             steps.append(transforms.ColorJitter(jitter, jitter, jitter, jitter))
         self.transform = transforms.Compose(steps)
-        if train:
-            self.files = self._drop_smaller_than(patch_size)
-
-    def _drop_smaller_than(self, patch_size):
-        kept = []
-        for path in self.files:
+        # whole eval images must still leave SSIM's 11x11 window room after downscaling
+        minimum = patch_size if train else MIN_EVAL_SIZE * scale
+        self.files, self.images = [], []
+        for path in list_images(folder):
             try:
-                with Image.open(path) as pil:
-                    small = min(pil.size) < patch_size
-            except (OSError, ValueError):
-                small = False  # not for Pillow to judge; read_image reports it when it is used
-            if small:
-                print(f"warning: {path}: smaller than patch_size={patch_size}, skipped", file=sys.stderr)
-            else:
-                kept.append(path)
-        if not kept:
-            raise DataError(f"{os.path.dirname(self.files[0])}: no image is at least {patch_size} px on each side")
-        return kept
+                image = decode_image(path)
+                if min(image.shape[-2:]) < minimum:
+                    raise DataError(f"{path}: {image.shape[-1]}x{image.shape[-2]} px is smaller than "
+                                    f"{'patch_size=' if train else ''}{minimum}")
+            except DataError as err:
+                if bad_files != "skip":
+                    raise DataError(f"{err} (bad_files=skip leaves such files out)") from None
+                print(f"warning: skipped {err}", file=sys.stderr)
+                continue
+            self.files.append(path)
+            self.images.append(image)
+        if not self.files:
+            raise DataError(f"{folder}: no usable image")
 
     def __len__(self):
         return len(self.files)
 
-    def load(self, index):
-        if self.cache is None:
-            return decode_image(self.files[index])
-        if index not in self.cache:
-            self.cache[index] = decode_image(self.files[index])
-        return self.cache[index]
-
     def __getitem__(self, index):
         index, seed = index if isinstance(index, tuple) else (index, None)
-        image = self.load(index)
+        image = self.images[index]
         if not self.train:
             hr = to_float(crop_to_multiple(image, self.scale))
         elif seed is None:

@@ -2,11 +2,14 @@
 
     python code/train.py                                   # defaults of code/config.py
     python code/train.py run=residual model=residual       # any key=value override
-    python code/train.py run=residual resume=true          # continue where it stopped
+    python code/train.py run=residual resume=auto          # continue where it stopped
 
-Writes TensorBoard logs to runs/<run>/ and checkpoints to checkpoints/<run>/:
-model_step<N>.pt every `ckpt_every` steps (the newest 3 kept), model.pt at the end, and
-train_state.pt (model + optimiser + step) from which `resume=true` continues exactly.
+Writes TensorBoard logs to runs/<run>/ and checkpoints to checkpoints/<run>/: step<N>.pt every
+`ckpt_every` steps (model + optimiser + step, the newest 3 kept; resume=auto continues from the
+newest good one), model_best.pt (best validation PSNR) and model.pt at the end.
+
+Exit status: 0 done, 1 bad config/data/checkpoint, 3 diverged (non-finite loss),
+75 interrupted by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run again with resume=auto).
 """
 import glob
 import json
@@ -15,6 +18,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import time
 
@@ -33,11 +37,13 @@ from evaluate import evaluate, interpolate
 from models import CheckpointError, build_model, load_checkpoint, load_weights, save_checkpoint
 from plots import plot_training_curves
 
+EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 75
 # Keys that change what a run computes: resuming with any of them different is refused.
 RESULT_KEYS = ("data_dir", "scale", "patch_size", "jitter", "degradation", "model", "num_blocks", "channels",
                "batch_size", "lr", "seed")
 KEEP_STEP_CHECKPOINTS = 3
 PREVIEW_IMAGES, PREVIEW_SIZE = 3, 96
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def seed_everything(seed):
@@ -48,33 +54,47 @@ def seed_everything(seed):
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def step_checkpoints(ckpt_dir):
+    """Periodic checkpoints of a run, newest first."""
+    return sorted(glob.glob(os.path.join(ckpt_dir, "step*.pt")), reverse=True)
+
+
+def newest_good_state(ckpt_dir):
+    """The newest periodic checkpoint that loads; a broken one is named and passed over."""
+    for path in step_checkpoints(ckpt_dir):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr)
+    return None, None
+
+
 def prepare_folders(cfg):
-    """Return (run_dir, ckpt_dir, resuming); never reuse another run's folders unless asked to."""
+    """Return (run_dir, ckpt_dir, state_path, state); never reuse another run's folders unless asked to."""
     run_dir = os.path.join(cfg["runs_dir"], cfg["run"])
     ckpt_dir = os.path.join(cfg["ckpt_dir"], cfg["run"])
-    resuming = cfg["resume"] and os.path.isfile(os.path.join(ckpt_dir, "train_state.pt"))
+    state_path, state = newest_good_state(ckpt_dir) if cfg["resume"] == "auto" else (None, None)
     existing = [d for d in (run_dir, ckpt_dir) if os.path.isdir(d) and os.listdir(d)]
-    if existing and not resuming:
+    if existing and state is None:
         if not cfg["overwrite"]:
-            raise SystemExit(f"error: run '{cfg['run']}' already has {existing[0]}; pass resume=true to "
-                             f"continue it, overwrite=true to start over, or another run=name")
+            hint = "no checkpoint to resume from; " if cfg["resume"] == "auto" else "pass resume=auto to continue it, "
+            raise SystemExit(f"error: run '{cfg['run']}' already has {existing[0]}; {hint}"
+                             f"overwrite=true starts it over, or choose another run=name")
         for folder in existing:
             shutil.rmtree(folder)
     os.makedirs(run_dir, exist_ok=True)
     os.makedirs(ckpt_dir, exist_ok=True)
-    return run_dir, ckpt_dir, resuming
+    return run_dir, ckpt_dir, state_path, state
 
 
-def restore(state_path, cfg, model, optimizer):
-    """Load train_state.pt into model and optimiser; returns (step, elapsed seconds)."""
-    state = load_checkpoint(state_path)
+def restore(state_path, state, cfg, model, optimizer):
+    """Load a periodic checkpoint into model and optimiser, refusing one made with other settings."""
     changed = [k for k in RESULT_KEYS if state["train_config"].get(k) != cfg[k]]
     if changed:
         raise CheckpointError(f"{state_path}: was trained with other settings: "
                               + ", ".join(f"{k}={state['train_config'].get(k)} (now {cfg[k]})" for k in changed))
     load_weights(model, state["model"], state_path)
     optimizer.load_state_dict(state["optimizer"])
-    return state["step"], state["elapsed"]
 
 
 @torch.no_grad()
@@ -92,9 +112,40 @@ def preview(model, val_set, device):
     return images
 
 
-def prune_step_checkpoints(ckpt_dir):
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, "model_step*.pt")))[:-KEEP_STEP_CHECKPOINTS]:
-        os.remove(path)
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave stopping to the main process, which needs them for the current step."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def hardware(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT/SIGUSR1 (scheduler time limits, Ctrl-C) into a flag the loop checks
+    after each step, so the run stops between steps with a checkpoint instead of mid-write."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # a second request: stop now
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg):
@@ -102,23 +153,25 @@ def train(cfg):
     print(f"Using {device} device")
     seed_everything(cfg["seed"])
     try:
-        train_set = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"])
-        val_set = SRDataset(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False)
+        train_set = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
+                              bad_files=cfg["bad_files"])
+        val_set = SRDataset(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False,
+                            bad_files=cfg["bad_files"])
     except DataError as err:
         raise SystemExit(f"data error: {err}") from None
-    run_dir, ckpt_dir, resuming = prepare_folders(cfg)
-    state_path = os.path.join(ckpt_dir, "train_state.pt")
+    run_dir, ckpt_dir, state_path, state = prepare_folders(cfg)
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     loss_function = nn.L1Loss()
-    step, elapsed = 0, 0.0
-    if resuming:
+    step, elapsed, best_psnr, metrics = 0, 0.0, -math.inf, {}
+    if state is not None:
         try:
-            step, elapsed = restore(state_path, cfg, model, optimizer)
+            restore(state_path, state, cfg, model, optimizer)
         except CheckpointError as err:
             raise SystemExit(f"error: {err}") from None
-        print(f"Resuming run '{cfg['run']}' at step {step}")
+        step, elapsed, best_psnr, metrics = state["step"], state["elapsed"], state["best_psnr"], state["val"]
+        print(f"Resuming run '{cfg['run']}' at step {step} from {state_path}")
     config.save(cfg, run_dir)
     config.save(cfg, ckpt_dir)
     print(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
@@ -127,18 +180,29 @@ def train(cfg):
     # The sampler starts at the first sample of `step`, so a resumed run sees the same batches.
     sampler = TrainSampler(len(train_set), cfg["seed"], start=step * cfg["batch_size"])
     loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     # events after the saved step come from the interrupted attempt: TensorBoard drops them
-    writer = SummaryWriter(run_dir, purge_step=step + 1 if resuming else None)
+    writer = SummaryWriter(run_dir, purge_step=step + 1 if state is not None else None)
 
     def save_state():
-        save_checkpoint(state_path, model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
-                        elapsed=elapsed + time.time() - started)
+        path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
+        save_checkpoint(path, model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
+                        elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics)
+        for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
+            os.remove(old)
+        return path
 
-    metrics = {}
+    def stop(message, code):
+        progress.close()
+        writer.close()
+        stop_request.restore()
+        print(message, file=sys.stderr)
+        raise SystemExit(code)
+
     running_loss, running_steps = torch.zeros((), device=device), 0
     started = last_log = time.time()
     batches = iter(loader)
+    stop_request = StopRequest()
     progress = tqdm(total=cfg["max_steps"], initial=step, unit="step", dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)
     model.train()
@@ -157,13 +221,17 @@ def train(cfg):
         running_loss += loss.detach()
         running_steps += 1
         last = step == cfg["max_steps"]
+        log, validate = step % cfg["log_every"] == 0 or last, step % cfg["val_every"] == 0 or last
+        save = step % cfg["ckpt_every"] == 0 or last or stop_request.signal is not None
 
-        if step % cfg["log_every"] == 0 or last:
+        if log or validate or save:  # the loss is checked before anything is logged or saved
             train_l1 = running_loss.item() / running_steps
             if not math.isfinite(train_l1):
-                writer.close()
-                raise SystemExit(f"error: training loss is {train_l1} at step {step} (diverged); "
-                                 f"lower lr={cfg['lr']}. Last good checkpoint: {state_path}")
+                writer.add_scalar("train/l1", train_l1, step)
+                kept = step_checkpoints(ckpt_dir)
+                stop(f"error: training loss is {train_l1} at step {step} (diverged); lower lr={cfg['lr']}. "
+                     f"Last good checkpoint: {kept[0] if kept else 'none yet'}", EXIT_DIVERGED)
+        if log:
             now = time.time()
             patches_per_s = running_steps * cfg["batch_size"] / max(now - last_log, 1e-9)
             writer.add_scalar("train/l1", train_l1, step)
@@ -171,7 +239,7 @@ def train(cfg):
             running_loss.zero_()
             running_steps, last_log = 0, now
 
-        if step % cfg["val_every"] == 0 or last:
+        if validate:
             model.eval()
             metrics = evaluate(model, val_set, device)
             for name, value in metrics.items():
@@ -180,21 +248,27 @@ def train(cfg):
                 writer.add_image(f"val/bilinear|prediction|hr/{index}", image, step)
             writer.flush()
             model.train()
+            if metrics["psnr"] > best_psnr:
+                best_psnr = metrics["psnr"]
+                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), model, cfg, step, val=metrics)
             progress.write(f"step {step}: val L1 {metrics['l1']:.4f}, PSNR {metrics['psnr']:.2f} dB, "
                            f"SSIM {metrics['ssim']:.4f}")
             last_log = time.time()  # validation time is not training throughput
 
-        if step % cfg["ckpt_every"] == 0 or last:
-            save_checkpoint(os.path.join(ckpt_dir, f"model_step{step:06d}.pt"), model, cfg, step)
-            prune_step_checkpoints(ckpt_dir)
-            save_state()
+        if save:
+            writer.flush()  # logs up to this step are on disk before the checkpoint that resumes after them
+            path = save_state()
+            if stop_request.signal is not None and not last:
+                stop(f"stopped by {stop_request.signal} at step {step}; checkpoint {path}; "
+                     f"continue with resume=auto", EXIT_INTERRUPTED)
     progress.close()
     writer.close()
+    stop_request.restore()
 
-    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), model, cfg, step)
-    summary = {"run": cfg["run"], "steps": step, "wall_time_s": round(elapsed + time.time() - started, 1),
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-               or platform.machine(), "torch": torch.__version__, "final_val": metrics}
+    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), model, cfg, step, val=metrics)
+    wall_time = elapsed + time.time() - started
+    summary = {"run": cfg["run"], "steps": step, "wall_time_s": round(wall_time, 1),
+               "hardware": hardware(device), "torch": torch.__version__, "best_val_psnr": best_psnr, "final_val": metrics}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     curves = plot_training_curves(run_dir, os.path.join(run_dir, "curves.png"))

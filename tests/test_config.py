@@ -11,17 +11,19 @@ def test_defaults_are_valid_and_untouched_without_overrides():
 
 
 def test_values_take_the_type_of_their_default():
-    cfg = parse_overrides(["lr=1e-3", "max_steps=7", "resume=yes", "run=abc", "jitter=0"])
+    cfg = parse_overrides(["lr=1e-3", "max_steps=7", "overwrite=yes", "run=abc", "jitter=0", "resume=auto"])
     assert cfg["lr"] == 1e-3 and isinstance(cfg["lr"], float)
     assert cfg["max_steps"] == 7 and isinstance(cfg["max_steps"], int)
-    assert cfg["resume"] is True and cfg["run"] == "abc" and cfg["jitter"] == 0.0
+    assert cfg["overwrite"] is True and cfg["run"] == "abc" and cfg["jitter"] == 0.0 and cfg["resume"] == "auto"
 
 
 @pytest.mark.parametrize("arg, fragment", [
     ("bogus=1", "unknown key 'bogus'"),
     ("lr=fast", "lr='fast': expected float"),
     ("max_steps=1.5", "expected int"),
-    ("resume=maybe", "expected true or false"),
+    ("overwrite=maybe", "expected true or false"),
+    ("resume=yes", "expected one of never, auto"),
+    ("bad_files=ignore", "expected one of error, skip"),
     ("batch_size=0", "must be positive"),
     ("lr=-1e-4", "must be positive"),
     ("num_workers=-1", "must not be negative"),

@@ -124,6 +124,8 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no image files"):
         SRDataset(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="not-a-folder.png: no such folder"):
+        SRDataset(write_folder(tmp_path / "x", photo_crops(40, 1)) + "/img00.png/not-a-folder.png")
 
 
 def test_unreadable_image_names_the_file(tmp_path):
@@ -133,11 +135,13 @@ def test_unreadable_image_names_the_file(tmp_path):
         read_image(str(bad))
 
 
-def test_images_smaller_than_the_crop_are_skipped_with_a_warning(tmp_path, capsys):
+def test_images_smaller_than_the_crop_stop_or_are_skipped_by_policy(tmp_path, capsys):
     folder = write_folder(tmp_path / "d", [photo_crops(80, 1)[0], photo_crops(20, 1)[0]])
-    ds = SRDataset(folder, patch_size=32)
+    with pytest.raises(DataError, match="img01.png: 20x20 px is smaller than patch_size=32"):
+        SRDataset(folder, patch_size=32)
+    ds = SRDataset(folder, patch_size=32, bad_files="skip")
     assert [os.path.basename(p) for p in ds.files] == ["img00.png"]
-    assert "img01.png: smaller than patch_size=32, skipped" in capsys.readouterr().err
+    assert "warning: skipped " in capsys.readouterr().err
 
 
 def test_standard_sets_read_as_rgb_including_grayscale_bridge():
@@ -155,3 +159,75 @@ def test_dataset_script_writes_the_handouts_check_images(tiny_data, tmp_path, ca
     lr_png = np.asarray(Image.open(tmp_path / "dataset_check" / "lr_image.png"))
     hr_png = np.asarray(Image.open(tmp_path / "dataset_check" / "hr_image.png"))
     assert lr_png.shape == (16, 16, 3) and hr_png.shape == (32, 32, 3)
+
+
+def make_bad_input_corpus(folder):
+    """Every kind of file users drop into data folders; returns {name: expected outcome}.
+
+    Outcome "rgb": read as 3-channel float in [0, 1]; otherwise a fragment of the one-line reason.
+    """
+    rgb = photo_crops(80, 1)[0]
+    os.makedirs(folder, exist_ok=True)
+    path = lambda name: os.path.join(folder, name)  # noqa: E731
+    Image.fromarray(rgb).save(path("good.png"))
+    Image.fromarray(rgb[..., 0]).save(path("gray.png"))
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(path("rgba.png"))
+    Image.fromarray(rgb).convert("P").save(path("palette.png"))
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(path("deep16.png"))
+    Image.fromarray(rgb).convert("CMYK").save(path("cmyk.jpg"))
+    Image.fromarray(rgb).save(path("picture.bmp"))
+    Image.fromarray(rgb).save(path("picture.tiff"))
+    Image.fromarray(rgb[:20, :20]).save(path("small.png"))
+    open(path("empty.png"), "wb").close()
+    with open(path("good.png"), "rb") as f:
+        head = f.read(300)
+    with open(path("truncated.png"), "wb") as f:
+        f.write(head)
+    with open(path("text.png"), "w") as f:
+        f.write("not an image\n")
+    for junk in (".DS_Store", "Thumbs.db", "README.txt"):
+        with open(path(junk), "w") as f:
+            f.write("junk")
+    return {"good.png": "rgb", "gray.png": "rgb", "rgba.png": "rgb", "palette.png": "rgb", "deep16.png": "rgb",
+            "cmyk.jpg": "rgb", "picture.bmp": "rgb", "picture.tiff": "rgb", "small.png": "smaller than patch_size=32",
+            "empty.png": "cannot read image", "truncated.png": "cannot read image",
+            "text.png": "cannot read image"}
+
+
+def test_bad_input_corpus_every_file_is_converted_or_named(tmp_path, capsys):
+    expected = make_bad_input_corpus(tmp_path / "corpus")
+    ds = SRDataset(str(tmp_path / "corpus"), patch_size=32, bad_files="skip")
+    kept = {os.path.basename(p) for p in ds.files}
+    assert kept == {name for name, outcome in expected.items() if outcome == "rgb"}
+    warnings = capsys.readouterr().err.strip().splitlines()
+    for name, outcome in expected.items():
+        if outcome == "rgb":
+            image = ds.images[ds.files.index(str(tmp_path / "corpus" / name))]
+            low_res, high_res = ds[(ds.files.index(str(tmp_path / "corpus" / name)), 1)]
+            assert image.shape[0] == 3 and high_res.shape == (3, 32, 32) and 0 <= high_res.min() <= high_res.max() <= 1
+        else:
+            lines = [w for w in warnings if f"{name}:" in w]
+            assert len(lines) == 1 and outcome in lines[0] and lines[0].startswith("warning: skipped "), name
+    assert len(warnings) == 4  # junk files are not even looked at
+
+
+def test_bad_files_error_policy_stops_at_the_first_bad_file(tmp_path):
+    make_bad_input_corpus(tmp_path / "corpus")
+    with pytest.raises(DataError, match=r"empty.png: cannot read image .*\(bad_files=skip leaves such files out\)$"):
+        SRDataset(str(tmp_path / "corpus"), patch_size=32)
+
+
+def test_a_folder_with_no_readable_image_stops_before_work(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_text("text")
+    with pytest.raises(DataError, match="no usable image"):
+        SRDataset(str(tmp_path / "bad"), bad_files="skip")
+
+
+def test_16_bit_and_cmyk_convert_to_the_right_values(tmp_path):
+    make_bad_input_corpus(tmp_path)
+    good = read_image(str(tmp_path / "good.png"))
+    deep = read_image(str(tmp_path / "deep16.png"))
+    torch.testing.assert_close(deep, good[0].expand(3, -1, -1))  # v*257/65535 == v/255
+    cmyk = read_image(str(tmp_path / "cmyk.jpg"))
+    assert (cmyk - good).abs().mean() < 0.05  # JPEG is lossy, but the colours survive the CMYK round trip

@@ -1,7 +1,10 @@
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch
 import train
 from conftest import CODE
 from plots import read_scalars
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def state_dict_of(path):
@@ -20,8 +24,8 @@ def test_short_training_writes_checkpoints_logs_and_lowers_the_loss(tiny_cfg):
     run_dir = os.path.join(tiny_cfg["runs_dir"], "tiny")
     ckpt_dir = os.path.join(tiny_cfg["ckpt_dir"], "tiny")
     assert summary["steps"] == 20
-    assert sorted(os.listdir(ckpt_dir)) == ["config.json", "model.pt", "model_step000010.pt",
-                                            "model_step000020.pt", "train_state.pt"]
+    assert sorted(os.listdir(ckpt_dir)) == ["config.json", "model.pt", "model_best.pt", "step000010.pt",
+                                            "step000020.pt"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
     assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 10_000
     assert json.load(open(os.path.join(run_dir, "config.json"))) == tiny_cfg
@@ -44,7 +48,7 @@ def test_training_is_bit_identical_on_rerun(tiny_cfg, tmp_path):
 def test_resumed_training_matches_an_uninterrupted_one(tiny_cfg):
     train.train(dict(tiny_cfg, run="straight", max_steps=12))
     train.train(dict(tiny_cfg, run="resumed", max_steps=6, ckpt_every=3, num_workers=2))
-    train.train(dict(tiny_cfg, run="resumed", max_steps=12, resume=True))
+    train.train(dict(tiny_cfg, run="resumed", max_steps=12, resume="auto"))
     straight = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "straight", "model.pt"))
     resumed = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "resumed", "model.pt"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -55,25 +59,27 @@ def test_resumed_training_matches_an_uninterrupted_one(tiny_cfg):
 def test_resume_with_other_settings_is_refused(tiny_cfg):
     train.train(dict(tiny_cfg, max_steps=2))
     with pytest.raises(SystemExit, match=r"other settings: lr=0.001 \(now 0.01\)"):
-        train.train(dict(tiny_cfg, max_steps=4, lr=1e-2, resume=True))
+        train.train(dict(tiny_cfg, max_steps=4, lr=1e-2, resume="auto"))
 
 
 def test_an_existing_run_is_not_overwritten_unless_asked(tiny_cfg):
     train.train(dict(tiny_cfg, max_steps=2))
     model_path = os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt")
     before = open(model_path, "rb").read()
-    with pytest.raises(SystemExit, match="already has .*pass resume=true"):
+    with pytest.raises(SystemExit, match="already has .*pass resume=auto"):
         train.train(dict(tiny_cfg, max_steps=2))
     assert open(model_path, "rb").read() == before
 
 
-def test_divergence_stops_cleanly_with_the_step(tiny_cfg, monkeypatch):
+def test_divergence_stops_cleanly_with_the_step(tiny_cfg, monkeypatch, capsys):
     """A NaN in the data poisons the loss at once, as a diverging learning rate does a few steps later."""
     original = train.SRDataset.__getitem__
     monkeypatch.setattr(train.SRDataset, "__getitem__",
                         lambda self, index: tuple(t * float("nan") for t in original(self, index)))
-    with pytest.raises(SystemExit, match=r"training loss is nan at step 1 \(diverged\)"):
+    with pytest.raises(SystemExit) as exit_:
         train.train(dict(tiny_cfg, max_steps=5))
+    assert exit_.value.code == train.EXIT_DIVERGED
+    assert "training loss is nan at step 1 (diverged)" in capsys.readouterr().err
 
 
 def test_command_line_trains_and_rejects_bad_keys(tiny_cfg, tmp_path):
@@ -87,3 +93,92 @@ def test_command_line_trains_and_rejects_bad_keys(tiny_cfg, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and "unknown key 'learning_rate'" in bad.stderr
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_cfg, capsys):
+    train.train(dict(tiny_cfg, run="straight", max_steps=15, ckpt_every=5))
+    train.train(dict(tiny_cfg, run="broken", max_steps=10, ckpt_every=5))
+    latest = os.path.join(tiny_cfg["ckpt_dir"], "broken", "step000010.pt")
+    with open(latest, "r+b") as f:
+        f.truncate(os.path.getsize(latest) // 2)
+    train.train(dict(tiny_cfg, run="broken", max_steps=15, ckpt_every=5, resume="auto"))
+    output = capsys.readouterr()
+    assert f"warning: {latest}: not a readable checkpoint" in output.err
+    assert "Resuming run 'broken' at step 5" in output.out
+    straight = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "straight", "model.pt"))
+    resumed = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "broken", "model.pt"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh_but_never_over_leftovers(tiny_cfg):
+    summary = train.train(dict(tiny_cfg, max_steps=3, resume="auto"))
+    assert summary["steps"] == 3
+    for path in train.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny")):
+        os.remove(path)
+    with pytest.raises(SystemExit, match="no checkpoint to resume from; overwrite=true starts it over"):
+        train.train(dict(tiny_cfg, max_steps=3, resume="auto"))
+
+
+def cli_args(cfg, **changes):
+    keys = ("data_dir", "eval_dir", "runs_dir", "ckpt_dir", "run", "num_blocks", "channels", "patch_size",
+            "batch_size", "num_workers", "log_every", "val_every", "ckpt_every", "lr", "max_steps")
+    cfg = dict(cfg, **changes)
+    return [sys.executable, os.path.join(CODE, "train.py"), *(f"{k}={cfg[k]}" for k in keys)]
+
+
+def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_cfg):
+    """The process is killed without warning at whatever step it has reached after its step-20 checkpoint."""
+    cfg = dict(tiny_cfg, channels=32, num_blocks=3, patch_size=64, max_steps=40, ckpt_every=5, val_every=20,
+               num_workers=1)
+    killed = subprocess.Popen(cli_args(cfg, run="killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(cfg["ckpt_dir"], "killed", "step000020.pt")
+    deadline = time.time() + 120
+    while not os.path.exists(marker) and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed.kill()
+    killed.wait()
+    assert os.path.exists(marker) and killed.returncode == -9
+    # TensorBoard orders event files by the second in their names; a real restart comes later than this one
+    time.sleep(1.1)
+    train.train(dict(cfg, run="killed", resume="auto"))
+    train.train(dict(cfg, run="straight"))
+    straight = state_dict_of(os.path.join(cfg["ckpt_dir"], "straight", "model.pt"))
+    resumed = state_dict_of(os.path.join(cfg["ckpt_dir"], "killed", "model.pt"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    events = EventAccumulator(os.path.join(cfg["runs_dir"], "killed"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/l1")] == list(range(1, 41))  # none missing, none twice
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_scheduler_signals_save_a_checkpoint_and_exit_75(tiny_cfg, signum):
+    cfg = dict(tiny_cfg, channels=32, num_blocks=3, patch_size=64, max_steps=100000, ckpt_every=100000,
+               val_every=5, num_workers=2)
+    process = subprocess.Popen(cli_args(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until training is under way
+        if line.startswith("step 5:"):
+            break
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == train.EXIT_INTERRUPTED, err
+    name = signal.Signals(signum).name
+    message = [line for line in err.splitlines() if line.startswith("stopped by")]
+    assert len(message) == 1 and message[0].startswith(f"stopped by {name} at step ")
+    step = int(message[0].split(" at step ")[1].split(";")[0])
+    saved = train.step_checkpoints(os.path.join(cfg["ckpt_dir"], "tiny"))
+    assert [os.path.basename(p) for p in saved] == [f"step{step:06d}.pt"]
+    summary = train.train(dict(cfg, max_steps=step + 2, resume="auto"))
+    assert summary["steps"] == step + 2
+
+
+def test_a_too_high_learning_rate_diverges_cleanly(tiny_cfg, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.train(dict(tiny_cfg, lr=1e12, max_steps=200, ckpt_every=2))
+    assert exit_.value.code == train.EXIT_DIVERGED
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(diverged); lower lr=1000000000000.0. Last good checkpoint:" in message
+    steps, values = read_scalars(os.path.join(tiny_cfg["runs_dir"], "tiny"))["train/l1"]
+    assert not math.isfinite(values[-1]) and all(math.isfinite(v) for v in values[:-1])
+    for path in train.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny")):
+        weights = state_dict_of(path)
+        assert all(torch.isfinite(w).all() for w in weights.values()), path
