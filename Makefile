@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-requirements.txt
 # the plain BasicSRModel first has to learn to reproduce its input (see README).
 DEMO_ARGS ?= run=demo model=residual max_steps=300 val_every=50 ckpt_every=100
 
-.PHONY: demo test test-slow venv data train evaluate tensorboard clean
+.PHONY: demo test test-slow test-slurm venv data train evaluate tensorboard clean
 
 demo: venv
 	$(PY) code/prepare_data.py
@@ -21,6 +21,10 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# A real single-node Slurm on this machine (installs slurm-wlm + munge with apt when missing; needs root).
+test-slurm: venv
+	$(PY) -m pytest -q -m slow tests/test_jobs.py
 
 # Reuses an existing venv whose installed requirements equal requirements.txt (compared by content, not time).
 venv: $(STAMP)

@@ -151,21 +151,29 @@ class TrainSampler(Sampler):
     """Endless (image index, sample seed) stream for training, one epoch's permutation after another.
 
     Sample k of a run depends only on (seed, k), so `start=k` resumes the exact data stream and
-    the worker count cannot change what the model sees.
+    the worker count cannot change what the model sees. Under DistributedDataParallel, rank r of
+    `world_size` takes the r-th `batch_size` block of each global batch of the same stream.
     """
 
-    def __init__(self, num_images, seed=0, start=0):
+    def __init__(self, num_images, seed=0, start=0, rank=0, world_size=1, batch_size=1):
         self.num_images, self.seed, self.start = num_images, seed, start
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self._epoch, self._order = None, None
+
+    def sample(self, k):
+        epoch, position = divmod(k, self.num_images)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(_derive_seed(self.seed, 0, epoch))
+            self._epoch, self._order = epoch, torch.randperm(self.num_images, generator=generator).tolist()
+        return self._order[position], _derive_seed(self.seed, 1, k)
 
     def __iter__(self):
-        sample = self.start
+        global_batch = self.start
         while True:
-            epoch, position = divmod(sample, self.num_images)
-            if position == 0 or sample == self.start:
-                order = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(
-                    _derive_seed(self.seed, 0, epoch))).tolist()
-            yield order[position], _derive_seed(self.seed, 1, sample)
-            sample += 1
+            first = global_batch + self.rank * self.batch_size
+            for k in range(first, first + self.batch_size):
+                yield self.sample(k)
+            global_batch += self.world_size * self.batch_size
 
 
 def _derive_seed(*numbers):

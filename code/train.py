@@ -26,7 +26,9 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -69,10 +71,8 @@ def newest_good_state(ckpt_dir):
     return None, None
 
 
-def prepare_folders(cfg):
-    """Return (run_dir, ckpt_dir, state_path, state); never reuse another run's folders unless asked to."""
-    run_dir = os.path.join(cfg["runs_dir"], cfg["run"])
-    ckpt_dir = os.path.join(cfg["ckpt_dir"], cfg["run"])
+def prepare_folders(cfg, run_dir, ckpt_dir):
+    """Return (state_path, state) to resume from; never reuse another run's folders unless asked to."""
     state_path, state = newest_good_state(ckpt_dir) if cfg["resume"] == "auto" else (None, None)
     existing = [d for d in (run_dir, ckpt_dir) if os.path.isdir(d) and os.listdir(d)]
     if existing and state is None:
@@ -84,7 +84,29 @@ def prepare_folders(cfg):
             shutil.rmtree(folder)
     os.makedirs(run_dir, exist_ok=True)
     os.makedirs(ckpt_dir, exist_ok=True)
-    return run_dir, ckpt_dir, state_path, state
+    return state_path, state
+
+
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPUs, gloo on CPUs.
+
+    Returns (rank, world_size, device); a plain `python code/train.py` is rank 0 of 1.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def all_ranks_sum(values, world_size):
+    """Sum a small tensor over all ranks, so they agree on the loss and on stopping."""
+    if world_size > 1:
+        dist.all_reduce(values)
+    return values
 
 
 def restore(state_path, state, cfg, model, optimizer):
@@ -130,18 +152,20 @@ def hardware(device):
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT/SIGUSR1 (scheduler time limits, Ctrl-C) into a flag the loop checks
-    after each step, so the run stops between steps with a checkpoint instead of mid-write."""
+    """Turns SIGTERM/SIGINT/SIGUSR1 (scheduler time limits, Ctrl-C) into a flag the loop checks at
+    the next logging step, so the run stops between steps with a checkpoint instead of mid-write.
+    A job script may forward a signal that the scheduler also sent to this process: repeats are
+    harmless; only a second Ctrl-C stops at once."""
 
     def __init__(self):
         self.signal = None
         self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
 
     def handle(self, signum, frame):
-        if self.signal is not None:  # a second request: stop now
+        if self.signal is not None and signum == signal.SIGINT:  # Ctrl-C twice: stop now
             self.restore()
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        self.signal = self.signal or signal.Signals(signum).name  # a repeated USR1/TERM changes nothing
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -150,7 +174,10 @@ class StopRequest:
 
 def train(cfg):
     device = config.pick_device(cfg["device"])
-    print(f"Using {device} device")
+    rank, world_size, device = init_distributed(device)
+    main_process = rank == 0  # only rank 0 validates, logs and saves
+    say = print if main_process else (lambda *args, **kwargs: None)
+    say(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else ""))
     seed_everything(cfg["seed"])
     try:
         train_set = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
@@ -159,44 +186,60 @@ def train(cfg):
                             bad_files=cfg["bad_files"])
     except DataError as err:
         raise SystemExit(f"data error: {err}") from None
-    run_dir, ckpt_dir, state_path, state = prepare_folders(cfg)
+    run_dir = os.path.join(cfg["runs_dir"], cfg["run"])
+    ckpt_dir = os.path.join(cfg["ckpt_dir"], cfg["run"])
+    if main_process:
+        state_path, state = prepare_folders(cfg, run_dir, ckpt_dir)
+    if world_size > 1:
+        dist.barrier()  # rank 0 has checked or cleared the folders
+    if not main_process:
+        state_path, state = newest_good_state(ckpt_dir) if cfg["resume"] == "auto" else (None, None)
 
-    model = build_model(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    raw_model = build_model(cfg).to(device)
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg["lr"])
     loss_function = nn.L1Loss()
-    step, elapsed, best_psnr, metrics = 0, 0.0, -math.inf, {}
+    step, samples, elapsed, best_psnr, metrics = 0, 0, 0.0, -math.inf, {}
     if state is not None:
         try:
-            restore(state_path, state, cfg, model, optimizer)
+            restore(state_path, state, cfg, raw_model, optimizer)
         except CheckpointError as err:
             raise SystemExit(f"error: {err}") from None
         step, elapsed, best_psnr, metrics = state["step"], state["elapsed"], state["best_psnr"], state["val"]
-        print(f"Resuming run '{cfg['run']}' at step {step} from {state_path}")
-    config.save(cfg, run_dir)
-    config.save(cfg, ckpt_dir)
-    print(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
-          f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
+        samples = state.get("samples", step * cfg["batch_size"])
+        say(f"Resuming run '{cfg['run']}' at step {step} from {state_path}")
+    # DDP averages the gradients of the ranks: global batch = batch_size x world_size
+    model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else raw_model
+    if main_process:
+        config.save(cfg, run_dir)
+        config.save(cfg, ckpt_dir)
+    say(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
+        f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
 
-    # The sampler starts at the first sample of `step`, so a resumed run sees the same batches.
-    sampler = TrainSampler(len(train_set), cfg["seed"], start=step * cfg["batch_size"])
+    # The sampler continues the run's sample stream where it stopped, so a resumed run sees the same batches.
+    sampler = TrainSampler(len(train_set), cfg["seed"], start=samples, rank=rank, world_size=world_size,
+                           batch_size=cfg["batch_size"])
     loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     # events after the saved step come from the interrupted attempt: TensorBoard drops them
-    writer = SummaryWriter(run_dir, purge_step=step + 1 if state is not None else None)
+    writer = SummaryWriter(run_dir, purge_step=step + 1 if state is not None else None) if main_process else None
 
     def save_state():
         path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
-        save_checkpoint(path, model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
-                        elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics)
+        save_checkpoint(path, raw_model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
+                        samples=samples, elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics)
         for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
             os.remove(old)
         return path
 
     def stop(message, code):
         progress.close()
-        writer.close()
+        if main_process:
+            writer.close()
+            print(message, file=sys.stderr)
         stop_request.restore()
-        print(message, file=sys.stderr)
+        if world_size > 1:
+            dist.destroy_process_group()
         raise SystemExit(code)
 
     running_loss, running_steps = torch.zeros((), device=device), 0
@@ -204,7 +247,7 @@ def train(cfg):
     batches = iter(loader)
     stop_request = StopRequest()
     progress = tqdm(total=cfg["max_steps"], initial=step, unit="step", dynamic_ncols=True,
-                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
     model.train()
     while step < cfg["max_steps"]:
         low_res, high_res = next(batches)
@@ -217,58 +260,72 @@ def train(cfg):
         loss.backward()
         optimizer.step()
         step += 1
+        samples += cfg["batch_size"] * world_size
         progress.update(1)
         running_loss += loss.detach()
         running_steps += 1
         last = step == cfg["max_steps"]
         log, validate = step % cfg["log_every"] == 0 or last, step % cfg["val_every"] == 0 or last
-        save = step % cfg["ckpt_every"] == 0 or last or stop_request.signal is not None
+        save = step % cfg["ckpt_every"] == 0 or last
 
-        if log or validate or save:  # the loss is checked before anything is logged or saved
-            train_l1 = running_loss.item() / running_steps
+        if log or validate or save:  # checked before anything is logged or saved; ranks agree here
+            agreed = all_ranks_sum(torch.stack([running_loss / running_steps,
+                                                torch.tensor(float(stop_request.signal is not None), device=device)]),
+                                   world_size).tolist()
+            train_l1, stop_requested = agreed[0] / world_size, agreed[1] > 0
+            save = save or stop_requested
             if not math.isfinite(train_l1):
-                writer.add_scalar("train/l1", train_l1, step)
+                if main_process:
+                    writer.add_scalar("train/l1", train_l1, step)
                 kept = step_checkpoints(ckpt_dir)
                 stop(f"error: training loss is {train_l1} at step {step} (diverged); lower lr={cfg['lr']}. "
                      f"Last good checkpoint: {kept[0] if kept else 'none yet'}", EXIT_DIVERGED)
-        if log:
+        if log and main_process:
             now = time.time()
-            patches_per_s = running_steps * cfg["batch_size"] / max(now - last_log, 1e-9)
+            patches_per_s = running_steps * cfg["batch_size"] * world_size / max(now - last_log, 1e-9)
             writer.add_scalar("train/l1", train_l1, step)
             progress.set_postfix(loss=f"{train_l1:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
+            last_log = now
+        if log:
             running_loss.zero_()
-            running_steps, last_log = 0, now
+            running_steps = 0
 
-        if validate:
-            model.eval()
-            metrics = evaluate(model, val_set, device)
+        if validate and main_process:
+            raw_model.eval()
+            metrics = evaluate(raw_model, val_set, device)
             for name, value in metrics.items():
                 writer.add_scalar(f"val/{name}", value, step)
-            for index, image in enumerate(preview(model, val_set, device)):
+            for index, image in enumerate(preview(raw_model, val_set, device)):
                 writer.add_image(f"val/bilinear|prediction|hr/{index}", image, step)
             writer.flush()
-            model.train()
+            raw_model.train()
             if metrics["psnr"] > best_psnr:
                 best_psnr = metrics["psnr"]
-                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), model, cfg, step, val=metrics)
+                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), raw_model, cfg, step, val=metrics)
             progress.write(f"step {step}: val L1 {metrics['l1']:.4f}, PSNR {metrics['psnr']:.2f} dB, "
                            f"SSIM {metrics['ssim']:.4f}")
             last_log = time.time()  # validation time is not training throughput
 
         if save:
-            writer.flush()  # logs up to this step are on disk before the checkpoint that resumes after them
-            path = save_state()
-            if stop_request.signal is not None and not last:
-                stop(f"stopped by {stop_request.signal} at step {step}; checkpoint {path}; "
-                     f"continue with resume=auto", EXIT_INTERRUPTED)
+            path = None
+            if main_process:
+                writer.flush()  # logs up to this step are on disk before the checkpoint that resumes after them
+                path = save_state()
+            if stop_requested and not last:
+                stop(f"stopped by {stop_request.signal or 'a signal to another rank'} at step {step}; "
+                     f"checkpoint {path}; continue with resume=auto", EXIT_INTERRUPTED)
     progress.close()
-    writer.close()
     stop_request.restore()
+    if world_size > 1:
+        dist.destroy_process_group()
+    if not main_process:
+        return None
+    writer.close()
 
-    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), model, cfg, step, val=metrics)
-    wall_time = elapsed + time.time() - started
-    summary = {"run": cfg["run"], "steps": step, "wall_time_s": round(wall_time, 1),
-               "hardware": hardware(device), "torch": torch.__version__, "best_val_psnr": best_psnr, "final_val": metrics}
+    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), raw_model, cfg, step, val=metrics)
+    summary = {"run": cfg["run"], "steps": step, "samples": samples, "processes": world_size,
+               "wall_time_s": round(elapsed + time.time() - started, 1), "hardware": hardware(device),
+               "torch": torch.__version__, "best_val_psnr": best_psnr, "final_val": metrics}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     curves = plot_training_curves(run_dir, os.path.join(run_dir, "curves.png"))

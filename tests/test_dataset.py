@@ -231,3 +231,11 @@ def test_16_bit_and_cmyk_convert_to_the_right_values(tmp_path):
     torch.testing.assert_close(deep, good[0].expand(3, -1, -1))  # v*257/65535 == v/255
     cmyk = read_image(str(tmp_path / "cmyk.jpg"))
     assert (cmyk - good).abs().mean() < 0.05  # JPEG is lossy, but the colours survive the CMYK round trip
+
+
+def test_ranks_split_each_global_batch_of_the_same_stream():
+    single = iter(TrainSampler(7, seed=1, start=6, batch_size=6))
+    ranks = [iter(TrainSampler(7, seed=1, start=6, rank=r, world_size=2, batch_size=3)) for r in (0, 1)]
+    for _ in range(4):  # four global batches
+        expected = [next(single) for _ in range(6)]
+        assert [next(ranks[0]) for _ in range(3)] + [next(ranks[1]) for _ in range(3)] == expected

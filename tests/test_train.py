@@ -182,3 +182,34 @@ def test_a_too_high_learning_rate_diverges_cleanly(tiny_cfg, capsys):
     for path in train.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny")):
         weights = state_dict_of(path)
         assert all(torch.isfinite(w).all() for w in weights.values()), path
+
+
+def test_torchrun_two_processes_equal_one_process_on_the_concatenated_batch(tiny_cfg):
+    """DDP with gloo on CPU: rank r trains on the r-th half of each global batch; the averaged gradients
+    then equal those of one process on the whole batch, so the weights agree within float tolerance."""
+    cfg = dict(tiny_cfg, max_steps=4, val_every=2, ckpt_every=2, log_every=1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *cli_args(cfg, run="ddp", batch_size=2)[1:], "device=cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Using cpu device, 2 processes") == 1  # rank 0 alone reports
+    train.train(dict(cfg, run="single", batch_size=4))
+    ddp = state_dict_of(os.path.join(cfg["ckpt_dir"], "ddp", "model.pt"))
+    single = state_dict_of(os.path.join(cfg["ckpt_dir"], "single", "model.pt"))
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
+    run_files = sorted(os.listdir(os.path.join(cfg["runs_dir"], "ddp")))
+    assert len([f for f in run_files if f.startswith("events.out")]) == 1  # one writer: rank 0's
+    summary = json.load(open(os.path.join(cfg["runs_dir"], "ddp", "summary.json")))
+    assert summary["processes"] == 2 and summary["samples"] == 4 * 4
+
+
+def test_resume_with_another_world_size_continues_the_sample_stream(tiny_cfg):
+    cfg = dict(tiny_cfg, max_steps=2, val_every=2, ckpt_every=2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *cli_args(cfg, batch_size=2)[1:], "device=cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = train.train(dict(cfg, batch_size=2, max_steps=4, resume="auto"))
+    assert summary["steps"] == 4 and summary["samples"] == 2 * 4 + 2 * 2 and summary["processes"] == 1
