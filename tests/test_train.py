@@ -213,3 +213,14 @@ def test_resume_with_another_world_size_continues_the_sample_stream(tiny_cfg):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = train.train(dict(cfg, batch_size=2, max_steps=4, resume="auto"))
     assert summary["steps"] == 4 and summary["samples"] == 2 * 4 + 2 * 2 and summary["processes"] == 1
+
+
+def test_channels_last_changes_the_layout_not_the_result(tiny_cfg):
+    train.train(dict(tiny_cfg, run="nhwc", max_steps=5, channels_last="on"))
+    train.train(dict(tiny_cfg, run="nchw", max_steps=5, channels_last="off"))
+    nhwc = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "nhwc", "model.pt"))
+    nchw = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "nchw", "model.pt"))
+    for key in nchw:
+        torch.testing.assert_close(nhwc[key], nchw[key], atol=1e-5, rtol=1e-4)
+    assert train.channels_last_helps("off", torch.device("cuda")) is False
+    assert train.channels_last_helps("auto", torch.device("cuda")) is True
