@@ -19,7 +19,7 @@ DEFAULTS = {
     "scale": 2,
     "patch_size": 64,  # side of the HR training crop
     "jitter": 0.2,  # ColorJitter brightness = contrast = saturation = hue
-    "degradation": "bilinear",  # how LR images are made: bilinear | bicubic | nearest
+    "degradation": "bilinear",  # how LR images are made: bilinear | bicubic | nearest | bicubic_matlab
     # model
     "model": "basic",  # basic | residual (prediction + bilinear upsampling of the input)
     "num_blocks": 10,
@@ -42,15 +42,17 @@ DEFAULTS = {
     "num_workers": 2,
     # evaluate.py: comma-separated checkpoint files; empty = every checkpoints/*/model.pt
     "checkpoint": "",
+    "protocol": "rgb",  # evaluate.py: rgb (RGB in [0, 1], `degradation`) | standard (MATLAB bicubic, Y, shaved border)
     "out": "",  # evaluate.py: table path without extension; empty = runs/eval_<set>_<degradation>
 }
 
 CHOICES = {
-    "degradation": ("bilinear", "bicubic", "nearest"),
+    "degradation": ("bilinear", "bicubic", "nearest", "bicubic_matlab"),
     "model": ("basic", "residual"),
     "resume": ("never", "auto"),
     "bad_files": ("error", "skip"),
     "channels_last": ("auto", "on", "off"),
+    "protocol": ("rgb", "standard"),
 }
 POSITIVE = ("scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
             "log_every", "val_every", "ckpt_every", "lr")
@@ -104,8 +106,6 @@ def validate(cfg):
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
-    if cfg["patch_size"] % cfg["scale"]:
-        raise ConfigError(f"patch_size={cfg['patch_size']} is not divisible by scale={cfg['scale']}")
     if not 0 <= cfg["jitter"] <= 0.5:
         raise ConfigError(f"jitter={cfg['jitter']}: must be in [0, 0.5] (ColorJitter's hue limit)")
     if not cfg["run"] or "/" in cfg["run"] or cfg["run"].startswith("."):
@@ -115,7 +115,13 @@ def validate(cfg):
         raise ConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def from_argv(argv):
+def validate_training(cfg):
+    """What only training needs: an HR crop that the scale divides (evaluation works at any scale)."""
+    if cfg["patch_size"] % cfg["scale"]:
+        raise ConfigError(f"patch_size={cfg['patch_size']} is not divisible by scale={cfg['scale']}")
+
+
+def from_argv(argv, training=False):
     """Parse a script's command line; print a one-line error and exit on bad input."""
     if any(a in ("-h", "--help") for a in argv):
         width = max(map(len, DEFAULTS))
@@ -124,7 +130,10 @@ def from_argv(argv):
             print(f"  {key:<{width}} = {value}")
         raise SystemExit(0)
     try:
-        return parse_overrides(argv)
+        cfg = parse_overrides(argv)
+        if training:
+            validate_training(cfg)
+        return cfg
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
 

@@ -5,6 +5,7 @@ crop by `degrade`, the one place where the degradation lives, so LR and HR alway
 
     python code/dataset.py [data_dir=...]   # the handout's data-loader check
 """
+import math
 import os
 import sys
 
@@ -45,16 +46,22 @@ def read_image(path):
     return to_float(decode_image(path))
 
 
-def decode_image(path):
-    """Decode to a 3xHxW uint8 (uint16 for 16-bit files) tensor.
+def decode_image(path, keep_gray=False):
+    """Decode to a 3xHxW uint8 (uint16 for 16-bit files) tensor; 1xHxW for a grayscale file if keep_gray.
 
     torchvision decodes PNG/JPEG (gray, palette, RGBA and CMYK become RGB); Pillow covers what
     it cannot decode, such as BMP and TIFF.
     """
     try:
-        return torchvision.io.read_image(path, ImageReadMode.RGB)
+        image = torchvision.io.read_image(path, ImageReadMode.RGB)
     except (RuntimeError, ValueError):
-        return _read_with_pillow(path)
+        image = _read_with_pillow(path)
+    return image[:1] if keep_gray and _is_gray(path) else image
+
+
+def _is_gray(path):
+    with Image.open(path) as pil:
+        return pil.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
 
 
 def to_float(image):
@@ -74,9 +81,56 @@ def _read_with_pillow(path):
 
 
 def degrade(hr, scale=2, method="bilinear"):
-    """Make the LR image: resize HR (CxHxW or NxCxHxW) down by `scale` with `method`."""
+    """Make the LR image: resize HR (CxHxW or NxCxHxW) down by `scale` with `method`.
+
+    bilinear / bicubic / nearest: torchvision's Resize (antialiased). bicubic_matlab: MATLAB's
+    `imresize`, the degradation of the published SR benchmarks, rounded to 8 bits as they are.
+    """
+    if method == "bicubic_matlab":
+        return imresize_matlab(hr, 1 / scale).mul(255).round().clamp(0, 255).div(255).to(hr.dtype)
     height, width = hr.shape[-2] // scale, hr.shape[-1] // scale
     return transforms.functional.resize(hr, [height, width], INTERPOLATION[method], antialias=True)
+
+
+def _cubic(x):
+    """Keys' cubic convolution kernel with a = -0.5, as in MATLAB."""
+    x = x.abs()
+    return ((1.5 * x ** 3 - 2.5 * x ** 2 + 1) * (x <= 1)
+            + (-0.5 * x ** 3 + 2.5 * x ** 2 - 4 * x + 2) * ((x > 1) & (x <= 2)))
+
+
+def _resize_matrix(in_length, out_length, scale):
+    """The (out x in) matrix of MATLAB imresize's bicubic weights along one dimension.
+
+    Same sample positions as MATLAB, the kernel widened by 1/scale when shrinking (antialiasing),
+    weights normalised per output pixel, and samples beyond the border mirrored (symmetric padding).
+    """
+    width = 4.0 / scale if scale < 1 else 4.0
+    x = torch.arange(1, out_length + 1, dtype=torch.float64)
+    center = x / scale + 0.5 * (1 - 1 / scale)
+    left = torch.floor(center - width / 2)
+    taps = int(math.ceil(width)) + 2
+    indices = left[:, None] + torch.arange(taps, dtype=torch.float64)[None]  # 1-based, may fall outside
+    distance = center[:, None] - indices
+    weights = scale * _cubic(scale * distance) if scale < 1 else _cubic(distance)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    mirrored = torch.cat([torch.arange(in_length), torch.arange(in_length - 1, -1, -1)])
+    columns = mirrored[(indices.long() - 1) % (2 * in_length)]
+    matrix = torch.zeros(out_length, in_length, dtype=torch.float64)
+    matrix.scatter_add_(1, columns, weights)
+    return matrix
+
+
+def imresize_matlab(image, scale):
+    """MATLAB's `imresize(image, scale)` (bicubic, antialiased) for a CxHxW or NxCxHxW float tensor.
+
+    Computed in float64, height first as MATLAB does for equal scales; not rounded.
+    """
+    height, width = image.shape[-2:]
+    out_height, out_width = (math.ceil(side * scale - 1e-9) for side in (height, width))  # 255 * (1/3) is 85
+    rows = _resize_matrix(height, out_height, scale).to(image.device)
+    cols = _resize_matrix(width, out_width, scale).to(image.device)
+    return (rows @ image.double() @ cols.T).to(image.dtype)
 
 
 def crop_to_multiple(image, scale):

@@ -3,6 +3,7 @@
     python code/evaluate.py                                    # every checkpoints/*/model.pt
     python code/evaluate.py checkpoint=checkpoints/demo/model.pt eval_dir=../shared/data/Set5
     python code/evaluate.py degradation=nearest                # LR made differently than in training
+    python code/evaluate.py protocol=standard eval_dir=../shared/data/Set5   # the SR papers' protocol
 
 Prints a Markdown table and saves it as <out>.md and <out>.csv.
 """
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import config
-from dataset import DataError, SRDataset
+from dataset import DataError, SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, list_images
 from models import CheckpointError, load_model
 
 
@@ -55,6 +56,42 @@ def evaluate(upscale, dataset, device):
     return {name: total / len(dataset) for name, total in totals.items()}
 
 
+def luma(image):
+    """Y of ITU-R BT.601 for a CxHxW image in [0, 255], rounded as MATLAB's rgb2ycbcr does for 8-bit
+    images; a grayscale image (C = 1) is its own Y, as in the published evaluation code."""
+    if image.shape[0] == 1:
+        return image[0]
+    red, green, blue = image
+    return (16 + (65.481 * red + 128.553 * green + 24.966 * blue) / 255).round()
+
+
+def standard_scores(sr, hr, scale):
+    """PSNR and SSIM of the standard SR protocol: 8-bit images (CxHxW in [0, 255]), Y channel, `scale`
+    pixels shaved from each border, SSIM with the 11x11 Gaussian window (sigma 1.5) on Y in [0, 255]."""
+    sr_y, hr_y = (luma(image)[scale:-scale, scale:-scale] for image in (sr, hr))
+    psnr_db = 10 * torch.log10(255 ** 2 / ((sr_y - hr_y) ** 2).mean())
+    ssim_y = pytorch_msssim.ssim(sr_y[None, None].float(), hr_y[None, None].float(), data_range=255)
+    return {"l1": (sr_y - hr_y).abs().mean().item() / 255, "psnr": psnr_db.item(), "ssim": ssim_y.item()}
+
+
+@torch.no_grad()
+def evaluate_standard(upscale, folder, scale, device):
+    """The benchmark protocol of the SR literature (SRCNN, VDSR, EDSR tables) on every image of `folder`:
+    LR = MATLAB bicubic imresize of the HR image, rounded to 8 bits; outputs rounded to 8 bits; metrics
+    on Y with the border shaved (`standard_scores`). A grayscale image goes through the model as three
+    equal channels, and the mean of the output channels is compared with it."""
+    totals, paths = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0}, list_images(folder)
+    for path in paths:
+        hr = crop_to_multiple(decode_image(path, keep_gray=True), scale).double()
+        low_res = degrade(hr / 255, scale, "bicubic_matlab").expand(3, -1, -1)
+        sr = upscale(low_res[None].float().to(device))[0].double().cpu().clamp(0, 1).mul(255).round()
+        if hr.shape[0] == 1:
+            sr = sr.mean(0, keepdim=True).round()
+        for name, value in standard_scores(sr, hr, scale).items():
+            totals[name] += value
+    return {name: total / len(paths) for name, total in totals.items()}
+
+
 def markdown_table(title, rows):
     lines = [title, "", "| method | PSNR (dB) | SSIM |", "|---|---:|---:|"]
     lines += [f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} |" for name, m in rows]
@@ -82,29 +119,45 @@ def checkpoint_paths(cfg):
 def main(argv):
     cfg = config.from_argv(argv)
     device = config.pick_device(cfg["device"])
+    standard = cfg["protocol"] == "standard"
     try:
         models = [(path, *load_model(path, device)) for path in checkpoint_paths(cfg)]
         for path, _, payload in models:
             if payload["config"]["scale"] != cfg["scale"]:
                 raise CheckpointError(f"{path}: trained for scale {payload['config']['scale']}, "
                                       f"evaluating scale={cfg['scale']}")
-        dataset = SRDataset(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False)
+        if standard:
+            count = len(list_images(cfg["eval_dir"]))
+        else:
+            dataset = SRDataset(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False)
+            count = len(dataset)
     except (CheckpointError, DataError) as err:
         raise SystemExit(f"error: {err}") from None
     if not models:
         print(f"note: no checkpoints given or found under {cfg['ckpt_dir']}/*/model.pt; baselines only",
               file=sys.stderr)
 
-    rows = [(f"{mode} upsampling", evaluate(lambda lr, m=mode: interpolate(lr, cfg["scale"], m), dataset, device))
-            for mode in ("bilinear", "bicubic")]
+    if standard:
+        def score(upscale):
+            return evaluate_standard(upscale, cfg["eval_dir"], cfg["scale"], device)
+        rows = [("bicubic (MATLAB imresize)", score(lambda lr: imresize_matlab(lr, cfg["scale"])))]
+    else:
+        def score(upscale):
+            return evaluate(upscale, dataset, device)
+        rows = [(f"{mode} upsampling", score(lambda lr, m=mode: interpolate(lr, cfg["scale"], m)))
+                for mode in ("bilinear", "bicubic")]
     for path, model, payload in models:
-        name = f"{payload['run']} ({payload['config']['model']}, step {payload['step']})"
-        rows.append((name, evaluate(model, dataset, device)))
+        rows.append((f"{payload['run']} ({payload['config']['model']}, step {payload['step']})", score(model)))
 
     eval_name = os.path.basename(os.path.normpath(cfg["eval_dir"]))
-    title = (f"x{cfg['scale']} on {eval_name} ({len(dataset)} images), "
-             f"LR made by {cfg['degradation']} downscaling")
-    out = cfg["out"] or os.path.join(cfg["runs_dir"], f"eval_{eval_name}_{cfg['degradation']}")
+    if standard:
+        title = (f"x{cfg['scale']} on {eval_name} ({count} images), standard protocol: LR by MATLAB bicubic "
+                 f"imresize, 8-bit outputs, Y channel (BT.601), {cfg['scale']} px border shaved")
+        default_out = f"eval_{eval_name}_standard_x{cfg['scale']}"
+    else:
+        title = f"x{cfg['scale']} on {eval_name} ({count} images), LR made by {cfg['degradation']} downscaling"
+        default_out = f"eval_{eval_name}_{cfg['degradation']}"
+    out = cfg["out"] or os.path.join(cfg["runs_dir"], default_out)
     print(markdown_table(title, rows))
     for path in write_tables(out, title, rows):
         print(f"wrote {path}")

@@ -187,6 +187,10 @@ class StopRequest:
 
 
 def train(cfg):
+    try:
+        config.validate_training(cfg)
+    except config.ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
     device = config.pick_device(cfg["device"])
     rank, world_size, device = init_distributed(device)
     main_process = rank == 0  # only rank 0 validates, logs and saves

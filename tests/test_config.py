@@ -27,7 +27,6 @@ def test_values_take_the_type_of_their_default():
     ("batch_size=0", "must be positive"),
     ("lr=-1e-4", "must be positive"),
     ("num_workers=-1", "must not be negative"),
-    ("patch_size=63", "not divisible by scale=2"),
     ("model=vgg", "expected one of basic, residual"),
     ("degradation=lanczos", "expected one of bilinear, bicubic, nearest"),
     ("device=tpu", "expected auto, cpu"),
@@ -39,6 +38,15 @@ def test_bad_overrides_give_one_line_errors(arg, fragment):
         parse_overrides([arg])
     assert fragment in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_training_needs_a_patch_the_scale_divides_but_evaluation_does_not():
+    cfg = parse_overrides(["patch_size=63"])
+    with pytest.raises(ConfigError, match="patch_size=63 is not divisible by scale=2"):
+        config.validate_training(cfg)
+    with pytest.raises(SystemExit, match="config error: patch_size=63 is not divisible"):
+        config.from_argv(["patch_size=63"], training=True)
+    config.validate_training(parse_overrides(["scale=3", "patch_size=63"]))
 
 
 def test_unknown_key_lists_valid_keys():

@@ -239,3 +239,25 @@ def test_ranks_split_each_global_batch_of_the_same_stream():
     for _ in range(4):  # four global batches
         expected = [next(single) for _ in range(6)]
         assert [next(ranks[0]) for _ in range(3)] + [next(ranks[1]) for _ in range(3)] == expected
+
+
+def test_matlab_imresize_matches_values_worked_out_by_hand():
+    """imresize(1:4, 0.5) and imresize(1:4, 2) from MATLAB's algorithm, by hand: Keys cubic (a = -0.5),
+    kernel widened to 8 taps when halving, symmetric borders; e.g. the first half-size sample is
+    (-3/256)*3 + (-9/256)*2 + (29/256)*1 + (111/256)*1 + (111/256)*2 + (29/256)*3 + (-9/256)*4 + (-3/256)*4."""
+    row = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=torch.float64).expand(1, 4, 4)
+    torch.testing.assert_close(dataset.imresize_matlab(row, 0.5)[0, 0], torch.tensor([1.4609375, 3.5390625],
+                                                                                   dtype=torch.float64))
+    up = dataset.imresize_matlab(row, 2)[0, 0]
+    assert up.shape == (8,)
+    torch.testing.assert_close(up[:2], torch.tensor([0.90625, 1.1796875], dtype=torch.float64))
+    torch.testing.assert_close(up, up.flip(0).neg() + 5)  # symmetric about the centre, like the input
+    flat = torch.full((3, 30, 21), 0.25)
+    torch.testing.assert_close(dataset.imresize_matlab(flat, 1 / 3), torch.full((3, 10, 7), 0.25))
+
+
+def test_bicubic_matlab_degradation_is_rounded_to_8_bits():
+    hr = torch.rand(3, 24, 24)
+    low_res = degrade(hr, 2, "bicubic_matlab")
+    assert low_res.shape == (3, 12, 12)
+    torch.testing.assert_close(low_res * 255, (low_res * 255).round(), atol=1e-4, rtol=0)

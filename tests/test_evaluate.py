@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import evaluate
+from conftest import shared_folder
 from models import build_model, save_checkpoint
 
 
@@ -80,3 +81,36 @@ def test_bad_checkpoint_or_folder_stop_with_one_line(tiny_cfg, tmp_path):
     path = checkpoint(tiny_cfg, tmp_path)
     with pytest.raises(SystemExit, match="trained for scale 2, evaluating scale=4"):
         evaluate.main([f"checkpoint={path}", f"eval_dir={tiny_cfg['eval_dir']}", "scale=4"])
+
+
+PUBLISHED_BICUBIC = {  # (set, scale): (PSNR, SSIM) of bicubic upsampling in the SR literature
+    ("Set5", 2): (33.66, 0.9299), ("Set5", 3): (30.39, 0.8682), ("Set5", 4): (28.42, 0.8104),
+    ("Set14", 2): (30.24, 0.8688), ("Set14", 3): (27.55, 0.7742), ("Set14", 4): (26.00, 0.7027),
+}
+
+
+@pytest.mark.parametrize("name, scale", list(PUBLISHED_BICUBIC))
+def test_standard_protocol_reproduces_the_published_bicubic_baselines(name, scale):
+    folder = shared_folder(name)
+    result = evaluate.evaluate_standard(lambda lr: evaluate.imresize_matlab(lr, scale), folder, scale, "cpu")
+    psnr_db, ssim = PUBLISHED_BICUBIC[(name, scale)]
+    assert result["psnr"] == pytest.approx(psnr_db, abs=0.02)
+    assert result["ssim"] == pytest.approx(ssim, abs=0.002)
+
+
+def test_gray_images_are_measured_on_their_own_values_not_on_y_of_replicated_rgb():
+    gray = torch.linspace(0, 255, 30 * 30, dtype=torch.float64).reshape(1, 30, 30).round()
+    rgb = gray.expand(3, -1, -1)
+    assert torch.equal(evaluate.luma(gray), gray[0])
+    assert evaluate.luma(rgb).max() == 235 and evaluate.luma(rgb).min() == 16  # the studio range of BT.601
+    noisy = (gray + torch.randn_like(gray).mul(3)).clamp(0, 255).round()
+    assert evaluate.standard_scores(noisy, gray, 2)["psnr"] != evaluate.standard_scores(
+        noisy.expand(3, -1, -1), rgb, 2)["psnr"]
+
+
+def test_standard_protocol_table_rows(tiny_cfg, tmp_path):
+    path = checkpoint(tiny_cfg, tmp_path)
+    rows = evaluate.main([f"checkpoint={path}", f"eval_dir={tiny_cfg['eval_dir']}", "protocol=standard",
+                          f"out={tmp_path / 'std'}"])
+    assert [name for name, _ in rows] == ["bicubic (MATLAB imresize)", "m (basic, step 3)"]
+    assert "standard protocol" in (tmp_path / "std.md").read_text()

@@ -1,0 +1,74 @@
+"""Task 5's training runs as a plain list: train what is missing, continue what stopped, skip what is done.
+
+    python code/experiments.py                      # every run below (make experiments)
+    python code/experiments.py baseline residual    # only these
+    python code/experiments.py device=cuda num_workers=8   # key=value goes to every run
+
+Each run is `code/train.py run=<name> <COMMON> <its settings> resume=auto`, so an interrupted
+experiment continues exactly where it stopped, on a CPU or a GPU. A diverging run (exit 3) is
+reported and the others go on; an interrupted one (Ctrl-C, a scheduler signal: exit 75) stops the list.
+"""
+import os
+import subprocess
+import sys
+
+import config
+from models import CheckpointError, load_checkpoint
+
+COMMON = ["data_dir=../shared/data/T91", "eval_dir=../shared/data/Set5", "val_every=500", "ckpt_every=500"]
+RUNS = [
+    # converged baseline: the handout's model and learning rate
+    ("baseline", ["model=basic", "lr=1e-4", "max_steps=20000"]),
+    # residual connection, same steps, seed and data order
+    ("residual", ["model=residual", "lr=1e-4", "max_steps=20000"]),
+    # learning-rate sweep with the original model; the baseline's first 5000 steps are its lr=1e-4 reference
+    ("lr_1e-2", ["model=basic", "lr=1e-2", "max_steps=5000"]),
+    ("lr_1e-3", ["model=basic", "lr=1e-3", "max_steps=5000"]),
+    ("lr_1e-5", ["model=basic", "lr=1e-5", "max_steps=5000"]),
+    ("lr_1e-6", ["model=basic", "lr=1e-6", "max_steps=5000"]),
+]
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 75
+
+
+def finished_step(name, settings, overrides):
+    """The step of the run's final model.pt if it reached its max_steps, else None."""
+    cfg = config.parse_overrides([*COMMON, *settings, *overrides])
+    path = os.path.join(cfg["ckpt_dir"], name, "model.pt")
+    try:
+        step = load_checkpoint(path)["step"] if os.path.isfile(path) else None
+    except CheckpointError:
+        return None
+    return step if step == cfg["max_steps"] else None
+
+
+def main(argv):
+    names = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    unknown = set(names) - {name for name, _ in RUNS}
+    if unknown:
+        raise SystemExit(f"error: unknown run {sorted(unknown)[0]!r}; runs: {', '.join(n for n, _ in RUNS)}")
+    try:
+        config.parse_overrides(overrides)
+    except config.ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+    outcomes = []
+    for name, settings in RUNS:
+        if names and name not in names:
+            continue
+        if finished_step(name, settings, overrides) is not None:
+            outcomes.append((name, "done before"))
+            continue
+        print(f"=== {name}: {' '.join(settings)}", flush=True)
+        command = [sys.executable, TRAIN, f"run={name}", *COMMON, *settings, "resume=auto", *overrides]
+        status = subprocess.run(command).returncode
+        outcomes.append((name, {0: "trained", EXIT_DIVERGED: "diverged (exit 3)"}.get(status, f"exit {status}")))
+        if status == EXIT_INTERRUPTED:
+            break
+    for name, outcome in outcomes:
+        print(f"{name:<10} {outcome}")
+    return outcomes
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

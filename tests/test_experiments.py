@@ -1,0 +1,32 @@
+import os
+
+import pytest
+
+import experiments
+
+
+def test_runs_share_settings_and_names_are_unique():
+    names = [name for name, _ in experiments.RUNS]
+    assert len(names) == len(set(names)) and {"baseline", "residual"} <= set(names)
+    lrs = sorted(float(dict(a.split("=") for a in s)["lr"]) for n, s in experiments.RUNS if n.startswith("lr_"))
+    assert lrs == [1e-6, 1e-5, 1e-3, 1e-2]
+    steps = {n: dict(a.split("=") for a in s)["max_steps"] for n, s in experiments.RUNS}
+    assert steps["baseline"] == steps["residual"]
+
+
+def test_runner_trains_missing_runs_skips_finished_ones_and_goes_on_after_a_divergence(tiny_cfg, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "COMMON", [f"data_dir={tiny_cfg['data_dir']}", f"eval_dir={tiny_cfg['eval_dir']}",
+                                                "val_every=2", "ckpt_every=2"])
+    tiny = ["num_blocks=1", "channels=8", "patch_size=32", "batch_size=4", "max_steps=2"]
+    monkeypatch.setattr(experiments, "RUNS", [("blowup", [*tiny, "lr=1e12", "max_steps=50"]), ("ok", tiny)])
+    where = [f"runs_dir={tiny_cfg['runs_dir']}", f"ckpt_dir={tiny_cfg['ckpt_dir']}", "num_workers=0"]
+    assert experiments.main(where) == [("blowup", "diverged (exit 3)"), ("ok", "trained")]
+    assert os.path.isfile(os.path.join(tiny_cfg["ckpt_dir"], "ok", "model.pt"))
+    assert experiments.main([*where, "ok"]) == [("ok", "done before")]
+
+
+def test_unknown_run_names_and_keys_stop_before_work():
+    with pytest.raises(SystemExit, match="unknown run 'baseline2'"):
+        experiments.main(["baseline2"])
+    with pytest.raises(SystemExit, match="unknown key 'speed'"):
+        experiments.main(["speed=1"])
