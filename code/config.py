@@ -44,6 +44,12 @@ DEFAULTS = {
     "checkpoint": "",
     "protocol": "rgb",  # evaluate.py: rgb (RGB in [0, 1], `degradation`) | standard (MATLAB bicubic, Y, shaved border)
     "out": "",  # evaluate.py: table path without extension; empty = runs/eval_<set>_<degradation>
+    # upscale.py: an image or a folder of them; output file/folder (empty = beside the input, *_x2.png)
+    "input": "",
+    "output": "",
+    "tile": 256,  # LR pixels per tile side
+    "overlap": 0,  # LR pixels of context around each tile; 0 = the model's receptive field
+    "ensemble": False,  # x8 geometric self-ensemble (flips and rotations)
 }
 
 CHOICES = {
@@ -55,7 +61,7 @@ CHOICES = {
     "protocol": ("rgb", "standard"),
 }
 POSITIVE = ("scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
-            "log_every", "val_every", "ckpt_every", "lr")
+            "log_every", "val_every", "ckpt_every", "lr", "tile")
 
 
 class ConfigError(ValueError):
@@ -100,7 +106,7 @@ def validate(cfg):
     for key in POSITIVE:
         if cfg[key] <= 0:
             raise ConfigError(f"{key}={cfg[key]}: must be positive")
-    for key in ("seed", "num_workers"):
+    for key in ("seed", "num_workers", "overlap"):
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]}: must not be negative")
     for key, allowed in CHOICES.items():
@@ -157,3 +163,17 @@ def pick_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"config error: device={name} but CUDA is not available here; use device=cpu or auto")
     return torch.device(name)
+
+
+def channels_last_helps(setting, device):
+    """NHWC convolutions: about 1.27x faster per training step on an AVX-512 CPU here (oneDNN), and
+    the usual layout for GPU tensor cores; slower on AVX2-only CPUs, so `auto` leaves those alone."""
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False

@@ -140,20 +140,6 @@ def ignore_stop_signals(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def channels_last_helps(setting, device):
-    """NHWC convolutions: about 1.27x faster per training step on an AVX-512 CPU here (oneDNN), and
-    the usual layout for GPU tensor cores; slower on AVX2-only CPUs, so `auto` leaves those alone."""
-    if setting != "auto":
-        return setting == "on"
-    if device.type == "cuda":
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
-
-
 def hardware(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -213,7 +199,8 @@ def train(cfg):
     if not main_process:
         state_path, state = newest_good_state(ckpt_dir) if cfg["resume"] == "auto" else (None, None)
 
-    memory_format = torch.channels_last if channels_last_helps(cfg["channels_last"], device) else torch.contiguous_format
+    memory_format = torch.channels_last if config.channels_last_helps(cfg["channels_last"], device) \
+        else torch.contiguous_format
     raw_model = build_model(cfg).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg["lr"])
     loss_function = nn.L1Loss()

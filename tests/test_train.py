@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import config
 import train
 from conftest import CODE
 from plots import read_scalars
@@ -222,5 +223,5 @@ def test_channels_last_changes_the_layout_not_the_result(tiny_cfg):
     nchw = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "nchw", "model.pt"))
     for key in nchw:
         torch.testing.assert_close(nhwc[key], nchw[key], atol=1e-5, rtol=1e-4)
-    assert train.channels_last_helps("off", torch.device("cuda")) is False
-    assert train.channels_last_helps("auto", torch.device("cuda")) is True
+    assert config.channels_last_helps("off", torch.device("cuda")) is False
+    assert config.channels_last_helps("auto", torch.device("cuda")) is True

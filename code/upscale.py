@@ -1,0 +1,137 @@
+"""Upscale your own images x2 with a trained checkpoint.
+
+    python code/upscale.py checkpoint=checkpoints/residual/model.pt input=photo.jpg output=photo_x2.png
+    python code/upscale.py checkpoint=... input=folder/ output=out_folder/ ensemble=true
+
+Any image the dataset reader accepts (PNG, JPEG, BMP, TIFF, ...; gray, palette, RGBA, 16-bit) is written
+as an 8-bit PNG: gray stays gray, and an alpha channel is upscaled bilinearly and kept. Large images go
+through the model in overlapping tiles, so memory stays bounded; with an overlap that covers the
+model's receptive field the result equals that of the whole image at once.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import config
+from dataset import IMAGE_EXTENSIONS, DataError, decode_image, list_images, to_float
+from models import CheckpointError, load_model
+
+
+def receptive_margin(model_config):
+    """LR pixels each side of a tile whose output is affected by the tile's border: every 3x3
+    convolution reaches one HR pixel further and the bilinear upsampling one more."""
+    layers = model_config["num_blocks"] + 2
+    return math.ceil((layers + 1) / model_config["scale"])
+
+
+def _spans(length, tile, margin):
+    """(start, end) of each tile's core and of the window around it that the model sees."""
+    for start in range(0, length, tile):
+        end = min(start + tile, length)
+        yield start, end, max(0, start - margin), min(length, end + margin)
+
+
+@torch.no_grad()
+def upscale_tiled(model, low_res, scale, tile, margin, progress=None):
+    """model(low_res) for a 1x3xHxW image, computed tile by tile; returns a float 1x3x(sH)x(sW) tensor."""
+    height, width = low_res.shape[-2:]
+    output = torch.empty(1, 3, height * scale, width * scale)
+    for top, bottom, window_top, window_bottom in _spans(height, tile, margin):
+        for left, right, window_left, window_right in _spans(width, tile, margin):
+            window = low_res[..., window_top:window_bottom, window_left:window_right]
+            result = model(window).cpu()
+            y0, x0 = (top - window_top) * scale, (left - window_left) * scale
+            output[..., top * scale:bottom * scale, left * scale:right * scale] = \
+                result[..., y0:y0 + (bottom - top) * scale, x0:x0 + (right - left) * scale]
+            if progress is not None:
+                progress.update(1)
+    return output
+
+
+def self_ensemble(upscale):
+    """x8 geometric self-ensemble: the mean of the outputs for the 4 rotations of the image and of its mirror."""
+    def ensembled(low_res):
+        total = 0
+        for flip in (False, True):
+            flipped = low_res.flip(-1) if flip else low_res
+            for turns in range(4):
+                out = upscale(flipped.rot90(turns, (-2, -1))).rot90(-turns, (-2, -1))
+                total = total + (out.flip(-1) if flip else out)
+        return total / 8
+    return ensembled
+
+
+def read_alpha(path):
+    """The alpha channel as a 1xHxW float tensor in [0, 1], or None."""
+    with Image.open(path) as pil:
+        if pil.mode not in ("RGBA", "LA", "PA") and not (pil.mode == "P" and "transparency" in pil.info):
+            return None
+        alpha = np.asarray(pil.convert("RGBA"))[..., 3]
+    return torch.from_numpy(alpha.copy())[None].float() / 255
+
+
+def upscale_file(model, path, out_path, scale, tile, margin, ensemble, device):
+    image = decode_image(path, keep_gray=True)
+    gray = image.shape[0] == 1
+    low_res = to_float(image.expand(3, -1, -1))[None].to(device)
+    tiles = len(range(0, low_res.shape[-2], tile)) * len(range(0, low_res.shape[-1], tile)) * (8 if ensemble else 1)
+    with tqdm(total=tiles, unit="tile", desc=os.path.basename(path), leave=False) as progress:
+        def upscale(x):
+            return upscale_tiled(model, x, scale, tile, margin, progress)
+        output = (self_ensemble(upscale) if ensemble else upscale)(low_res)[0]
+    output = output.clamp_(0, 1).mul_(255).round_().byte()  # in place: the float image may be gigabytes
+    channels = [output.float().mean(0, keepdim=True).round().byte()] if gray else [output]
+    alpha = read_alpha(path)
+    if alpha is not None:
+        alpha = F.interpolate(alpha[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+        channels.append(alpha.mul_(255).round_().byte())
+    pixels = torch.cat(channels).permute(1, 2, 0).numpy()
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode=mode).save(out_path)
+    return out_path
+
+
+def plan(input_path, output):
+    """[(input file, output PNG)] for a file or every image of a folder."""
+    if os.path.isdir(input_path):
+        out_dir = output or input_path.rstrip("/") + "_x2"
+        return [(p, os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png"))
+                for p in list_images(input_path)]
+    if not os.path.isfile(input_path):
+        raise DataError(f"{input_path}: no such file or folder")
+    if not input_path.lower().endswith(IMAGE_EXTENSIONS):
+        raise DataError(f"{input_path}: not an image file ({', '.join(IMAGE_EXTENSIONS)})")
+    return [(input_path, output or os.path.splitext(input_path)[0] + "_x2.png")]
+
+
+def main(argv):
+    cfg = config.from_argv(argv)
+    device = config.pick_device(cfg["device"])
+    if not cfg["checkpoint"] or not cfg["input"]:
+        raise SystemExit("error: give checkpoint=PATH and input=IMAGE_OR_FOLDER (and optionally output=PATH)")
+    try:
+        model, payload = load_model(cfg["checkpoint"], device)
+        if config.channels_last_helps(cfg["channels_last"], device):
+            model = model.to(memory_format=torch.channels_last)
+        jobs = plan(cfg["input"], cfg["output"])
+    except (CheckpointError, DataError) as err:
+        raise SystemExit(f"error: {err}") from None
+    scale = payload["config"]["scale"]
+    margin = cfg["overlap"] or receptive_margin(payload["config"])
+    for path, out_path in tqdm(jobs, unit="image", disable=len(jobs) == 1):
+        try:
+            print(f"wrote {upscale_file(model, path, out_path, scale, cfg['tile'], margin, cfg['ensemble'], device)}")
+        except DataError as err:
+            raise SystemExit(f"error: {err}") from None
+    return [out for _, out in jobs]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

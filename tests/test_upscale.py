@@ -1,0 +1,74 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import upscale
+from conftest import photo_crops
+from models import build_model, save_checkpoint
+
+
+@pytest.fixture
+def model_path(tiny_cfg, tmp_path):
+    torch.manual_seed(0)
+    cfg = dict(tiny_cfg, model="residual", num_blocks=3)
+    model = build_model(cfg)
+    for param in model.parameters():  # make the receptive field matter: no near-zero layers
+        param.data.add_(torch.randn_like(param) * 0.05)
+    return save_checkpoint(str(tmp_path / "m.pt"), model, cfg, step=1)
+
+
+def test_tiled_output_equals_whole_image_output_when_the_overlap_covers_the_receptive_field(model_path):
+    from models import load_model
+
+    model, payload = load_model(model_path)
+    low_res = torch.rand(1, 3, 45, 38)
+    whole = model(low_res)
+    margin = upscale.receptive_margin(payload["config"])
+    tiled = upscale.upscale_tiled(model, low_res, 2, tile=16, margin=margin)
+    assert (tiled - whole).abs().max() < 1e-5
+    too_small = upscale.upscale_tiled(model, low_res, 2, tile=16, margin=1)
+    assert (too_small - whole).abs().max() > 1e-3  # the check can fail: without context the seams differ
+
+
+def test_self_ensemble_of_an_equivariant_function_is_the_function():
+    identity_x2 = lambda x: x.repeat_interleave(2, -1).repeat_interleave(2, -2)  # noqa: E731
+    low_res = torch.rand(1, 3, 5, 7)
+    torch.testing.assert_close(upscale.self_ensemble(identity_x2)(low_res), identity_x2(low_res))
+
+
+def test_files_of_every_kind_are_written_as_x2_pngs(model_path, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgb = photo_crops(40, 1)[0]
+    Image.fromarray(rgb).save(folder / "rgb.jpg")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(folder / "deep.png")
+    written = upscale.main([f"checkpoint={model_path}", f"input={folder}", f"output={tmp_path / 'out'}", "tile=24"])
+    modes = {os.path.basename(p): Image.open(p).mode for p in written}
+    assert modes == {"deep.png": "L", "gray.png": "L", "rgb.png": "RGB", "rgba.png": "RGBA"}
+    for path in written:
+        assert Image.open(path).size == (80, 80)
+    alpha = np.asarray(Image.open(tmp_path / "out" / "rgba.png"))[..., 3]
+    assert (alpha == 200).all()
+
+
+def test_ensemble_option_and_single_file_default_output(model_path, tmp_path):
+    Image.fromarray(photo_crops(20, 1)[0]).save(tmp_path / "small.png")
+    [written] = upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'small.png'}", "ensemble=true"])
+    assert written == str(tmp_path / "small_x2.png") and Image.open(written).size == (40, 40)
+
+
+def test_bad_inputs_and_checkpoints_are_one_line_errors(model_path, tmp_path):
+    (tmp_path / "broken.png").write_text("not an image")
+    with pytest.raises(SystemExit, match="broken.png: cannot read image"):
+        upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'broken.png'}"])
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'missing.png'}"])
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        upscale.main([f"checkpoint={tmp_path / 'broken.png'}", f"input={tmp_path / 'broken.png'}"])
+    with pytest.raises(SystemExit, match="give checkpoint=PATH and input="):
+        upscale.main([])
