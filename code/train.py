@@ -56,6 +56,28 @@ def seed_everything(seed):
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def rng_states():
+    """The global generators' states, for a checkpoint. The training data never draws from them (see
+    TrainSampler), but anything added to the loop that does (noise, dropout) then resumes exactly too."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                        "has_gauss": has_gauss, "gauss": gauss}}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def step_checkpoints(ckpt_dir):
     """Periodic checkpoints of a run, newest first."""
     return sorted(glob.glob(os.path.join(ckpt_dir, "step*.pt")), reverse=True)
@@ -212,6 +234,8 @@ def train(cfg):
             raise SystemExit(f"error: {err}") from None
         step, elapsed, best_psnr, metrics = state["step"], state["elapsed"], state["best_psnr"], state["val"]
         samples = state.get("samples", step * cfg["batch_size"])
+        if "rng" in state:
+            set_rng_states(state["rng"])
         say(f"Resuming run '{cfg['run']}' at step {step} from {state_path}")
     # DDP averages the gradients of the ranks: global batch = batch_size x world_size
     model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -233,7 +257,8 @@ def train(cfg):
     def save_state():
         path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
         save_checkpoint(path, raw_model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
-                        samples=samples, elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics)
+                        samples=samples, elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics,
+                        rng=rng_states())
         for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
             os.remove(old)
         return path

@@ -225,3 +225,20 @@ def test_channels_last_changes_the_layout_not_the_result(tiny_cfg):
         torch.testing.assert_close(nhwc[key], nchw[key], atol=1e-5, rtol=1e-4)
     assert config.channels_last_helps("off", torch.device("cuda")) is False
     assert config.channels_last_helps("auto", torch.device("cuda")) is True
+
+
+def test_global_generator_states_survive_a_checkpoint_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    from models import load_checkpoint, save_checkpoint
+
+    train.seed_everything(5)
+    random.random(), np.random.rand(3), torch.rand(2)
+    path = save_checkpoint(str(tmp_path / "s.pt"), torch.nn.Linear(1, 1), {"model": "basic", "num_blocks": 1,
+                           "channels": 1, "scale": 2, "run": "r"}, 0, rng=train.rng_states())
+    expected = random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist()
+    train.seed_everything(99)
+    train.set_rng_states(load_checkpoint(path)["rng"])  # weights_only=True can read them
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist()) == expected
