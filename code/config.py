@@ -39,7 +39,7 @@ DEFAULTS = {
     # system
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "channels_last": "auto",  # auto | on | off: NHWC layout; auto = on for CUDA and AVX-512 CPUs, where it is faster
-    "num_workers": 2,
+    "num_workers": -1,  # DataLoader workers; -1 = auto: 0 on a CPU (cheaper than sharing its cores), 4 with CUDA
     # evaluate.py: comma-separated checkpoint files; empty = every checkpoints/*/model.pt
     "checkpoint": "",
     "protocol": "rgb",  # evaluate.py: rgb (RGB in [0, 1], `degradation`) | standard (MATLAB bicubic, Y, shaved border)
@@ -50,6 +50,7 @@ DEFAULTS = {
     "tile": 256,  # LR pixels per tile side
     "overlap": 0,  # LR pixels of context around each tile; 0 = the model's receptive field
     "ensemble": False,  # x8 geometric self-ensemble (flips and rotations)
+    "bench_steps": 10,  # bench.py: timed steps per measurement
 }
 
 CHOICES = {
@@ -61,7 +62,7 @@ CHOICES = {
     "protocol": ("rgb", "standard"),
 }
 POSITIVE = ("scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
-            "log_every", "val_every", "ckpt_every", "lr", "tile")
+            "log_every", "val_every", "ckpt_every", "lr", "tile", "bench_steps")
 
 
 class ConfigError(ValueError):
@@ -106,9 +107,11 @@ def validate(cfg):
     for key in POSITIVE:
         if cfg[key] <= 0:
             raise ConfigError(f"{key}={cfg[key]}: must be positive")
-    for key in ("seed", "num_workers", "overlap"):
+    for key in ("seed", "overlap"):
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]}: must not be negative")
+    if cfg["num_workers"] < -1:
+        raise ConfigError(f"num_workers={cfg['num_workers']}: must be -1 (auto) or more")
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
@@ -177,3 +180,11 @@ def channels_last_helps(setting, device):
             return any(line.startswith("flags") and " avx512f" in line for line in f)
     except OSError:
         return False
+
+
+def data_workers(cfg, device):
+    """num_workers, with -1 resolved: preparing a batch in the training process costs ~15 ms here, while
+    worker processes on a CPU-only machine take cores from the convolutions (measured by code/bench.py)."""
+    if cfg["num_workers"] >= 0:
+        return cfg["num_workers"]
+    return 4 if device.type == "cuda" else 0

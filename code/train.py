@@ -249,7 +249,7 @@ def train(cfg):
     # The sampler continues the run's sample stream where it stopped, so a resumed run sees the same batches.
     sampler = TrainSampler(len(train_set), cfg["seed"], start=samples, rank=rank, world_size=world_size,
                            batch_size=cfg["batch_size"])
-    loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
+    loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=config.data_workers(cfg, device),
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     # events after the saved step come from the interrupted attempt: TensorBoard drops them
     writer = SummaryWriter(run_dir, purge_step=step + 1 if state is not None else None) if main_process else None

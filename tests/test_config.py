@@ -26,7 +26,8 @@ def test_values_take_the_type_of_their_default():
     ("bad_files=ignore", "expected one of error, skip"),
     ("batch_size=0", "must be positive"),
     ("lr=-1e-4", "must be positive"),
-    ("num_workers=-1", "must not be negative"),
+    ("num_workers=-2", "must be -1 (auto) or more"),
+    ("seed=-1", "must not be negative"),
     ("model=vgg", "expected one of basic, residual"),
     ("degradation=lanczos", "expected one of bilinear, bicubic, nearest"),
     ("device=tpu", "expected auto, cpu"),
@@ -67,6 +68,15 @@ def test_cuda_without_cuda_is_an_error_before_work(monkeypatch):
     with pytest.raises(SystemExit, match="CUDA is not available"):
         config.pick_device("cuda")
     assert config.pick_device("auto").type == "cpu"
+
+
+def test_data_workers_auto_means_none_on_a_cpu_and_some_with_cuda():
+    import torch
+
+    auto = parse_overrides([])
+    assert config.data_workers(auto, torch.device("cpu")) == 0
+    assert config.data_workers(auto, torch.device("cuda")) == 4
+    assert config.data_workers(parse_overrides(["num_workers=3"]), torch.device("cpu")) == 3
 
 
 def test_save_writes_the_resolved_config(tmp_path):
