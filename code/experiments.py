@@ -15,7 +15,8 @@ import sys
 import config
 from models import CheckpointError, load_checkpoint
 
-COMMON = ["data_dir=../shared/data/T91", "eval_dir=../shared/data/Set5", "val_every=500", "ckpt_every=500"]
+DATA_ROOT = "../shared/data"  # T91, Set5, Set14, BSD68 (see the README for where to get them)
+COMMON = [f"data_dir={DATA_ROOT}/T91", f"eval_dir={DATA_ROOT}/Set5", "val_every=500", "ckpt_every=500"]
 RUNS = [
     # converged baseline: the handout's model and learning rate
     ("baseline", ["model=basic", "lr=1e-4", "max_steps=20000"]),

@@ -258,7 +258,7 @@ def train(cfg):
         path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
         save_checkpoint(path, raw_model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
                         samples=samples, elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics,
-                        rng=rng_states())
+                        rng=rng_states(), hardware=hardware(device))
         for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
             os.remove(old)
         return path

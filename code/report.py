@@ -1,0 +1,325 @@
+"""The report: every table and figure of README.md / README.pdf, made from the committed checkpoints and logs.
+
+    python code/report.py               # make report: evaluate, plot, fill README.md, render README.pdf
+    python code/report.py device=cuda   # the same on a GPU (the numbers can differ in the last digits)
+
+Each run of code/experiments.py contributes its final checkpoints/<run>/model.pt, or while it is still
+training its newest step*.pt (labelled "in progress"), and its TensorBoard scalars in runs/<run>/.
+Outputs go to runs/report/ (tables as .md, figures as .png); README.md's blocks between
+`<!-- report:NAME -->` and `<!-- /report:NAME -->` are replaced by them, then README.md is rendered
+to README.pdf. Nothing in those blocks is typed by hand, and a rerun writes the same bytes.
+"""
+import json
+import math
+import os
+import re
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+import config
+from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, to_float
+from evaluate import evaluate, evaluate_standard, interpolate, markdown_table
+from experiments import DATA_ROOT, RUNS
+from models import load_checkpoint, load_model
+from plots import plot_training_curves, read_scalars
+from train import step_checkpoints
+from upscale import self_ensemble
+
+EVAL_SETS = ("Set5", "Set14", "BSD68")
+DOWNSCALING = ("bilinear", "bicubic", "nearest")  # how the LR input is made at test time
+# Published x2 results of the standard protocol (Y channel, MATLAB bicubic LR, 2 px shaved border):
+# SRCNN (Dong et al. 2016, TPAMI), FSRCNN (Dong et al. 2016, ECCV), VDSR (Kim et al. 2016, CVPR).
+PUBLISHED = (("SRCNN (published)", {"Set5": (36.66, 0.9542), "Set14": (32.42, 0.9063)}),
+             ("FSRCNN (published)", {"Set5": (37.00, 0.9558), "Set14": (32.63, 0.9088)}),
+             ("VDSR (published)", {"Set5": (37.53, 0.9587), "Set14": (33.03, 0.9124)}))
+# Crops for the visual comparison: (eval set, image, top, left, side) in HR pixels.
+CROPS = (("Set14", "comic.png", 40, 60, 96), ("Set14", "zebra.png", 80, 300, 96), ("Set5", "butterfly.png", 90, 100, 96))
+PLATEAU_FRACTION, PLATEAU_DB = 0.2, 0.05
+MARKER = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->\n)(.*?)(<!-- /report:(?P=name) -->)", re.S)
+
+
+def plateau(steps, values, fraction=PLATEAU_FRACTION, tolerance=PLATEAU_DB):
+    """The convergence criterion: (gain, met), where gain is the best validation PSNR over the last
+    `fraction` of the steps minus the best one before them; met when gain < `tolerance` dB."""
+    cut = steps[-1] * (1 - fraction)
+    before = [v for s, v in zip(steps, values) if s <= cut]
+    after = [v for s, v in zip(steps, values) if s > cut]
+    if not before or not after:
+        return math.nan, False
+    gain = max(after) - max(before)
+    return gain, gain < tolerance
+
+
+class Run:
+    """What the report needs of one experiment: its checkpoint, planned steps, and logs."""
+
+    def __init__(self, name, settings, cfg):
+        self.name = name
+        self.planned = config.parse_overrides(settings)["max_steps"]
+        self.run_dir = os.path.join(cfg["runs_dir"], name)
+        ckpt_dir = os.path.join(cfg["ckpt_dir"], name)
+        final = os.path.join(ckpt_dir, "model.pt")
+        newest = step_checkpoints(ckpt_dir)
+        self.checkpoint = final if os.path.isfile(final) else (newest[0] if newest else None)
+        self.scalars = read_scalars(self.run_dir) if os.path.isdir(self.run_dir) else {}
+        summary_path = os.path.join(self.run_dir, "summary.json")
+        self.summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else None
+
+    def diverged_at(self):
+        steps, values = self.scalars.get("train/l1", ([], []))
+        return steps[-1] if values and not math.isfinite(values[-1]) else None
+
+    def load(self, device):
+        model, payload = load_model(self.checkpoint, device)
+        return model, payload
+
+    def status(self, step):
+        if self.diverged_at() is not None:
+            last = f"step {step}" if step is not None else "none"
+            return f"diverged at step {self.diverged_at()}; last finite checkpoint: {last}"
+        if step < self.planned:
+            return f"in progress: step {step} of {self.planned}"
+        return "done"
+
+    def label(self, payload):
+        text = f"{self.name} ({payload['config']['model']}, step {payload['step']})"
+        return text if payload["step"] >= self.planned else f"{text} [{self.status(payload['step'])}]"
+
+
+def available_runs(cfg):
+    """The runs of experiments.RUNS that have logs or a checkpoint (a run that diverged before its
+    first checkpoint has only logs: it appears in the plots and the runs table, not in evaluations)."""
+    runs = [Run(name, settings, cfg) for name, settings in RUNS]
+    return [run for run in runs if run.checkpoint is not None or run.scalars]
+
+
+def with_models(runs):
+    return [run for run in runs if run.checkpoint is not None]
+
+
+def runs_table(runs):
+    """Steps, wall time, hardware, validation PSNR and the plateau criterion of every run."""
+    lines = ["| run | model | lr | steps | wall time | hardware | final val PSNR (dB) | best val PSNR (dB) "
+             "| gain over the last 20% (dB) | status |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    for run in runs:
+        payload = load_checkpoint(run.checkpoint) if run.checkpoint else {"step": None, "config": {}}
+        with open(os.path.join(run.run_dir, "config.json")) as f:
+            train_config = json.load(f)
+        summary = run.summary or {}
+        elapsed = summary.get("wall_time_s", payload.get("elapsed"))
+        hardware = summary.get("hardware", payload.get("hardware", "not recorded"))
+        steps, psnrs = run.scalars.get("val/psnr", ([], []))
+        gain, met = plateau(steps, psnrs) if steps else (math.nan, False)
+        status = run.status(payload["step"])
+        if status == "done":
+            status = f"done; plateau {'met' if met else 'not met'} (< {PLATEAU_DB} dB)"
+        psnr_cells = f"{psnrs[-1]:.2f} | {max(psnrs):.2f} | {gain:+.3f}" if psnrs else "— | — | —"
+        wall = "—" if elapsed is None else f"{elapsed / 3600:.2f} h"
+        lines.append(f"| {run.name} | {train_config['model']} | {train_config['lr']:g} "
+                     f"| {'—' if payload['step'] is None else payload['step']} | {wall} "
+                     f"| {hardware} | {psnr_cells} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def eval_table(runs, set_name, degradation, device):
+    """The Task 4 table (RGB in [0, 1]) on one evaluation set, LR made by `degradation`."""
+    folder = os.path.join(DATA_ROOT, set_name)
+    dataset = SRDataset(folder, scale=2, degradation=degradation, train=False)
+    rows = [(f"{mode} upsampling", evaluate(lambda lr, m=mode: interpolate(lr, 2, m), dataset, device))
+            for mode in ("bilinear", "bicubic")]
+    for run in runs:
+        model, payload = run.load(device)
+        rows.append((run.label(payload), evaluate(model, dataset, device)))
+    return markdown_table(f"x2 on {set_name} ({len(dataset)} images), LR by {degradation} downscaling, "
+                          f"RGB in [0, 1]", rows)
+
+
+def downscaling_table(runs, set_name, device):
+    """PSNR/SSIM with LR inputs made by other downscaling than the bilinear one of training."""
+    folder = os.path.join(DATA_ROOT, set_name)
+    datasets = {d: SRDataset(folder, scale=2, degradation=d, train=False) for d in DOWNSCALING}
+    methods = [(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, 2, m)) for mode in ("bilinear", "bicubic")]
+    for run in runs:
+        model, payload = run.load(device)
+        methods.append((run.label(payload), model))
+    header = " | ".join(f"LR by {d}" for d in DOWNSCALING)
+    lines = [f"x2 on {set_name}, PSNR (dB) / SSIM by how the LR input was made (training used bilinear)", "",
+             f"| method | {header} |", "|---|" + "---:|" * len(DOWNSCALING)]
+    for name, upscale in methods:
+        cells = [evaluate(upscale, datasets[d], device) for d in DOWNSCALING]
+        lines.append(f"| {name} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f}" for m in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def standard_table(runs, device):
+    """x2 in the SR papers' protocol (evaluate.evaluate_standard) beside published results."""
+    sets = ("Set5", "Set14")
+    rows = [("bicubic (MATLAB imresize)", lambda lr: imresize_matlab(lr, 2), "—")]
+    for run in runs:
+        model, payload = run.load(device)
+        trained = json.load(open(os.path.join(run.run_dir, "config.json")))["degradation"]
+        rows.append((run.label(payload), model, trained))
+        if trained == "bicubic_matlab":
+            rows.append((run.label(payload) + " + x8 self-ensemble", self_ensemble(model), trained))
+    header = " | ".join(f"{s} PSNR / SSIM" for s in sets)
+    lines = ["x2, standard protocol: LR by MATLAB bicubic imresize, 8-bit outputs, Y channel, 2 px border "
+             "shaved", "", f"| method | trained on LR by | {header} |", "|---|---|" + "---:|" * len(sets)]
+    for name, upscale, trained in rows:
+        cells = [evaluate_standard(upscale, os.path.join(DATA_ROOT, s), 2, device) for s in sets]
+        lines.append(f"| {name} | {trained} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f}" for m in cells) + " |")
+    for name, values in PUBLISHED:
+        lines.append(f"| {name} | bicubic | " + " | ".join(f"{values[s][0]:.2f} / {values[s][1]:.4f}" for s in sets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(runs, out_path, title, max_step=None, labels=None):
+    """Train L1 (log scale), validation PSNR and SSIM of several runs on shared axes; a diverged run
+    is drawn up to its last finite value and marked with an x."""
+    panels = (("train/l1", "train L1", "log"), ("val/psnr", "validation PSNR (dB)", "linear"),
+              ("val/ssim", "validation SSIM", "linear"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
+    for run in runs:
+        label = (labels or {}).get(run.name, run.name)
+        for axis, (tag, _, _) in zip(axes, panels):
+            steps, values = run.scalars.get(tag, ([], []))
+            points = [(s, v) for s, v in zip(steps, values) if max_step is None or s <= max_step]
+            finite = [(s, v) for s, v in points if math.isfinite(v)]
+            if not finite:
+                continue
+            line, = axis.plot(*zip(*finite), label=label, linewidth=1)
+            if len(finite) < len(points):  # diverged after the last finite point
+                axis.plot(*finite[-1], marker="x", color=line.get_color(), markersize=8)
+    for axis, (_, name, yscale) in zip(axes, panels):
+        axis.set(title=name, xlabel="step", yscale=yscale)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100, metadata={"Software": None})
+    plt.close(figure)
+    return out_path
+
+
+@torch.no_grad()
+def plot_crops(runs, out_path, device):
+    """Zoomed crops, one row per image: LR (pixels enlarged), bicubic upsampling, each model, HR."""
+    models = [(run.name, run.load(device)[0]) for run in runs]
+    columns = 3 + len(models)
+    figure, axes = plt.subplots(len(CROPS), columns, figsize=(2.1 * columns, 2.3 * len(CROPS)), squeeze=False)
+    for row, (set_name, file_name, top, left, side) in enumerate(CROPS):
+        high_res = crop_to_multiple(to_float(decode_image(os.path.join(DATA_ROOT, set_name, file_name))), 2)
+        low_res = degrade(high_res, 2, "bilinear")[None].to(device)
+        images = [("LR (bilinear down)", low_res.repeat_interleave(2, -2).repeat_interleave(2, -1)),
+                  ("bicubic", interpolate(low_res, 2, "bicubic"))]
+        images += [(name, model(low_res).clamp(0, 1)) for name, model in models]
+        images.append(("HR", high_res[None]))
+        for column, (name, image) in enumerate(images):
+            crop = image[0, :, top:top + side, left:left + side].mul(255).round().byte().permute(1, 2, 0).cpu()
+            axis = axes[row, column]
+            axis.imshow(crop.numpy(), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_title(name, fontsize=8)
+        axes[row, 0].set_ylabel(f"{set_name}/{file_name}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100, metadata={"Software": None})
+    plt.close(figure)
+    return out_path
+
+
+def image_block(path, caption):
+    return f"![{caption}]({path})\n\n*{caption}*\n"
+
+
+def build(cfg, out_dir, device, only=None):
+    """Write every table (.md) and figure (.png) of the report to `out_dir`; returns {block name: markdown}.
+    `only` (a set of block names) limits the work, for tests."""
+    runs = available_runs(cfg)
+    by_name = {run.name: run for run in runs}
+    evaluated = with_models(runs)
+    os.makedirs(out_dir, exist_ok=True)
+    blocks = {}
+
+    def want(name):
+        return only is None or name in only
+
+    def table(name, make):
+        if want(name):
+            blocks[name] = make()
+            with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+                f.write(blocks[name])
+
+    def figure(name, caption, make):
+        if want(name):
+            path = os.path.join(out_dir, f"{name}.png")
+            make(path)
+            blocks[name] = image_block(path, caption)
+
+    table("runs", lambda: runs_table(runs))
+    if "baseline" in by_name:
+        figure("baseline-curves", "Baseline (BasicSRModel, lr 1e-4): train L1, validation L1, PSNR and SSIM on Set5",
+               lambda path: plot_training_curves(by_name["baseline"].run_dir, path))
+    pair = [by_name[n] for n in ("baseline", "residual") if n in by_name]
+    figure("residual-curves", "Baseline vs residual model, same seed and data order",
+           lambda path: plot_comparison(pair, path, "baseline vs residual"))
+    sweep = [by_name[n] for n, _ in RUNS if n.startswith("lr_") and n in by_name]
+    figure("lr-sweep", "Learning-rate sweep of BasicSRModel; lr 1e-4 is the baseline's first 5000 steps; "
+           "x = diverged", lambda path: plot_comparison(
+               sweep + pair[:1], path, "learning-rate sweep", max_step=5000, labels={"baseline": "lr_1e-4 (baseline)"}))
+    for set_name in EVAL_SETS:
+        table(f"eval-{set_name}", lambda s=set_name: eval_table(evaluated, s, "bilinear", device))
+    table("downscaling", lambda: downscaling_table(with_models(pair), "Set14", device))
+    table("standard", lambda: standard_table([r for r in evaluated if not r.name.startswith("lr_")], device))
+    figure("crops", "Zoomed crops (x2): LR input, bicubic upsampling, the models, HR",
+           lambda path: plot_crops(with_models(pair), path, device))
+    return blocks
+
+
+def fill_markers(text, blocks):
+    """Replace the body of each `<!-- report:NAME -->` block whose NAME is in `blocks`."""
+    def replace(match):
+        name = match.group("name")
+        return match.group(0) if name not in blocks else f"{match.group(1)}{blocks[name]}{match.group(4)}"
+    return MARKER.sub(replace, text)
+
+
+def render_pdf(markdown_path, pdf_path):
+    """README.md -> README.pdf with markdown-pdf (PyMuPDF); fixed metadata so a rerun gives the same file."""
+    from markdown_pdf import MarkdownPdf, Section
+
+    css = ("body {font-size: 10pt;} table {border-collapse: collapse; font-size: 8pt;} "
+           "th, td {border: 1px solid #999; padding: 2px 4px;} img {width: 100%;} "
+           "pre, code {font-size: 7.5pt;}")
+    pdf = MarkdownPdf(toc_level=2, optimize=True)
+    pdf.meta.update({"creationDate": "", "modDate": "", "title": "x2 single-image super-resolution"})
+    with open(markdown_path) as f:
+        pdf.add_section(Section(f.read(), root=os.path.dirname(os.path.abspath(markdown_path))), user_css=css)
+    pdf.save(pdf_path)
+    return pdf_path
+
+
+def main(argv):
+    cfg = config.from_argv(argv)
+    device = config.pick_device(cfg["device"])
+    for set_name in ("T91", *EVAL_SETS):
+        if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):
+            raise SystemExit(f"error: {DATA_ROOT}/{set_name}: no such folder; the report evaluates on the standard sets")
+    out_dir = cfg["out"] or os.path.join(cfg["runs_dir"], "report")
+    blocks = build(cfg, out_dir, device)
+    with open("README.md") as f:
+        text = f.read()
+    missing = [name for name in blocks if f"<!-- report:{name} -->" not in text]
+    if missing:
+        raise SystemExit(f"error: README.md has no <!-- report:{missing[0]} --> block for the generated {missing[0]}")
+    with open("README.md", "w") as f:
+        f.write(fill_markers(text, blocks))
+    print(f"wrote {len(blocks)} blocks to {out_dir} and README.md; {render_pdf('README.md', 'README.pdf')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
