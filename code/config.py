@@ -36,6 +36,13 @@ DEFAULTS = {
     "resume": "never",  # never | auto: continue from the newest good checkpoints/<run>/step*.pt
     "overwrite": False,  # allow starting over in an existing run folder
     "bad_files": "error",  # error | skip: what an unreadable or too small image in a data folder does
+    # adversarial training (Task 6): train.py with gan=true trains the model as a GAN generator
+    "gan": False,
+    "init": "",  # checkpoint whose weights start the generator, e.g. checkpoints/residual/model.pt
+    "adv_weight": 0.01,  # weight of the adversarial loss beside the L1 content loss (weight 1)
+    "gan_loss": "relativistic",  # relativistic (ESRGAN's RaGAN) | standard (SRGAN's BCE)
+    "perceptual_weight": 0.0,  # VGG19 feature loss; only with locally present weights (vgg_weights)
+    "vgg_weights": "",  # torchvision vgg19 weights file; empty = torch hub's cache (never downloaded)
     # system
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "channels_last": "auto",  # auto | on | off: NHWC layout; auto = on for CUDA and AVX-512 CPUs, where it is faster
@@ -60,6 +67,7 @@ CHOICES = {
     "bad_files": ("error", "skip"),
     "channels_last": ("auto", "on", "off"),
     "protocol": ("rgb", "standard"),
+    "gan_loss": ("relativistic", "standard"),
 }
 POSITIVE = ("scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
             "log_every", "val_every", "ckpt_every", "lr", "tile", "bench_steps")
@@ -107,7 +115,7 @@ def validate(cfg):
     for key in POSITIVE:
         if cfg[key] <= 0:
             raise ConfigError(f"{key}={cfg[key]}: must be positive")
-    for key in ("seed", "overlap"):
+    for key in ("seed", "overlap", "adv_weight", "perceptual_weight"):
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]}: must not be negative")
     if cfg["num_workers"] < -1:

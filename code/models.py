@@ -35,6 +35,28 @@ class BasicSRModel(nn.Module):
         return upsampled + prediction if self.residual else prediction
 
 
+class Discriminator(nn.Module):
+    """SRGAN's VGG-style discriminator, narrowed for 64x64 patches: pairs of 3x3 convolutions (the second
+    with stride 2) doubling the width 32 -> 256 while halving the size 64 -> 4, then a small classifier.
+    No batch norm (as in later ESRGAN practice): one logit per image, real (HR) vs generated.
+    Global average pooling before the classifier lets it take any patch size."""
+
+    def __init__(self, channels=32, stages=4):
+        super().__init__()
+        layers, width_in = [], 3
+        for stage in range(stages):
+            width = channels * 2 ** stage
+            layers += [nn.Conv2d(width_in, width, 3, padding=1), nn.LeakyReLU(0.2),
+                       nn.Conv2d(width, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            width_in = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width_in, 256),
+                                        nn.LeakyReLU(0.2), nn.Linear(256, 1))
+
+    def forward(self, image):
+        return self.classifier(self.features(image)).squeeze(1)
+
+
 def build_model(cfg):
     """The model that `cfg` (a config dict, or a checkpoint's stored model config) describes."""
     return BasicSRModel(cfg["num_blocks"], cfg["channels"], cfg["scale"], residual=cfg["model"] == "residual")

@@ -11,8 +11,13 @@ matplotlib.use("Agg")  # files only: works on cluster nodes and CI without a dis
 import matplotlib.pyplot as plt
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-CURVES = (("train/l1", "train L1"), ("val/l1", "validation L1"), ("val/psnr", "validation PSNR (dB)"),
-          ("val/ssim", "validation SSIM"))
+# panels: (tags drawn in it, title)
+CURVES = ((("train/l1",), "train L1"), (("val/l1",), "validation L1"), (("val/psnr",), "validation PSNR (dB)"),
+          (("val/ssim",), "validation SSIM"))
+GAN_CURVES = ((("train/l1",), "generator L1 (content)"), (("train/adv",), "generator adversarial loss"),
+              (("train/d_loss",), "discriminator loss"), (("train/d_real", "train/d_fake"), "D(real), D(fake)"),
+              (("val/psnr",), "validation PSNR (dB)"), (("val/ssim",), "validation SSIM"),
+              (("val/sharpness",), "validation sharpness (1 = HR)"))
 
 
 def read_scalars(run_dir):
@@ -27,15 +32,24 @@ def read_scalars(run_dir):
     return scalars
 
 
-def plot_training_curves(run_dir, out_path):
-    """Train L1, validation L1, PSNR and SSIM against the step, one panel each."""
+def plot_training_curves(run_dir, out_path, curves=None):
+    """One panel per entry of `curves` against the step: the handout's Figure 3 (CURVES), or for a
+    GAN run (one that logged train/adv) its losses and discriminator outputs too (GAN_CURVES)."""
     scalars = read_scalars(run_dir)
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-    for axis, (tag, label) in zip(axes, CURVES):
-        steps, values = scalars.get(tag, ([], []))
-        axis.plot(steps, values, marker="." if len(steps) < 30 else None)
-        axis.set(title=label, xlabel="step")
+    curves = curves or (GAN_CURVES if "train/adv" in scalars else CURVES)
+    columns = min(len(curves), 4)
+    rows = -(-len(curves) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for axis, (tags, title) in zip(axes.flat, curves):
+        for tag in tags:
+            steps, values = scalars.get(tag, ([], []))
+            axis.plot(steps, values, marker="." if len(steps) < 30 else None, label=tag.split("/")[-1])
+        if len(tags) > 1:
+            axis.legend(fontsize=8)
+        axis.set(title=title, xlabel="step")
         axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(curves):]:
+        axis.set_visible(False)
     figure.suptitle(os.path.basename(os.path.normpath(run_dir)))
     figure.tight_layout()
     figure.savefig(out_path, dpi=100, metadata={"Software": None})

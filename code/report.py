@@ -177,6 +177,22 @@ def standard_table(runs, device):
     return "\n".join(lines) + "\n"
 
 
+def sharpness_table(runs, set_names, device):
+    """PSNR, SSIM and sharpness (gradient energy relative to HR, evaluate.sharpness) side by side: what
+    pixel metrics reward against how much detail the output has."""
+    datasets = {s: SRDataset(os.path.join(DATA_ROOT, s), scale=2, train=False) for s in set_names}
+    methods = [(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, 2, m)) for mode in ("bilinear", "bicubic")]
+    methods += [(run.label(payload), model) for run in runs for model, payload in [run.load(device)]]
+    header = " | ".join(f"{s} PSNR / SSIM / sharpness" for s in set_names)
+    lines = ["x2, LR by bilinear downscaling; sharpness = gradient energy of the output / that of HR (1 = as much "
+             "detail as HR)", "", f"| method | {header} |", "|---|" + "---:|" * len(set_names)]
+    for name, upscale in methods:
+        cells = [evaluate(upscale, datasets[s], device) for s in set_names]
+        lines.append(f"| {name} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f} / {m['sharpness']:.3f}"
+                                                 for m in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_comparison(runs, out_path, title, max_step=None, labels=None):
     """Train L1 (log scale), validation PSNR and SSIM of several runs on shared axes; a diverged run
     is drawn up to its last finite value and marked with an x."""
@@ -275,8 +291,15 @@ def build(cfg, out_dir, device, only=None):
         table(f"eval-{set_name}", lambda s=set_name: eval_table(evaluated, s, "bilinear", device))
     table("downscaling", lambda: downscaling_table(with_models(pair), "Set14", device))
     table("standard", lambda: standard_table([r for r in evaluated if not r.name.startswith("lr_")], device))
+    gan = [by_name["gan"]] if "gan" in by_name else []
+    if gan:
+        figure("gan-curves", "GAN run: generator L1 and adversarial loss, discriminator loss and outputs, validation",
+               lambda path: plot_training_curves(gan[0].run_dir, path))
+    elif want("gan-curves"):
+        blocks["gan-curves"] = "*No GAN run yet: `python code/experiments.py gan` once the residual run has finished.*\n"
+    table("gan", lambda: sharpness_table(with_models(pair + gan), ("Set14", "BSD68"), device))
     figure("crops", "Zoomed crops (x2): LR input, bicubic upsampling, the models, HR",
-           lambda path: plot_crops(with_models(pair), path, device))
+           lambda path: plot_crops(with_models(pair + gan), path, device))
     return blocks
 
 

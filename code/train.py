@@ -27,6 +27,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -36,13 +37,14 @@ from tqdm import tqdm
 import config
 from dataset import DataError, SRDataset, TrainSampler
 from evaluate import evaluate, interpolate
-from models import CheckpointError, build_model, load_checkpoint, load_weights, save_checkpoint
+from models import MODEL_KEYS, CheckpointError, Discriminator, build_model, load_checkpoint, load_model, load_weights, \
+    save_checkpoint
 from plots import plot_training_curves
 
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 75
 # Keys that change what a run computes: resuming with any of them different is refused.
 RESULT_KEYS = ("data_dir", "scale", "patch_size", "jitter", "degradation", "model", "num_blocks", "channels",
-               "batch_size", "lr", "seed")
+               "batch_size", "lr", "seed", "gan", "init", "adv_weight", "gan_loss", "perceptual_weight")
 KEEP_STEP_CHECKPOINTS = 3
 PREVIEW_IMAGES, PREVIEW_SIZE = 3, 96
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -131,14 +133,65 @@ def all_ranks_sum(values, world_size):
     return values
 
 
-def restore(state_path, state, cfg, model, optimizer):
-    """Load a periodic checkpoint into model and optimiser, refusing one made with other settings."""
-    changed = [k for k in RESULT_KEYS if state["train_config"].get(k) != cfg[k]]
+def restore(state_path, state, cfg, model, optimizer, discriminator=None, d_optimizer=None):
+    """Load a periodic checkpoint into the networks and optimisers, refusing one made with other settings
+    (a key that an older checkpoint lacks counts as its default)."""
+    made_with = {**config.DEFAULTS, **state["train_config"]}
+    changed = [k for k in RESULT_KEYS if made_with[k] != cfg[k]]
     if changed:
         raise CheckpointError(f"{state_path}: was trained with other settings: "
-                              + ", ".join(f"{k}={state['train_config'].get(k)} (now {cfg[k]})" for k in changed))
+                              + ", ".join(f"{k}={made_with[k]} (now {cfg[k]})" for k in changed))
     load_weights(model, state["model"], state_path)
     optimizer.load_state_dict(state["optimizer"])
+    if discriminator is not None:
+        load_weights(discriminator, state["discriminator"], state_path)
+        d_optimizer.load_state_dict(state["d_optimizer"])
+
+
+def initialise(model, cfg):
+    """Start from the weights of `cfg["init"]` (the GAN generator from a pixel-loss model), which must
+    hold the configured architecture."""
+    _, payload = load_model(cfg["init"])
+    different = [f"{k}={payload['config'][k]} (configured {cfg[k]})" for k in MODEL_KEYS if payload["config"][k] != cfg[k]]
+    if different:
+        raise CheckpointError(f"init={cfg['init']}: holds another model: {', '.join(different)}")
+    load_weights(model, payload["model"], cfg["init"])
+    return payload["step"]
+
+
+def generator_loss(real_logits, fake_logits, kind):
+    """Adversarial loss of the generator. standard: -log D(fake) (SRGAN). relativistic (ESRGAN's RaGAN):
+    fakes should look more real than the average real image, and reals less real than the average fake."""
+    if kind == "standard":
+        return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    return (F.binary_cross_entropy_with_logits(real_logits - fake_logits.mean(), torch.zeros_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits - real_logits.mean(), torch.ones_like(fake_logits))) / 2
+
+
+def discriminator_loss(real_logits, fake_logits, kind):
+    """The discriminator's side of `generator_loss`: real HR patches -> 1, predictions -> 0."""
+    if kind == "relativistic":
+        real_logits, fake_logits = real_logits - fake_logits.mean(), fake_logits - real_logits.mean()
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))) / 2
+
+
+def vgg_feature_loss(cfg, device):
+    """L1 between VGG19 conv5_4 features (ESRGAN's perceptual loss), or None when the ImageNet weights
+    are not on this machine: compute nodes often cannot download them, so this never tries to."""
+    from torchvision.models import vgg19
+
+    path = cfg["vgg_weights"] or os.path.join(torch.hub.get_dir(), "checkpoints", "vgg19-dcbbb0d2.pth")
+    if not os.path.isfile(path):
+        print(f"note: perceptual loss off: no VGG19 weights at {path} (set vgg_weights=...); "
+              f"training with L1 + adversarial loss only", file=sys.stderr)
+        return None
+    network = vgg19()
+    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    features = network.features[:35].to(device).eval().requires_grad_(False)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    return lambda prediction, target: F.l1_loss(features((prediction - mean) / std), features((target - mean) / std))
 
 
 @torch.no_grad()
@@ -201,6 +254,9 @@ def train(cfg):
         raise SystemExit(f"config error: {err}") from None
     device = config.pick_device(cfg["device"])
     rank, world_size, device = init_distributed(device)
+    gan = cfg["gan"]
+    if gan and world_size > 1:
+        raise SystemExit("config error: gan=true trains in one process (no torchrun with several processes)")
     main_process = rank == 0  # only rank 0 validates, logs and saves
     say = print if main_process else (lambda *args, **kwargs: None)
     say(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else ""))
@@ -226,12 +282,19 @@ def train(cfg):
     raw_model = build_model(cfg).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg["lr"])
     loss_function = nn.L1Loss()
+    # Task 6: a discriminator that learns to tell HR patches from predictions, which the model learns to fool
+    discriminator = Discriminator().to(device, memory_format=memory_format) if gan else None
+    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg["lr"]) if gan else None
+    perceptual = vgg_feature_loss(cfg, device) if gan and cfg["perceptual_weight"] > 0 else None
     step, samples, elapsed, best_psnr, metrics = 0, 0, 0.0, -math.inf, {}
+    try:
+        if state is not None:
+            restore(state_path, state, cfg, raw_model, optimizer, discriminator, d_optimizer)
+        elif cfg["init"]:
+            say(f"Starting from the weights of {cfg['init']} (its step {initialise(raw_model, cfg)})")
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
     if state is not None:
-        try:
-            restore(state_path, state, cfg, raw_model, optimizer)
-        except CheckpointError as err:
-            raise SystemExit(f"error: {err}") from None
         step, elapsed, best_psnr, metrics = state["step"], state["elapsed"], state["best_psnr"], state["val"]
         samples = state.get("samples", step * cfg["batch_size"])
         if "rng" in state:
@@ -256,9 +319,10 @@ def train(cfg):
 
     def save_state():
         path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
+        gan_state = {"discriminator": discriminator.state_dict(), "d_optimizer": d_optimizer.state_dict()} if gan else {}
         save_checkpoint(path, raw_model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
                         samples=samples, elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics,
-                        rng=rng_states(), hardware=hardware(device))
+                        rng=rng_states(), hardware=hardware(device), **gan_state)
         for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
             os.remove(old)
         return path
@@ -273,7 +337,9 @@ def train(cfg):
             dist.destroy_process_group()
         raise SystemExit(code)
 
-    running_loss, running_steps = torch.zeros((), device=device), 0
+    # logged means over the last log_every steps: train/l1, and for a GAN its adversarial terms
+    logged = ["l1", "adv", "d_loss", "d_real", "d_fake"] if gan else ["l1"]
+    running, running_steps = torch.zeros(len(logged), device=device), 0
     started = last_log = time.time()
     batches = iter(loader)
     stop_request = StopRequest()
@@ -288,37 +354,61 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         high_res_prediction = model(low_res)
         loss = loss_function(high_res_prediction, high_res)
-        loss.backward()
-        optimizer.step()
+        if not gan:
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+        else:
+            # generator step: L1 content + adversarial (+ perceptual) loss, the discriminator frozen
+            discriminator.requires_grad_(False)
+            real_logits, fake_logits = discriminator(high_res), discriminator(high_res_prediction)
+            adversarial = generator_loss(real_logits, fake_logits, cfg["gan_loss"])
+            generator_total = loss + cfg["adv_weight"] * adversarial
+            if perceptual is not None:
+                generator_total = generator_total + cfg["perceptual_weight"] * perceptual(high_res_prediction, high_res)
+            generator_total.backward()
+            optimizer.step()
+            # discriminator step: HR patches are real, the (detached) predictions fake
+            discriminator.requires_grad_(True)
+            d_optimizer.zero_grad(set_to_none=True)
+            real_logits, fake_logits = discriminator(high_res), discriminator(high_res_prediction.detach())
+            d_loss = discriminator_loss(real_logits, fake_logits, cfg["gan_loss"])
+            d_loss.backward()
+            d_optimizer.step()
+            running += torch.stack([loss, adversarial, d_loss, torch.sigmoid(real_logits).mean(),
+                                    torch.sigmoid(fake_logits).mean()]).detach()
         step += 1
         samples += cfg["batch_size"] * world_size
         progress.update(1)
-        running_loss += loss.detach()
         running_steps += 1
         last = step == cfg["max_steps"]
         log, validate = step % cfg["log_every"] == 0 or last, step % cfg["val_every"] == 0 or last
         save = step % cfg["ckpt_every"] == 0 or last
 
         if log or validate or save:  # checked before anything is logged or saved; ranks agree here
-            agreed = all_ranks_sum(torch.stack([running_loss / running_steps,
-                                                torch.tensor(float(stop_request.signal is not None), device=device)]),
+            agreed = all_ranks_sum(torch.cat([running / running_steps,
+                                              torch.tensor([float(stop_request.signal is not None)], device=device)]),
                                    world_size).tolist()
-            train_l1, stop_requested = agreed[0] / world_size, agreed[1] > 0
+            means, stop_requested = {n: v / world_size for n, v in zip(logged, agreed)}, agreed[-1] > 0
+            train_l1 = means["l1"]
             save = save or stop_requested
-            if not math.isfinite(train_l1):
+            if not all(math.isfinite(v) for v in means.values()):
                 if main_process:
-                    writer.add_scalar("train/l1", train_l1, step)
+                    for name, value in means.items():
+                        writer.add_scalar(f"train/{name}", value, step)
                 kept = step_checkpoints(ckpt_dir)
-                stop(f"error: training loss is {train_l1} at step {step} (diverged); lower lr={cfg['lr']}. "
+                bad = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v))
+                stop(f"error: training loss is {bad if gan else train_l1} at step {step} (diverged); lower lr={cfg['lr']}. "
                      f"Last good checkpoint: {kept[0] if kept else 'none yet'}", EXIT_DIVERGED)
         if log and main_process:
             now = time.time()
             patches_per_s = running_steps * cfg["batch_size"] * world_size / max(now - last_log, 1e-9)
-            writer.add_scalar("train/l1", train_l1, step)
+            for name, value in means.items():
+                writer.add_scalar(f"train/{name}", value, step)
             progress.set_postfix(loss=f"{train_l1:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
             last_log = now
         if log:
-            running_loss.zero_()
+            running.zero_()
             running_steps = 0
 
         if validate and main_process:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate
 from conftest import shared_folder
@@ -114,3 +115,14 @@ def test_standard_protocol_table_rows(tiny_cfg, tmp_path):
                           f"out={tmp_path / 'std'}"])
     assert [name for name, _ in rows] == ["bicubic (MATLAB imresize)", "m (basic, step 3)"]
     assert "standard protocol" in (tmp_path / "std.md").read_text()
+
+
+def test_sharpness_is_one_for_hr_below_one_for_blur_and_above_for_noise():
+    torch.manual_seed(0)
+    high_res = torch.rand(2, 3, 32, 32)
+    blurred = F.avg_pool2d(high_res, 3, stride=1, padding=1, count_include_pad=False)
+    assert torch.allclose(evaluate.sharpness(high_res, high_res), torch.ones(2))
+    assert (evaluate.sharpness(blurred, high_res) < 0.6).all()
+    smooth = F.interpolate(F.avg_pool2d(high_res, 4), scale_factor=4, mode="bilinear")
+    noisy = smooth + 0.2 * torch.randn_like(smooth)
+    assert (evaluate.sharpness(noisy, smooth) > 2).all()

@@ -84,3 +84,10 @@ def test_malicious_pickle_is_refused_without_running_code(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         models.load_checkpoint(str(path))
     assert not _Exploit.marker.exists()
+
+
+def test_discriminator_gives_one_logit_per_image_for_any_patch_size():
+    discriminator = models.Discriminator()
+    assert models.count_parameters(discriminator) == 1_238_305
+    for size in (64, 96, 128):
+        assert discriminator(torch.rand(3, 3, size, size)).shape == (3,)

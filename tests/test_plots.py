@@ -18,3 +18,16 @@ def test_curves_read_back_from_tensorboard_keep_the_last_value_per_step(tmp_path
     assert scalars["train/l1"] == ([1, 2, 3], [1.0, 0.5, 0.25])
     out = plots.plot_training_curves(str(tmp_path), str(tmp_path / "curves.png"))
     assert os.path.getsize(out) > 10_000
+
+
+def test_a_gan_run_gets_panels_for_its_losses_and_discriminator_outputs(tmp_path, monkeypatch):
+    writer = SummaryWriter(str(tmp_path))
+    for step in (1, 2):
+        for tag in ("train/l1", "train/adv", "train/d_loss", "train/d_real", "train/d_fake", "val/psnr"):
+            writer.add_scalar(tag, 0.5, step)
+    writer.close()
+    drawn = []
+    original = plots.plt.Axes.plot
+    monkeypatch.setattr(plots.plt.Axes, "plot", lambda self, *a, **k: drawn.append(k.get("label")) or original(self, *a, **k))
+    plots.plot_training_curves(str(tmp_path), str(tmp_path / "curves.png"))
+    assert drawn == ["l1", "adv", "d_loss", "d_real", "d_fake", "psnr", "ssim", "sharpness"]

@@ -32,7 +32,7 @@ def test_fill_markers_replaces_only_the_named_blocks_and_keeps_the_text_around()
 
 @pytest.fixture
 def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
-    """Three tiny runs as the report sees them: one finished, one stopped early, one diverged;
+    """Four tiny runs as the report sees them: one finished, one stopped early, one diverged, a GAN;
     the eval 'sets' all point at the tiny eval folder."""
     root = tmp_path / "data"
     for name in ("T91", "Set5", "Set14", "BSD68"):
@@ -42,7 +42,9 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
             "log_every=1"]
     runs = [("baseline", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
             ("residual", [*tiny, "model=residual", "lr=1e-3", "max_steps=4"]),
-            ("lr_1e-2", [*tiny, "model=basic", "lr=1e12", "max_steps=6"])]
+            ("lr_1e-2", [*tiny, "model=basic", "lr=1e12", "max_steps=6"]),
+            ("gan", [*tiny, "model=residual", "gan=true", f"init={tiny_cfg['ckpt_dir']}/residual/model.pt", "lr=1e-3",
+                     "max_steps=2"])]
     monkeypatch.setattr(report, "RUNS", runs)
     monkeypatch.setattr(report, "DATA_ROOT", str(root))
     monkeypatch.setattr(report, "CROPS", (("Set5", "img00.png", 4, 4, 24),))
@@ -66,7 +68,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     blocks = report.build(tiny_experiments, str(first), torch.device("cpu"))
     report.build(tiny_experiments, str(second), torch.device("cpu"))
     names = sorted(os.listdir(first))
-    assert names == sorted(os.listdir(second)) and len(names) == 10
+    assert names == sorted(os.listdir(second)) and len(names) == 12
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     runs = blocks["runs"]
@@ -76,6 +78,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert "baseline (basic, step 4) [in progress: step 4 of 6]" in blocks["eval-Set5"]
     assert "residual (residual, step 4) |" in blocks["eval-BSD68"]
     assert "VDSR (published)" in blocks["standard"] and "baseline" in blocks["downscaling"]
+    assert blocks["gan-curves"].startswith("![GAN run") and "| gan (residual, step 2) |" in blocks["gan"]
     assert blocks["crops"].startswith(f"![Zoomed crops") and str(first / "crops.png") in blocks["crops"]
 
 

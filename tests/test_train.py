@@ -242,3 +242,71 @@ def test_global_generator_states_survive_a_checkpoint_round_trip(tmp_path):
     train.seed_everything(99)
     train.set_rng_states(load_checkpoint(path)["rng"])  # weights_only=True can read them
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist()) == expected
+
+
+# ---- Task 6: adversarial training (gan=true) ----
+
+@pytest.fixture
+def gan_cfg(tiny_cfg):
+    """A tiny residual model trained with pixel loss, and the config of a GAN run that starts from it."""
+    train.train(dict(tiny_cfg, run="pixel", model="residual", max_steps=4))
+    return dict(tiny_cfg, run="gan", model="residual", gan=True, init=os.path.join(tiny_cfg["ckpt_dir"], "pixel",
+                                                                                   "model.pt"), max_steps=6,
+                val_every=3, ckpt_every=3)
+
+
+def test_gan_steps_update_generator_and_discriminator_and_log_their_losses(gan_cfg):
+    train.train(gan_cfg)
+    start = state_dict_of(gan_cfg["init"])
+    ckpt_dir = os.path.join(gan_cfg["ckpt_dir"], "gan")
+    state = torch.load(os.path.join(ckpt_dir, "step000006.pt"), weights_only=True)
+    first = torch.load(os.path.join(ckpt_dir, "step000003.pt"), weights_only=True)
+    assert all(not torch.equal(start[k], state["model"][k]) for k in start)  # every generator tensor moved
+    assert any(not torch.equal(first["discriminator"][k], state["discriminator"][k]) for k in state["discriminator"])
+    assert "d_optimizer" in state and state["train_config"]["gan"] is True
+    scalars = read_scalars(os.path.join(gan_cfg["runs_dir"], "gan"))
+    assert {"train/l1", "train/adv", "train/d_loss", "train/d_real", "train/d_fake", "val/sharpness"} <= set(scalars)
+    assert all(0 < v < 1 for v in scalars["train/d_real"][1] + scalars["train/d_fake"][1])
+    assert os.path.getsize(os.path.join(gan_cfg["runs_dir"], "gan", "curves.png")) > 10_000
+
+
+def test_gan_training_resumes_bit_identically(gan_cfg):
+    train.train(dict(gan_cfg, run="straight"))
+    train.train(dict(gan_cfg, run="resumed", max_steps=3))
+    train.train(dict(gan_cfg, run="resumed", resume="auto"))
+    for name in ("model", "discriminator"):
+        straight, resumed = (torch.load(os.path.join(gan_cfg["ckpt_dir"], run, "step000006.pt"), weights_only=True)[name]
+                             for run in ("straight", "resumed"))
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
+
+
+def test_missing_vgg_weights_turn_the_perceptual_loss_off_with_one_line(gan_cfg, tmp_path, capsys):
+    train.train(dict(gan_cfg, max_steps=2, perceptual_weight=1.0, vgg_weights=str(tmp_path / "vgg19.pth")))
+    err = capsys.readouterr().err
+    assert f"note: perceptual loss off: no VGG19 weights at {tmp_path / 'vgg19.pth'}" in err
+    assert os.path.isfile(os.path.join(gan_cfg["ckpt_dir"], "gan", "model.pt"))
+
+
+def test_perceptual_loss_uses_local_vgg_weights(gan_cfg, tmp_path):
+    from torchvision.models import vgg19
+
+    path = tmp_path / "vgg19.pth"
+    torch.save(vgg19().state_dict(), path)  # random weights stand in for ImageNet's: the loading path is the test
+    loss = train.vgg_feature_loss(dict(gan_cfg, vgg_weights=str(path)), torch.device("cpu"))
+    image = torch.rand(1, 3, 32, 32)
+    assert loss(image, image).item() == 0 and loss(image, image.flip(-1)).item() > 0
+
+
+def test_gan_init_from_another_architecture_is_refused_in_one_line(gan_cfg):
+    with pytest.raises(SystemExit, match=r"init=.*pixel/model.pt: holds another model: channels=8 \(configured 16\)"):
+        train.train(dict(gan_cfg, channels=16))
+
+
+@pytest.mark.parametrize("kind", ["standard", "relativistic"])
+def test_adversarial_losses_reward_the_side_that_wins(kind):
+    confident_real, confident_fake = torch.full((4,), 8.0), torch.full((4,), -8.0)
+    # a discriminator that separates real from fake perfectly has ~0 loss; its generator a large one
+    assert train.discriminator_loss(confident_real, confident_fake, kind) < 0.01
+    assert train.generator_loss(confident_real, confident_fake, kind) > 3
+    # fooled: fakes scored as real
+    assert train.generator_loss(confident_fake, confident_real, kind) < 0.01
