@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 
 import config
-from dataset import SRDataset, TrainSampler, list_images
+from dataset import DeviceBatches, SRDataset, TrainSampler, list_images
 from models import build_model
 
 WARMUP = 3
+BF16_CHECK_STEPS = 300
 
 
 def training_flops(model, batch_size, patch_size):
@@ -68,22 +69,47 @@ def median_step_seconds(step, steps, device):
     return statistics.median(times)
 
 
-def make_trainer(cfg, device, channels_last, fused, batches):
+# Dense bf16 tensor-core peaks (no sparsity) of GPUs this may run on, for the printed fraction.
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "V100": 125e12}
+
+
+def make_trainer(cfg, device, channels_last, fused, batches, bf16=False, compile_model=False):
     """A closure running one optimisation step on the next (lr, hr) pair of `batches`."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(cfg).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=fused or None)
     loss_function = nn.L1Loss()
+    forward = torch.compile(model) if compile_model else model
 
     def step():
         low_res, high_res = next(batches)
         low_res = low_res.to(device, non_blocking=True, memory_format=memory_format)
         high_res = high_res.to(device, non_blocking=True, memory_format=memory_format)
         optimizer.zero_grad(set_to_none=True)
-        loss_function(model(low_res), high_res).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_function(forward(low_res), high_res)
+        loss.backward()
         optimizer.step()
     return model, step
+
+
+def bf16_check(cfg, device, steps=BF16_CHECK_STEPS):
+    """The safety check for bf16 autocast: the same short training (residual model, same seed and data)
+    in fp32 and in bf16; returns {amp: final validation PSNR}. bf16 is worth using only if the two agree
+    within 0.05 dB."""
+    import tempfile
+
+    import train
+
+    psnr = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for amp in ("off", "bf16"):
+            run = dict(cfg, run=f"bf16_check_{amp}", model="residual", amp=amp, max_steps=steps, val_every=steps,
+                       ckpt_every=steps, log_every=steps, runs_dir=folder, ckpt_dir=folder, device=str(device),
+                       resume="never", overwrite=True)
+            psnr[amp] = train.train(run)["final_val"]["psnr"]
+    return psnr
 
 
 def synthetic(cfg):
@@ -124,6 +150,12 @@ def ours_loader(cfg, device):
                       num_workers=config.data_workers(cfg, device), pin_memory=device.type == "cuda")
 
 
+def device_batches(cfg, device):
+    data = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
+                     bad_files="skip")
+    return DeviceBatches(data, TrainSampler(len(data), cfg["seed"]), cfg["batch_size"], device)
+
+
 def handout_loader(cfg, device):
     """Shuffled, 2 workers, drop_last, as the handout's check; the sampler draws permutation after
     permutation, so a folder smaller than a batch (the embedded one) still fills batches."""
@@ -141,43 +173,65 @@ def main(argv):
           f"{cfg['patch_size']}x{cfg['patch_size']} HR patches, {flops / 1e9:.1f} GFLOP per step, {steps} timed steps")
 
     # Data workers are started before any computation: forking a process whose OpenMP pool is busy can hang it.
-    batches = {"ours": endless(ours_loader(cfg, device)), "handout": endless(handout_loader(cfg, device))}
+    batches = {"ours, DataLoader": endless(ours_loader(cfg, device)), "handout": endless(handout_loader(cfg, device)),
+               "ours, batched on the device": device_batches(cfg, device)}
     for stream in batches.values():
         next(stream)
 
+    # (name, channels_last, fused Adam, bf16 autocast, torch.compile)
+    variants = [("NCHW fp32 (naive reference)", False, False, False, False),
+                ("channels_last fp32", True, False, False, False),
+                ("channels_last fp32 + fused Adam", True, True, False, False),
+                ("NCHW bf16 autocast", False, False, True, False),
+                ("channels_last bf16 autocast", True, False, True, False)]
+    if device.type == "cuda":  # compiling on a 2-core CPU takes minutes; where it pays off is the GPU
+        variants.append(("channels_last bf16 + torch.compile", True, False, True, True))
     results = {}
-    for name, channels_last, fused in (("pure step, NCHW (naive reference)", False, False),
-                                       ("pure step, channels_last", True, False),
-                                       ("pure step, channels_last + fused Adam", True, True)):
-        _, step = make_trainer(cfg, device, channels_last, fused, synthetic(cfg))
+    for name, channels_last, fused, bf16, compiled in variants:
+        _, step = make_trainer(cfg, device, channels_last, fused, synthetic(cfg), bf16, compiled)
         results[name] = median_step_seconds(step, steps, device)
-    naive = results["pure step, NCHW (naive reference)"]
-    chosen_layout = config.channels_last_helps(cfg["channels_last"], device)
-    chosen = results["pure step, channels_last" if chosen_layout else "pure step, NCHW (naive reference)"]
+    naive = results["NCHW fp32 (naive reference)"]
+    chosen_layout, chosen_bf16 = config.channels_last_helps(cfg["channels_last"], device), config.use_bf16(cfg, device)
+    default_name = f"{'channels_last' if chosen_layout else 'NCHW'} {'bf16 autocast' if chosen_bf16 else 'fp32'}"
+    default_name = "NCHW fp32 (naive reference)" if default_name == "NCHW fp32" else default_name
+    chosen = results[default_name]
 
     if device.type == "cpu":
         peak, derivation = cpu_peak_flops()
-        print(f"CPU fp32 peak {peak / 1e9:.0f} GFLOP/s = {derivation}")
+        print(f"CPU fp32 FMA peak {peak / 1e9:.0f} GFLOP/s = {derivation} (bf16 on AMX tiles has a higher peak "
+              f"of its own, so bf16 rows can exceed 100%)")
         for name, seconds in results.items():
             print(f"  {name:<40} {seconds * 1000:7.1f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s  "
-                  f"{flops / seconds / peak:5.1%} of peak  {naive / seconds:4.2f}x naive")
+                  f"{flops / seconds / peak:6.1%} of fp32 peak  {naive / seconds:4.2f}x naive")
     else:
+        card = torch.cuda.get_device_name(device)
+        peak = next((value for key, value in GPU_BF16_PEAK.items() if key in card), None)
+        print(f"{card}: dense bf16 peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}")
         for name, seconds in results.items():
-            print(f"  {name:<40} {seconds * 1000:7.2f} ms  {flops / seconds / 1e12:6.1f} TFLOP/s  "
+            share = f"{flops / seconds / peak:6.1%} of bf16 peak" if peak else ""
+            print(f"  {name:<40} {seconds * 1000:7.2f} ms  {flops / seconds / 1e12:6.1f} TFLOP/s  {share}  "
                   f"{cfg['batch_size'] / seconds:8.0f} patches/s  {naive / seconds:4.2f}x naive")
-    print(f"default here: channels_last={'on' if chosen_layout else 'off'} ({cfg['channels_last']})")
+    print(f"default here: {default_name} (channels_last={cfg['channels_last']}, amp={cfg['amp']})")
 
     data_only = {name: median_step_seconds(lambda b=stream: next(b), steps, device) for name, stream in batches.items()}
     full = {}
     for name, stream in batches.items():
-        _, step = make_trainer(cfg, device, chosen_layout, False, stream)
+        _, step = make_trainer(cfg, device, chosen_layout, False, stream, chosen_bf16)
         full[name] = median_step_seconds(step, steps, device)
-    print(f"data alone, per batch: ours {data_only['ours'] * 1000:.1f} ms ({config.data_workers(cfg, device)} workers), "
-          f"handout {data_only['handout'] * 1000:.1f} ms (2 workers): {data_only['handout'] / data_only['ours']:.1f}x")
-    print(f"full training loop, per step: ours {full['ours'] * 1000:.1f} ms, handout {full['handout'] * 1000:.1f} ms")
-    print(f"P1  full loop / pure step throughput: {chosen / full['ours']:.3f} (target >= 0.95)")
-    print(f"P2  pure step speed-up over the naive NCHW step: {naive / chosen:.2f}x")
-    print(f"our training loop over the literal handout pipeline: {full['handout'] / full['ours']:.2f}x")
+    ours = "ours, batched on the device" if config.batches_on_device(cfg, device) else "ours, DataLoader"
+    print("data alone, per batch: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in data_only.items())
+          + f" ({config.data_workers(cfg, device)} DataLoader workers for ours, 2 for the handout's)")
+    print("full training loop, per step: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in full.items()))
+    print(f"P1  full loop ({ours}) / pure step throughput: {chosen / full[ours]:.3f} (target >= 0.95)")
+    print(f"P2  default pure step ({default_name}) over the naive NCHW fp32 step: {naive / chosen:.2f}x "
+          f"(target >= 1.3x)")
+    print(f"our training loop over the literal handout pipeline: {full['handout'] / full[ours]:.2f}x "
+          f"(data alone {data_only['handout'] / data_only[ours]:.1f}x)")
+    if results["channels_last bf16 autocast"] < results["channels_last fp32"] or cfg["amp"] == "bf16":
+        psnr = bf16_check(cfg, device)
+        print(f"bf16 check, {BF16_CHECK_STEPS} steps of the residual model on {cfg['data_dir']} -> {cfg['eval_dir']}: validation "
+              f"PSNR fp32 {psnr['off']:.3f} dB, bf16 {psnr['bf16']:.3f} dB, difference {psnr['bf16'] - psnr['off']:+.3f} dB "
+              f"({'within' if abs(psnr['bf16'] - psnr['off']) < 0.05 else 'NOT within'} 0.05 dB)")
     return {"pure": results, "data": data_only, "full": full}
 
 

@@ -5,6 +5,7 @@ crop by `degrade`, the one place where the degradation lives, so LR and HR alway
 
     python code/dataset.py [data_dir=...]   # the handout's data-loader check
 """
+import contextlib
 import math
 import os
 import sys
@@ -190,15 +191,94 @@ class SRDataset(Dataset):
             hr = to_float(crop_to_multiple(image, self.scale))
         elif seed is None:
             hr = self.transform(image)
-        else:  # transforms draw from torch's global CPU generator: seed it for this sample only
-            generator = torch.random.default_generator
-            saved = generator.get_state()
-            generator.manual_seed(seed)
-            try:
+        else:
+            with seeded(seed):
                 hr = self.transform(image)
-            finally:
-                generator.set_state(saved)
         return degrade(hr, self.scale, self.degradation), hr
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Transforms draw from torch's global CPU generator: seed it for one sample only, then restore it."""
+    generator = torch.random.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)
+
+
+class DeviceBatches:
+    """SRDataset's training samples made a whole batch at a time on the training device (the GPU path).
+
+    The images are copied to the device once, as one flat uint8 buffer; per batch only the random
+    parameters travel: each sample's crop position and colour-jitter factors and order are drawn on the
+    CPU from the sample's seed by the dataset's own RandomCrop/ColorJitter objects (`get_params`), so
+    the samples are the same as SRDataset's for the same (index, seed), up to float rounding (a test
+    compares them). Cropping is one gather, the jitter four batched passes, the LR `degrade` one call.
+    """
+
+    def __init__(self, dataset, sampler, batch_size, device):
+        steps = dataset.transform.transforms
+        self.crop, self.jitter = steps[0], steps[-1] if isinstance(steps[-1], transforms.ColorJitter) else None
+        self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
+        self.samples = iter(sampler)
+        sizes = [image.numel() for image in dataset.images]
+        self.pixels = torch.cat([image.flatten() for image in dataset.images]).to(self.device)
+        self.offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
+        side = torch.arange(dataset.transform.transforms[0].size[0])
+        self.rows, self.columns = side.view(1, 1, -1, 1).to(self.device), side.view(1, 1, 1, -1).to(self.device)
+        self.channels = torch.arange(3).view(1, 3, 1, 1).to(self.device)
+
+    def sample_parameters(self, index, seed):
+        """[offset, height, width, top, left, 4 jitter factors, 4 jitter op ids]: what the transforms
+        would draw for this sample, in the order they draw it."""
+        image = self.dataset.images[index]
+        with seeded(seed):
+            top, left, _, _ = self.crop.get_params(image, self.crop.size)
+            jitter = self.jitter.get_params(self.jitter.brightness, self.jitter.contrast, self.jitter.saturation,
+                                            self.jitter.hue) if self.jitter else (torch.arange(4), 1.0, 1.0, 1.0, 0.0)
+        order, *factors = jitter
+        return [self.offsets[index], image.shape[1], image.shape[2], top, left, *factors, *order.tolist()]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        parameters = torch.tensor([self.sample_parameters(*next(self.samples)) for _ in range(self.batch_size)],
+                                  dtype=torch.float64).to(self.device, non_blocking=True)
+        offset, height, width, top, left = (parameters[:, i].long().view(-1, 1, 1, 1) for i in range(5))
+        index = (offset + self.channels * height * width + (top + self.rows) * width + left + self.columns)
+        high_res = self.pixels[index].float() / 255  # ConvertImageDtype
+        if self.jitter is not None:
+            high_res = jitter_batch(high_res, parameters[:, 5:9].float(), parameters[:, 9:].long())
+        return degrade(high_res, self.dataset.scale, self.dataset.degradation), high_res
+
+
+def jitter_batch(images, factors, order):
+    """ColorJitter for a batch with per-sample (brightness, contrast, saturation, hue) `factors` (Nx4)
+    applied in per-sample `order` (Nx4 op ids): torchvision's adjust_* formulas, computed for every
+    sample at each of the four positions and selected per sample, so nothing waits for the host."""
+    from torchvision.transforms._functional_tensor import _hsv2rgb, _rgb2hsv
+
+    def blend(image, other, factor):
+        return (factor * image + (1.0 - factor) * other).clamp(0, 1)
+
+    def hue(image, shift):
+        h, s, v = _rgb2hsv(image).unbind(dim=-3)
+        return _hsv2rgb(torch.stack(((h + shift.view(-1, 1, 1)) % 1.0, s, v), dim=-3))
+
+    brightness, contrast, saturation, shift = (factors[:, i].view(-1, 1, 1, 1) for i in range(4))
+    for position in range(4):
+        gray = transforms.functional.rgb_to_grayscale(images)
+        candidates = (blend(images, torch.zeros_like(images), brightness),
+                      blend(images, gray.mean(dim=(-3, -2, -1), keepdim=True), contrast),
+                      blend(images, gray, saturation), hue(images, shift[:, 0, 0, 0]))
+        op = order[:, position].view(-1, 1, 1, 1)
+        images = torch.where(op == 0, candidates[0], torch.where(op == 1, candidates[1],
+                             torch.where(op == 2, candidates[2], candidates[3])))
+    return images
 
 
 class TrainSampler(Sampler):

@@ -35,7 +35,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import config
-from dataset import DataError, SRDataset, TrainSampler
+from dataset import DataError, DeviceBatches, SRDataset, TrainSampler
 from evaluate import evaluate, interpolate
 from models import MODEL_KEYS, CheckpointError, Discriminator, build_model, load_checkpoint, load_model, load_weights, \
     save_checkpoint
@@ -259,7 +259,10 @@ def train(cfg):
         raise SystemExit("config error: gan=true trains in one process (no torchrun with several processes)")
     main_process = rank == 0  # only rank 0 validates, logs and saves
     say = print if main_process else (lambda *args, **kwargs: None)
-    say(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else ""))
+    bf16 = config.use_bf16(cfg, device)
+    setup = f"{hardware(device)}, {'bf16 autocast' if bf16 else 'fp32'}"
+    say(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else "")
+        + (", bf16 autocast" if bf16 else ""))
     seed_everything(cfg["seed"])
     try:
         train_set = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
@@ -312,8 +315,13 @@ def train(cfg):
     # The sampler continues the run's sample stream where it stopped, so a resumed run sees the same batches.
     sampler = TrainSampler(len(train_set), cfg["seed"], start=samples, rank=rank, world_size=world_size,
                            batch_size=cfg["batch_size"])
-    loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=config.data_workers(cfg, device),
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    if config.batches_on_device(cfg, device):  # the GPU path: crops, jitter and LR made batch-wise on the device
+        batches = DeviceBatches(train_set, sampler, cfg["batch_size"], device)
+    else:
+        batches = iter(DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler,
+                                  num_workers=config.data_workers(cfg, device), pin_memory=device.type == "cuda",
+                                  worker_init_fn=ignore_stop_signals))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     # events after the saved step come from the interrupted attempt: TensorBoard drops them
     writer = SummaryWriter(run_dir, purge_step=step + 1 if state is not None else None) if main_process else None
 
@@ -322,7 +330,7 @@ def train(cfg):
         gan_state = {"discriminator": discriminator.state_dict(), "d_optimizer": d_optimizer.state_dict()} if gan else {}
         save_checkpoint(path, raw_model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
                         samples=samples, elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics,
-                        rng=rng_states(), hardware=hardware(device), **gan_state)
+                        rng=rng_states(), hardware=setup, **gan_state)
         for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
             os.remove(old)
         return path
@@ -341,7 +349,6 @@ def train(cfg):
     logged = ["l1", "adv", "d_loss", "d_real", "d_fake"] if gan else ["l1"]
     running, running_steps = torch.zeros(len(logged), device=device), 0
     started = last_log = time.time()
-    batches = iter(loader)
     stop_request = StopRequest()
     progress = tqdm(total=cfg["max_steps"], initial=step, unit="step", dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
@@ -352,8 +359,9 @@ def train(cfg):
         high_res = high_res.to(device, non_blocking=True, memory_format=memory_format)
 
         optimizer.zero_grad(set_to_none=True)
-        high_res_prediction = model(low_res)
-        loss = loss_function(high_res_prediction, high_res)
+        with autocast:
+            high_res_prediction = model(low_res)
+            loss = loss_function(high_res_prediction, high_res)
         if not gan:
             loss.backward()
             optimizer.step()
@@ -361,18 +369,20 @@ def train(cfg):
         else:
             # generator step: L1 content + adversarial (+ perceptual) loss, the discriminator frozen
             discriminator.requires_grad_(False)
-            real_logits, fake_logits = discriminator(high_res), discriminator(high_res_prediction)
-            adversarial = generator_loss(real_logits, fake_logits, cfg["gan_loss"])
-            generator_total = loss + cfg["adv_weight"] * adversarial
-            if perceptual is not None:
-                generator_total = generator_total + cfg["perceptual_weight"] * perceptual(high_res_prediction, high_res)
+            with autocast:
+                real_logits, fake_logits = discriminator(high_res), discriminator(high_res_prediction)
+                adversarial = generator_loss(real_logits, fake_logits, cfg["gan_loss"])
+                generator_total = loss + cfg["adv_weight"] * adversarial
+                if perceptual is not None:
+                    generator_total = generator_total + cfg["perceptual_weight"] * perceptual(high_res_prediction, high_res)
             generator_total.backward()
             optimizer.step()
             # discriminator step: HR patches are real, the (detached) predictions fake
             discriminator.requires_grad_(True)
             d_optimizer.zero_grad(set_to_none=True)
-            real_logits, fake_logits = discriminator(high_res), discriminator(high_res_prediction.detach())
-            d_loss = discriminator_loss(real_logits, fake_logits, cfg["gan_loss"])
+            with autocast:
+                real_logits, fake_logits = discriminator(high_res), discriminator(high_res_prediction.detach())
+                d_loss = discriminator_loss(real_logits, fake_logits, cfg["gan_loss"])
             d_loss.backward()
             d_optimizer.step()
             running += torch.stack([loss, adversarial, d_loss, torch.sigmoid(real_logits).mean(),
@@ -445,7 +455,7 @@ def train(cfg):
 
     final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), raw_model, cfg, step, val=metrics)
     summary = {"run": cfg["run"], "steps": step, "samples": samples, "processes": world_size,
-               "wall_time_s": round(elapsed + time.time() - started, 1), "hardware": hardware(device),
+               "wall_time_s": round(elapsed + time.time() - started, 1), "hardware": setup,
                "torch": torch.__version__, "best_val_psnr": best_psnr, "final_val": metrics}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

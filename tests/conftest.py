@@ -48,7 +48,7 @@ def tiny_cfg(tiny_data, tmp_path):
         f"data_dir={tiny_data['train']}", f"eval_dir={tiny_data['eval']}", f"runs_dir={tmp_path / 'runs'}",
         f"ckpt_dir={tmp_path / 'checkpoints'}", "run=tiny", "num_blocks=1", "channels=8", "patch_size=32",
         "batch_size=4", "lr=1e-3", "max_steps=20", "log_every=1", "val_every=10", "ckpt_every=10",
-        "num_workers=0", "device=cpu",
+        "num_workers=0", "device=cpu", "amp=off",
     ])
 
 

@@ -13,12 +13,14 @@ def test_training_flops_match_the_count_by_hand():
     assert expected / 16 == pytest.approx(9.13e9, rel=0.01)  # the ~9.3 GFLOP per patch of the issue
 
 
-def test_bench_runs_every_measurement(tiny_cfg, capsys):
-    args = [f"data_dir={tiny_cfg['data_dir']}", "num_blocks=1", "channels=8", "patch_size=32", "batch_size=4",
-            "bench_steps=1", "num_workers=0", "device=cpu"]
+def test_bench_runs_every_measurement(tiny_cfg, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "BF16_CHECK_STEPS", 2)
+    args = [f"data_dir={tiny_cfg['data_dir']}", f"eval_dir={tiny_cfg['eval_dir']}", "num_blocks=1", "channels=8",
+            "patch_size=32", "batch_size=4", "bench_steps=1", "num_workers=0", "device=cpu", "amp=bf16"]
     result = bench.main(args)
     out = capsys.readouterr().out
-    for line in ("P1  full loop / pure step throughput", "P2  pure step speed-up", "literal handout pipeline",
-                 "of peak"):
+    for line in ("P1  full loop (ours, DataLoader) / pure step throughput", "P2  default pure step (",
+                 "literal handout pipeline", "of fp32 peak", "bf16 check, 2 steps"):
         assert line in out
-    assert set(result["full"]) == {"ours", "handout"} and len(result["pure"]) == 3
+    assert set(result["full"]) == {"ours, DataLoader", "handout", "ours, batched on the device"}
+    assert len(result["pure"]) == 5

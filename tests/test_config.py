@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import config
 from config import ConfigError, parse_overrides
@@ -83,3 +84,18 @@ def test_save_writes_the_resolved_config(tmp_path):
     cfg = parse_overrides(["lr=0.001"])
     path = config.save(cfg, tmp_path / "run")
     assert json.loads(open(path).read()) == cfg
+
+
+def test_amp_auto_means_bf16_only_on_amx_cpus(monkeypatch):
+    cpu = torch.device("cpu")
+    for has_amx in (True, False):
+        monkeypatch.setattr(config, "cpu_has_amx", lambda: has_amx)
+        assert config.use_bf16(config.parse_overrides(["amp=auto"]), cpu) is has_amx
+        assert config.use_bf16(config.parse_overrides(["amp=off"]), cpu) is False
+        assert config.use_bf16(config.parse_overrides(["amp=bf16"]), cpu) is True
+
+
+def test_batches_are_made_on_the_device_for_cuda_by_default():
+    auto, on = config.parse_overrides([]), config.parse_overrides(["data_on_device=on"])
+    assert not config.batches_on_device(auto, torch.device("cpu")) and config.batches_on_device(on, torch.device("cpu"))
+    assert config.batches_on_device(auto, torch.device("cuda"))

@@ -261,3 +261,33 @@ def test_bicubic_matlab_degradation_is_rounded_to_8_bits():
     low_res = degrade(hr, 2, "bicubic_matlab")
     assert low_res.shape == (3, 12, 12)
     torch.testing.assert_close(low_res * 255, (low_res * 255).round(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("jitter, degradation", [(0.2, "bilinear"), (0.5, "bicubic"), (0.0, "nearest")])
+def test_device_batches_equal_the_reference_dataset_for_the_same_sample_seeds(tiny_data, tmp_path, jitter, degradation):
+    """The batched (GPU) path must make the same LR/HR pairs as SRDataset: same crops, jitter and LR."""
+    # images of different sizes, so the flat buffer's offsets and strides are exercised
+    folder = write_folder(tmp_path / "mixed", [*photo_crops(80, 2), *photo_crops(120, 2)[1:], photo_crops(97, 1)[0]])
+    reference = SRDataset(folder, patch_size=32, jitter=jitter, degradation=degradation)
+    sampler = TrainSampler(len(reference), seed=3, start=40)
+    batches = dataset.DeviceBatches(reference, sampler, 8, "cpu")
+    samples = iter(TrainSampler(len(reference), seed=3, start=40))
+    for _ in range(3):
+        low_res, high_res = next(batches)
+        expected = [reference[next(samples)] for _ in range(8)]
+        assert torch.allclose(high_res, torch.stack([hr for _, hr in expected]), atol=1e-6)
+        assert torch.allclose(low_res, torch.stack([lr for lr, _ in expected]), atol=1e-6)
+
+
+def test_jitter_batch_applies_each_samples_own_order():
+    """Brightness then contrast differs from contrast then brightness once values clip; each sample keeps its order."""
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8)
+    factors = torch.tensor([[1.4, 0.6, 1.0, 0.0]] * 2)
+    order = torch.tensor([[0, 1, 2, 3], [1, 0, 2, 3]])
+    out = dataset.jitter_batch(images.clone(), factors, order)
+    tf = dataset.transforms.functional
+    assert torch.allclose(out[0], tf.adjust_contrast(tf.adjust_brightness(images[0], 1.4), 0.6), atol=1e-6)
+    assert torch.allclose(out[1], tf.adjust_brightness(tf.adjust_contrast(images[1], 0.6), 1.4), atol=1e-6)
+    other_order = dataset.jitter_batch(images[:1].clone(), factors[:1], order[1:])
+    assert not torch.allclose(out[0], other_order[0])  # the two orders really differ on these values

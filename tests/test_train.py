@@ -310,3 +310,16 @@ def test_adversarial_losses_reward_the_side_that_wins(kind):
     assert train.generator_loss(confident_real, confident_fake, kind) > 3
     # fooled: fakes scored as real
     assert train.generator_loss(confident_fake, confident_real, kind) < 0.01
+
+
+def test_batches_made_on_the_device_train_the_same_weights(tiny_cfg):
+    train.train(dict(tiny_cfg, run="loader", max_steps=4, data_on_device="off"))
+    train.train(dict(tiny_cfg, run="device", max_steps=4, data_on_device="on"))
+    loader, device = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("loader", "device"))
+    assert all(torch.allclose(loader[k], device[k], atol=1e-6) for k in loader)
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights(tiny_cfg):
+    summary = train.train(dict(tiny_cfg, max_steps=4, amp="bf16"))
+    weights = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt"))
+    assert all(w.dtype == torch.float32 for w in weights.values()) and math.isfinite(summary["final_val"]["psnr"])
