@@ -256,29 +256,61 @@ class DeviceBatches:
         return degrade(high_res, self.dataset.scale, self.dataset.degradation), high_res
 
 
-def jitter_batch(images, factors, order):
+def jitter_batch(images, factors, order, host_free=None):
     """ColorJitter for a batch with per-sample (brightness, contrast, saturation, hue) `factors` (Nx4)
-    applied in per-sample `order` (Nx4 op ids): torchvision's adjust_* formulas, computed for every
-    sample at each of the four positions and selected per sample, so nothing waits for the host."""
-    from torchvision.transforms._functional_tensor import _hsv2rgb, _rgb2hsv
-
+    applied in per-sample `order` (Nx4 op ids), with torchvision's adjust_* formulas. On a GPU
+    (`host_free`, default: images on CUDA) every op is computed for every sample at each of the four
+    positions and selected per sample, so nothing waits for the host; on a CPU each op runs only on
+    the samples that apply it at that position."""
     def blend(image, other, factor):
-        return (factor * image + (1.0 - factor) * other).clamp(0, 1)
+        return (factor.view(-1, 1, 1, 1) * image + (1.0 - factor.view(-1, 1, 1, 1)) * other).clamp(0, 1)
 
-    def hue(image, shift):
-        h, s, v = _rgb2hsv(image).unbind(dim=-3)
-        return _hsv2rgb(torch.stack(((h + shift.view(-1, 1, 1)) % 1.0, s, v), dim=-3))
-
-    brightness, contrast, saturation, shift = (factors[:, i].view(-1, 1, 1, 1) for i in range(4))
+    gray = transforms.functional.rgb_to_grayscale
+    ops = (lambda image, f: blend(image, torch.zeros_like(image), f),
+           lambda image, f: blend(image, gray(image).mean(dim=(-3, -2, -1), keepdim=True), f),
+           lambda image, f: blend(image, gray(image), f),
+           hue_shift)
     for position in range(4):
-        gray = transforms.functional.rgb_to_grayscale(images)
-        candidates = (blend(images, torch.zeros_like(images), brightness),
-                      blend(images, gray.mean(dim=(-3, -2, -1), keepdim=True), contrast),
-                      blend(images, gray, saturation), hue(images, shift[:, 0, 0, 0]))
-        op = order[:, position].view(-1, 1, 1, 1)
-        images = torch.where(op == 0, candidates[0], torch.where(op == 1, candidates[1],
-                             torch.where(op == 2, candidates[2], candidates[3])))
+        op = order[:, position]
+        if images.is_cuda if host_free is None else host_free:
+            candidates = [apply(images, factors[:, kind]) for kind, apply in enumerate(ops)]
+            images = torch.where(op.view(-1, 1, 1, 1) == 0, candidates[0],
+                                 torch.where(op.view(-1, 1, 1, 1) == 1, candidates[1],
+                                             torch.where(op.view(-1, 1, 1, 1) == 2, candidates[2], candidates[3])))
+        else:
+            images = images.clone()
+            for kind, apply in enumerate(ops):
+                chosen = (op == kind).nonzero().squeeze(1)
+                if len(chosen):
+                    images[chosen] = apply(images[chosen], factors[chosen, kind])
     return images
+
+
+def hue_shift(images, shift):
+    """torchvision's adjust_hue (RGB -> HSV, h + shift mod 1, HSV -> RGB) for a batch with one shift per
+    image, bit-identical to it (a test checks) and 2.5x faster: the same arithmetic, but HSV -> RGB picks
+    each output channel from its six candidates with one gather instead of a one-hot einsum. Hue was 2/3
+    of the cost of a training sample."""
+    red, green, blue = images.unbind(dim=-3)
+    maxc, minc = images.amax(dim=-3), images.amin(dim=-3)
+    gray = maxc == minc
+    chroma = maxc - minc
+    ones = torch.ones_like(maxc)
+    saturation = chroma / torch.where(gray, ones, maxc)
+    divisor = torch.where(gray, ones, chroma)
+    rc, gc, bc = (maxc - red) / divisor, (maxc - green) / divisor, (maxc - blue) / divisor
+    hue = ((maxc == red) * (bc - gc) + ((maxc == green) & (maxc != red)) * (2.0 + rc - bc)
+           + ((maxc != green) & (maxc != red)) * (4.0 + gc - rc))
+    hue = (torch.fmod(hue / 6.0 + 1.0, 1.0) + shift.view(-1, 1, 1)) % 1.0
+    sector = torch.floor(hue * 6.0)
+    fraction = hue * 6.0 - sector
+    sector = sector.to(torch.int64) % 6
+    p = (maxc * (1.0 - saturation)).clamp(0.0, 1.0)
+    q = (maxc * (1.0 - saturation * fraction)).clamp(0.0, 1.0)
+    t = (maxc * (1.0 - saturation * (1.0 - fraction))).clamp(0.0, 1.0)
+    v = maxc
+    candidates = torch.stack((v, q, p, p, t, v,  t, v, v, q, p, p,  p, p, t, v, v, q), dim=-3)  # R, G, B by sector
+    return candidates.gather(-3, torch.stack((sector, sector + 6, sector + 12), dim=-3))
 
 
 class TrainSampler(Sampler):

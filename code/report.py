@@ -221,7 +221,7 @@ def plot_comparison(runs, out_path, title, max_step=None, labels=None):
     return out_path
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def plot_crops(runs, out_path, device):
     """Zoomed crops, one row per image: LR (pixels enlarged), bicubic upsampling, each model, HR."""
     models = [(run.name, run.load(device)[0]) for run in runs]

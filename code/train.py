@@ -194,7 +194,7 @@ def vgg_feature_loss(cfg, device):
     return lambda prediction, target: F.l1_loss(features((prediction - mean) / std), features((target - mean) / std))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def preview(model, val_set, device):
     """Centre crops of the first validation images: bilinear upsampling | prediction | HR."""
     images = []

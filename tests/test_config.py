@@ -95,7 +95,9 @@ def test_amp_auto_means_bf16_only_on_amx_cpus(monkeypatch):
         assert config.use_bf16(config.parse_overrides(["amp=bf16"]), cpu) is True
 
 
-def test_batches_are_made_on_the_device_for_cuda_by_default():
-    auto, on = config.parse_overrides([]), config.parse_overrides(["data_on_device=on"])
-    assert not config.batches_on_device(auto, torch.device("cpu")) and config.batches_on_device(on, torch.device("cpu"))
-    assert config.batches_on_device(auto, torch.device("cuda"))
+def test_batches_are_made_batch_wise_unless_dataloader_workers_are_asked_for():
+    auto, workers = config.parse_overrides([]), config.parse_overrides(["num_workers=2"])
+    off = config.parse_overrides(["data_on_device=off"])
+    assert config.batches_on_device(auto, torch.device("cuda")) and config.batches_on_device(auto, torch.device("cpu"))
+    assert not config.batches_on_device(workers, torch.device("cpu")) and config.batches_on_device(workers, torch.device("cuda"))
+    assert not config.batches_on_device(off, torch.device("cuda"))

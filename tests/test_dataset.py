@@ -291,3 +291,15 @@ def test_jitter_batch_applies_each_samples_own_order():
     assert torch.allclose(out[1], tf.adjust_brightness(tf.adjust_contrast(images[1], 0.6), 1.4), atol=1e-6)
     other_order = dataset.jitter_batch(images[:1].clone(), factors[:1], order[1:])
     assert not torch.allclose(out[0], other_order[0])  # the two orders really differ on these values
+    assert torch.equal(dataset.jitter_batch(images.clone(), factors, order, host_free=True), out)  # the GPU way
+
+
+def test_hue_shift_is_torchvisions_adjust_hue_per_image_bit_for_bit():
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 16, 16)
+    images[0, :, :4, :4] = 0.5  # gray pixels (no hue)
+    images[1, 0], images[1, 1] = images[1, 2], images[1, 2]  # ties between channels
+    shifts = torch.tensor([-0.5, -0.2, 0.0, 0.1, 0.33, 0.5])
+    expected = torch.stack([dataset.transforms.functional.adjust_hue(image, float(shift))
+                            for image, shift in zip(images, shifts)])
+    assert torch.equal(dataset.hue_shift(images, shifts), expected)

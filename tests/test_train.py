@@ -78,7 +78,7 @@ def test_divergence_stops_cleanly_with_the_step(tiny_cfg, monkeypatch, capsys):
     monkeypatch.setattr(train.SRDataset, "__getitem__",
                         lambda self, index: tuple(t * float("nan") for t in original(self, index)))
     with pytest.raises(SystemExit) as exit_:
-        train.train(dict(tiny_cfg, max_steps=5))
+        train.train(dict(tiny_cfg, max_steps=5, data_on_device="off"))  # the DataLoader path uses __getitem__
     assert exit_.value.code == train.EXIT_DIVERGED
     assert "training loss is nan at step 1 (diverged)" in capsys.readouterr().err
 
@@ -122,7 +122,7 @@ def test_resume_auto_without_a_checkpoint_starts_fresh_but_never_over_leftovers(
 
 def cli_args(cfg, **changes):
     keys = ("data_dir", "eval_dir", "runs_dir", "ckpt_dir", "run", "num_blocks", "channels", "patch_size",
-            "batch_size", "num_workers", "log_every", "val_every", "ckpt_every", "lr", "max_steps")
+            "batch_size", "num_workers", "log_every", "val_every", "ckpt_every", "lr", "max_steps", "amp")
     cfg = dict(cfg, **changes)
     return [sys.executable, os.path.join(CODE, "train.py"), *(f"{k}={cfg[k]}" for k in keys)]
 
