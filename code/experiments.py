@@ -29,6 +29,8 @@ RUNS = [
     ("lr_1e-6", ["model=basic", "lr=1e-6", "max_steps=5000"]),
     # Task 6: the residual model fine-tuned as a GAN generator (L1 + relativistic adversarial loss)
     ("gan", ["model=residual", "gan=true", "init=checkpoints/residual/model.pt", "lr=1e-4", "max_steps=5000"]),
+    # the standard benchmark protocol's degradation (MATLAB bicubic), for the table against SRCNN/FSRCNN/VDSR
+    ("residual_matlab", ["model=residual", "degradation=bicubic_matlab", "lr=1e-4", "max_steps=20000"]),
 ]
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 75
