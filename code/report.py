@@ -207,7 +207,7 @@ def plot_comparison(runs, out_path, title, max_step=None, labels=None):
             finite = [(s, v) for s, v in points if math.isfinite(v)]
             if not finite:
                 continue
-            line, = axis.plot(*zip(*finite), label=label, linewidth=1)
+            line, = axis.plot(*zip(*finite), label=label, linewidth=1, marker="." if len(finite) < 30 else None)
             if len(finite) < len(points):  # diverged after the last finite point
                 axis.plot(*finite[-1], marker="x", color=line.get_color(), markersize=8)
     for axis, (_, name, yscale) in zip(axes, panels):
@@ -280,6 +280,14 @@ def build(cfg, out_dir, device, only=None):
     if "baseline" in by_name:
         figure("baseline-curves", "Baseline (BasicSRModel, lr 1e-4): train L1, validation L1, PSNR and SSIM on Set5",
                lambda path: plot_training_curves(by_name["baseline"].run_dir, path))
+    fp32_dir = os.path.join(cfg["runs_dir"], "baseline_fp32")  # the baseline's first steps in fp32, kept for this
+    if "baseline" in by_name and os.path.isdir(fp32_dir):
+        fp32 = Run("baseline_fp32", dict(RUNS)["baseline"], cfg)
+        last = fp32.scalars["train/l1"][0][-1]
+        figure("precision", f"The baseline in fp32 (stopped at step {last}) and in bf16 autocast (the run above), "
+               f"same seed and data", lambda path: plot_comparison(
+                   [fp32, by_name["baseline"]], path, "fp32 vs bf16 autocast", max_step=last,
+                   labels={"baseline_fp32": "fp32", "baseline": "bf16 autocast"}))
     pair = [by_name[n] for n in ("baseline", "residual") if n in by_name]
     figure("residual-curves", "Baseline vs residual model, same seed and data order",
            lambda path: plot_comparison(pair, path, "baseline vs residual"))
