@@ -210,7 +210,8 @@ def seeded(seed):
 
 
 class DeviceBatches:
-    """SRDataset's training samples made a whole batch at a time on the training device (the GPU path).
+    """SRDataset's training samples made a whole batch at a time on the training device: the GPU path,
+    and on a CPU twice as fast as sample by sample when no DataLoader workers are used.
 
     The images are copied to the device once, as one flat uint8 buffer; per batch only the random
     parameters travel: each sample's crop position and colour-jitter factors and order are drawn on the

@@ -315,7 +315,7 @@ def train(cfg):
     # The sampler continues the run's sample stream where it stopped, so a resumed run sees the same batches.
     sampler = TrainSampler(len(train_set), cfg["seed"], start=samples, rank=rank, world_size=world_size,
                            batch_size=cfg["batch_size"])
-    if config.batches_on_device(cfg, device):  # the GPU path: crops, jitter and LR made batch-wise on the device
+    if config.batches_on_device(cfg, device):  # crops, jitter and LR made a batch at a time, on the device
         batches = DeviceBatches(train_set, sampler, cfg["batch_size"], device)
     else:
         batches = iter(DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler,
