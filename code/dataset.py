@@ -309,9 +309,9 @@ def hue_shift(images, shift):
     p = (maxc * (1.0 - saturation)).clamp(0.0, 1.0)
     q = (maxc * (1.0 - saturation * fraction)).clamp(0.0, 1.0)
     t = (maxc * (1.0 - saturation * (1.0 - fraction))).clamp(0.0, 1.0)
-    v = maxc
-    candidates = torch.stack((v, q, p, p, t, v,  t, v, v, q, p, p,  p, p, t, v, v, q), dim=-3)  # R, G, B by sector
-    return candidates.gather(-3, torch.stack((sector, sector + 6, sector + 12), dim=-3))
+    # by sector, R = (v, q, p, p, t, v), G = (t, v, v, q, p, p), B = (p, p, t, v, v, q) as in _hsv2rgb
+    pick = torch.tensor([[0, 1, 2, 2, 3, 0], [3, 0, 0, 1, 2, 2], [2, 2, 3, 0, 0, 1]], device=images.device)
+    return torch.stack((maxc, q, p, t), dim=-3).gather(-3, pick[:, sector].movedim(0, -3))
 
 
 class TrainSampler(Sampler):
