@@ -185,13 +185,7 @@ def channels_last_helps(setting, device):
     the usual layout for GPU tensor cores; slower on AVX2-only CPUs, so `auto` leaves those alone."""
     if setting != "auto":
         return setting == "on"
-    if device.type == "cuda":
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
+    return device.type == "cuda" or cpu_has("avx512f")
 
 
 def batches_on_device(cfg, device):
@@ -214,13 +208,14 @@ def use_bf16(cfg, device):
 
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return cpu_has_amx()
+    return cpu_has("amx_bf16")
 
 
-def cpu_has_amx():
+def cpu_has(flag):
+    """Whether the CPU lists `flag` (avx512f, amx_bf16, ...) in /proc/cpuinfo; False where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+            return any(line.startswith("flags") and f" {flag} " in f"{line.rstrip()} " for line in f)
     except OSError:
         return False
 

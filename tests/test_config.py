@@ -89,7 +89,7 @@ def test_save_writes_the_resolved_config(tmp_path):
 def test_amp_auto_means_bf16_only_on_amx_cpus(monkeypatch):
     cpu = torch.device("cpu")
     for has_amx in (True, False):
-        monkeypatch.setattr(config, "cpu_has_amx", lambda: has_amx)
+        monkeypatch.setattr(config, "cpu_has", lambda flag: has_amx and flag == "amx_bf16")
         assert config.use_bf16(config.parse_overrides(["amp=auto"]), cpu) is has_amx
         assert config.use_bf16(config.parse_overrides(["amp=off"]), cpu) is False
         assert config.use_bf16(config.parse_overrides(["amp=bf16"]), cpu) is True
