@@ -55,6 +55,13 @@ def plateau(steps, values, fraction=PLATEAU_FRACTION, tolerance=PLATEAU_DB):
     return gain, gain < tolerance
 
 
+def read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 class Run:
     """What the report needs of one experiment: its checkpoint, planned steps, and logs."""
 
@@ -67,16 +74,15 @@ class Run:
         newest = step_checkpoints(ckpt_dir)
         self.checkpoint = final if os.path.isfile(final) else (newest[0] if newest else None)
         self.scalars = read_scalars(self.run_dir) if os.path.isdir(self.run_dir) else {}
-        summary_path = os.path.join(self.run_dir, "summary.json")
-        self.summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else None
+        self.summary = read_json(os.path.join(self.run_dir, "summary.json")) or {}
+        self.train_config = read_json(os.path.join(self.run_dir, "config.json")) or {}
 
     def diverged_at(self):
         steps, values = self.scalars.get("train/l1", ([], []))
         return steps[-1] if values and not math.isfinite(values[-1]) else None
 
     def load(self, device):
-        model, payload = load_model(self.checkpoint, device)
-        return model, payload
+        return load_model(self.checkpoint, device)
 
     def status(self, step):
         if self.diverged_at() is not None:
@@ -108,11 +114,9 @@ def runs_table(runs):
              "| gain over the last 20% (dB) | status |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for run in runs:
         payload = load_checkpoint(run.checkpoint) if run.checkpoint else {"step": None, "config": {}}
-        with open(os.path.join(run.run_dir, "config.json")) as f:
-            train_config = json.load(f)
-        summary = run.summary or {}
-        elapsed = summary.get("wall_time_s", payload.get("elapsed"))
-        hardware = summary.get("hardware", payload.get("hardware", "not recorded"))
+        train_config = run.train_config
+        elapsed = run.summary.get("wall_time_s", payload.get("elapsed"))
+        hardware = run.summary.get("hardware", payload.get("hardware", "not recorded"))
         steps, psnrs = run.scalars.get("val/psnr", ([], []))
         gain, met = plateau(steps, psnrs) if steps else (math.nan, False)
         status = run.status(payload["step"])
@@ -162,7 +166,7 @@ def standard_table(runs, device):
     rows = [("bicubic (MATLAB imresize)", lambda lr: imresize_matlab(lr, 2), "—")]
     for run in runs:
         model, payload = run.load(device)
-        trained = json.load(open(os.path.join(run.run_dir, "config.json")))["degradation"]
+        trained = run.train_config["degradation"]
         rows.append((run.label(payload), model, trained))
         if trained == "bicubic_matlab":
             rows.append((run.label(payload) + " + x8 self-ensemble", self_ensemble(model), trained))
