@@ -19,7 +19,7 @@ def test_bench_runs_every_measurement(tiny_cfg, capsys, monkeypatch):
             "patch_size=32", "batch_size=4", "bench_steps=1", "num_workers=0", "device=cpu", "amp=bf16"]
     result = bench.main(args)
     out = capsys.readouterr().out
-    for line in ("P1  full loop (ours, DataLoader) / pure step throughput", "P2  default pure step (",
+    for line in ("P1  full loop (ours, batched on the device) / pure step throughput", "P2  default pure step (",
                  "literal handout pipeline", "of fp32 peak", "bf16 check, 2 steps"):
         assert line in out
     assert set(result["full"]) == {"ours, DataLoader", "handout", "ours, batched on the device"}
