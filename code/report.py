@@ -130,32 +130,46 @@ def runs_table(runs):
     return "\n".join(lines) + "\n"
 
 
-def eval_table(runs, set_name, degradation, device):
+def methods(runs, device):
+    """(label, upscale) of the interpolation baselines, then of each run's model."""
+    return ([(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, 2, m)) for mode in ("bilinear", "bicubic")]
+            + [(run.label(payload), model) for run in runs for model, payload in [run.load(device)]])
+
+
+class Scores:
+    """evaluate() of each (method, set, degradation) once per report: the tables share many cells
+    (Set14 and BSD68 with bilinear LR appear in three of them)."""
+
+    def __init__(self, device):
+        self.device, self.results, self.datasets = device, {}, {}
+
+    def dataset(self, set_name, degradation="bilinear"):
+        if (set_name, degradation) not in self.datasets:
+            self.datasets[set_name, degradation] = SRDataset(os.path.join(DATA_ROOT, set_name), scale=2,
+                                                             degradation=degradation, train=False)
+        return self.datasets[set_name, degradation]
+
+    def __call__(self, name, upscale, set_name, degradation="bilinear"):
+        if (name, set_name, degradation) not in self.results:
+            self.results[name, set_name, degradation] = evaluate(upscale, self.dataset(set_name, degradation),
+                                                                 self.device)
+        return self.results[name, set_name, degradation]
+
+
+def eval_table(runs, set_name, degradation, scores):
     """The Task 4 table (RGB in [0, 1]) on one evaluation set, LR made by `degradation`."""
-    folder = os.path.join(DATA_ROOT, set_name)
-    dataset = SRDataset(folder, scale=2, degradation=degradation, train=False)
-    rows = [(f"{mode} upsampling", evaluate(lambda lr, m=mode: interpolate(lr, 2, m), dataset, device))
-            for mode in ("bilinear", "bicubic")]
-    for run in runs:
-        model, payload = run.load(device)
-        rows.append((run.label(payload), evaluate(model, dataset, device)))
-    return markdown_table(f"x2 on {set_name} ({len(dataset)} images), LR by {degradation} downscaling, "
-                          f"RGB in [0, 1]", rows)
+    rows = [(name, scores(name, upscale, set_name, degradation)) for name, upscale in methods(runs, scores.device)]
+    return markdown_table(f"x2 on {set_name} ({len(scores.dataset(set_name, degradation))} images), LR by "
+                          f"{degradation} downscaling, RGB in [0, 1]", rows)
 
 
-def downscaling_table(runs, set_name, device):
+def downscaling_table(runs, set_name, scores):
     """PSNR/SSIM with LR inputs made by other downscaling than the bilinear one of training."""
-    folder = os.path.join(DATA_ROOT, set_name)
-    datasets = {d: SRDataset(folder, scale=2, degradation=d, train=False) for d in DOWNSCALING}
-    methods = [(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, 2, m)) for mode in ("bilinear", "bicubic")]
-    for run in runs:
-        model, payload = run.load(device)
-        methods.append((run.label(payload), model))
     header = " | ".join(f"LR by {d}" for d in DOWNSCALING)
     lines = [f"x2 on {set_name}, PSNR (dB) / SSIM by how the LR input was made (training used bilinear)", "",
              f"| method | {header} |", "|---|" + "---:|" * len(DOWNSCALING)]
-    for name, upscale in methods:
-        cells = [evaluate(upscale, datasets[d], device) for d in DOWNSCALING]
+    for name, upscale in methods(runs, scores.device):
+        cells = [scores(name, upscale, set_name, d) for d in DOWNSCALING]
         lines.append(f"| {name} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f}" for m in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -181,17 +195,14 @@ def standard_table(runs, device):
     return "\n".join(lines) + "\n"
 
 
-def sharpness_table(runs, set_names, device):
+def sharpness_table(runs, set_names, scores):
     """PSNR, SSIM and sharpness (gradient energy relative to HR, evaluate.sharpness) side by side: what
     pixel metrics reward against how much detail the output has."""
-    datasets = {s: SRDataset(os.path.join(DATA_ROOT, s), scale=2, train=False) for s in set_names}
-    methods = [(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, 2, m)) for mode in ("bilinear", "bicubic")]
-    methods += [(run.label(payload), model) for run in runs for model, payload in [run.load(device)]]
     header = " | ".join(f"{s} PSNR / SSIM / sharpness" for s in set_names)
     lines = ["x2, LR by bilinear downscaling; sharpness = gradient energy of the output / that of HR (1 = as much "
              "detail as HR)", "", f"| method | {header} |", "|---|" + "---:|" * len(set_names)]
-    for name, upscale in methods:
-        cells = [evaluate(upscale, datasets[s], device) for s in set_names]
+    for name, upscale in methods(runs, scores.device):
+        cells = [scores(name, upscale, s) for s in set_names]
         lines.append(f"| {name} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f} / {m['sharpness']:.3f}"
                                                  for m in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -262,6 +273,7 @@ def build(cfg, out_dir, device, only=None):
     runs = available_runs(cfg)
     by_name = {run.name: run for run in runs}
     evaluated = with_models(runs)
+    scores = Scores(device)
     os.makedirs(out_dir, exist_ok=True)
     blocks = {}
 
@@ -300,8 +312,8 @@ def build(cfg, out_dir, device, only=None):
            "x = diverged", lambda path: plot_comparison(
                sweep + pair[:1], path, "learning-rate sweep", max_step=5000, labels={"baseline": "lr_1e-4 (baseline)"}))
     for set_name in EVAL_SETS:
-        table(f"eval-{set_name}", lambda s=set_name: eval_table(evaluated, s, "bilinear", device))
-    table("downscaling", lambda: downscaling_table(with_models(pair), "Set14", device))
+        table(f"eval-{set_name}", lambda s=set_name: eval_table(evaluated, s, "bilinear", scores))
+    table("downscaling", lambda: downscaling_table(with_models(pair), "Set14", scores))
     table("standard", lambda: standard_table([r for r in evaluated if not r.name.startswith("lr_")], device))
     gan = [by_name["gan"]] if "gan" in by_name else []
     if gan:
@@ -309,7 +321,7 @@ def build(cfg, out_dir, device, only=None):
                lambda path: plot_training_curves(gan[0].run_dir, path))
     elif want("gan-curves"):
         blocks["gan-curves"] = "*No GAN run yet: `python code/experiments.py gan` once the residual run has finished.*\n"
-    table("gan", lambda: sharpness_table(with_models(pair + gan), ("Set14", "BSD68"), device))
+    table("gan", lambda: sharpness_table(with_models(pair + gan), ("Set14", "BSD68"), scores))
     figure("crops", "Zoomed crops (x2): LR input, bicubic upsampling, the models, HR",
            lambda path: plot_crops(with_models(pair + gan), path, device))
     return blocks
