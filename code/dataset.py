@@ -218,13 +218,15 @@ class DeviceBatches:
     CPU from the sample's seed by the dataset's own RandomCrop/ColorJitter objects (`get_params`), so
     the samples are the same as SRDataset's for the same (index, seed), up to float rounding (a test
     compares them). Cropping is one gather, the jitter four batched passes, the LR `degrade` one call.
+    `batches_per_chunk` batches are made in one go: per batch, a few hundred small tensor ops cost more in
+    dispatch than in arithmetic, and making 8 at once cut the CPU cost per batch from about 12 to 5 ms.
     """
 
-    def __init__(self, dataset, sampler, batch_size, device):
+    def __init__(self, dataset, sampler, batch_size, device, batches_per_chunk=8):
         steps = dataset.transform.transforms
         self.crop, self.jitter = steps[0], steps[-1] if isinstance(steps[-1], transforms.ColorJitter) else None
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
-        self.samples = iter(sampler)
+        self.samples, self.batches_per_chunk, self.ready = iter(sampler), batches_per_chunk, []
         sizes = [image.numel() for image in dataset.images]
         self.pixels = torch.cat([image.flatten() for image in dataset.images]).to(self.device)
         self.offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
@@ -247,7 +249,14 @@ class DeviceBatches:
         return self
 
     def __next__(self):
-        parameters = torch.tensor([self.sample_parameters(*next(self.samples)) for _ in range(self.batch_size)],
+        if not self.ready:
+            low_res, high_res = self.make(self.batch_size * self.batches_per_chunk)
+            self.ready = list(zip(low_res.split(self.batch_size), high_res.split(self.batch_size)))[::-1]
+        return self.ready.pop()
+
+    def make(self, count):
+        """The next `count` (LR, HR) training samples of the sampler's stream, as two batches."""
+        parameters = torch.tensor([self.sample_parameters(*next(self.samples)) for _ in range(count)],
                                   dtype=torch.float64).to(self.device, non_blocking=True)
         offset, height, width, top, left = (parameters[:, i].long().view(-1, 1, 1, 1) for i in range(5))
         index = (offset + self.channels * height * width + (top + self.rows) * width + left + self.columns)

@@ -124,7 +124,10 @@ def runs_table(runs):
             status = f"done; plateau {'met' if met else 'not met'} (< {PLATEAU_DB} dB)"
         psnr_cells = f"{psnrs[-1]:.2f} | {max(psnrs):.2f} | {gain:+.3f}" if psnrs else "— | — | —"
         wall = "—" if elapsed is None else f"{elapsed / 3600:.2f} h"
-        lines.append(f"| {run.name} | {train_config['model']} | {train_config['lr']:g} "
+        model = train_config["model"]
+        if train_config.get("init"):  # a fine-tuned run: its steps and wall time come on top of those of its init
+            model += f" (init: {os.path.basename(os.path.dirname(train_config['init']))})"
+        lines.append(f"| {run.name} | {model} | {train_config['lr']:g} "
                      f"| {'—' if payload['step'] is None else payload['step']} | {wall} "
                      f"| {hardware} | {psnr_cells} | {status} |")
     return "\n".join(lines) + "\n"

@@ -22,5 +22,6 @@ def test_bench_runs_every_measurement(tiny_cfg, capsys, monkeypatch):
     for line in ("P1  full loop (ours, batched on the device) / pure step throughput", "P2  default pure step (",
                  "literal handout pipeline", "of fp32 peak", "bf16 check, 2 steps"):
         assert line in out
-    assert set(result["full"]) == {"ours, DataLoader", "handout", "ours, batched on the device"}
+    assert {"ours, DataLoader", "handout", "ours, batched on the device"} < set(result["full"])
+    assert [name for name in result["full"] if name.startswith("pure step (")]  # P1's reference, timed in turns
     assert len(result["pure"]) == 5

@@ -270,13 +270,22 @@ def test_device_batches_equal_the_reference_dataset_for_the_same_sample_seeds(ti
     folder = write_folder(tmp_path / "mixed", [*photo_crops(80, 2), *photo_crops(120, 2)[1:], photo_crops(97, 1)[0]])
     reference = SRDataset(folder, patch_size=32, jitter=jitter, degradation=degradation)
     sampler = TrainSampler(len(reference), seed=3, start=40)
-    batches = dataset.DeviceBatches(reference, sampler, 8, "cpu")
+    batches = dataset.DeviceBatches(reference, sampler, 8, "cpu", batches_per_chunk=2)  # crosses a chunk boundary
     samples = iter(TrainSampler(len(reference), seed=3, start=40))
     for _ in range(3):
         low_res, high_res = next(batches)
         expected = [reference[next(samples)] for _ in range(8)]
         assert torch.allclose(high_res, torch.stack([hr for _, hr in expected]), atol=1e-6)
         assert torch.allclose(low_res, torch.stack([lr for lr, _ in expected]), atol=1e-6)
+
+
+def test_device_batches_are_the_same_whatever_the_chunk_size(tiny_data):
+    """Making 8 batches at once is only faster: the batches are bit-identical to those made one by one."""
+    reference = SRDataset(tiny_data["train"], patch_size=32, jitter=0.3)
+    one_by_one, chunked = (dataset.DeviceBatches(reference, TrainSampler(len(reference), seed=1), 4, "cpu",
+                                                 batches_per_chunk=chunk) for chunk in (1, 3))
+    for _ in range(7):
+        assert all(torch.equal(a, b) for a, b in zip(next(one_by_one), next(chunked)))
 
 
 def test_jitter_batch_applies_each_samples_own_order():
