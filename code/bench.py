@@ -173,11 +173,13 @@ def handout_loader(cfg, device):
 
 def main(argv):
     cfg = config.from_argv(argv, training=True)
+    malloc = "tuned" if config.tune_malloc(cfg) else "glibc default"
     device = config.pick_device(cfg["device"])
     steps = cfg["bench_steps"]
     flops = training_flops(build_model(cfg), cfg["batch_size"], cfg["patch_size"])
     print(f"device {device}, {torch.get_num_threads()} threads, batch {cfg['batch_size']}, "
-          f"{cfg['patch_size']}x{cfg['patch_size']} HR patches, {flops / 1e9:.1f} GFLOP per step, {steps} timed steps")
+          f"{cfg['patch_size']}x{cfg['patch_size']} HR patches, {flops / 1e9:.1f} GFLOP per step, {steps} timed steps, "
+          f"malloc {malloc} (compare with malloc=default)")
 
     # Data workers are started before any computation: forking a process whose OpenMP pool is busy can hang it.
     batches = {"ours, DataLoader": endless(ours_loader(cfg, device)), "handout": endless(handout_loader(cfg, device)),

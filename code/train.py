@@ -252,6 +252,7 @@ def train(cfg):
         config.validate_training(cfg)
     except config.ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
+    config.tune_malloc(cfg)
     device = config.pick_device(cfg["device"])
     rank, world_size, device = init_distributed(device)
     gan = cfg["gan"]

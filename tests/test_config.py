@@ -101,3 +101,11 @@ def test_batches_are_made_batch_wise_unless_dataloader_workers_are_asked_for():
     assert config.batches_on_device(auto, torch.device("cuda")) and config.batches_on_device(auto, torch.device("cpu"))
     assert not config.batches_on_device(workers, torch.device("cpu")) and config.batches_on_device(workers, torch.device("cuda"))
     assert not config.batches_on_device(off, torch.device("cuda"))
+
+
+def test_tune_malloc_takes_effect_on_glibc_and_only_when_asked():
+    import platform
+
+    assert config.tune_malloc(config.parse_overrides(["malloc=default"])) is False
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert config.tune_malloc(config.parse_overrides([])) is on_glibc
