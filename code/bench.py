@@ -220,18 +220,18 @@ def main(argv):
                   f"{cfg['batch_size'] / seconds:8.0f} patches/s  {naive / seconds:4.2f}x naive")
     print(f"default here: {default_name} (channels_last={cfg['channels_last']}, amp={cfg['amp']})")
 
-    # Streams fed by DataLoader workers are timed alone: taking turns would let their workers fill the queue
-    # for free while another stream is timed. The batch-wise stream has no workers, so P1 times it in turns
-    # with the pure step when it is the default.
-    data_only = {name: mean_step_seconds({name: lambda b=stream: next(b)}, steps, device)[name]
-                 for name, stream in batches.items()}
-    trainers = {name: make_trainer(cfg, device, chosen_layout, False, stream, chosen_bf16)[1]
-                for name, stream in batches.items()}
+    # P1 first, while the DataLoader streams' workers sit idle with full queues: the full loop of the default
+    # path and the pure step, timed in turns. Streams fed by workers are then timed alone, one after the
+    # other, since taking turns would let their workers fill the queue while another stream is timed.
     ours = "ours, batched on the device" if config.batches_on_device(cfg, device) else "ours, DataLoader"
     pure_name = f"pure step ({default_name})"
+    trainers = {name: make_trainer(cfg, device, chosen_layout, False, stream, chosen_bf16)[1]
+                for name, stream in batches.items()}
     trainers[pure_name] = make_trainer(cfg, device, chosen_layout, False, synthetic(cfg), chosen_bf16)[1]
     in_turns = [pure_name, ours] if ours == "ours, batched on the device" else []
     full = mean_step_seconds({name: trainers[name] for name in in_turns}, steps, device)
+    data_only = {name: mean_step_seconds({name: lambda b=stream: next(b)}, steps, device)[name]
+                 for name, stream in reversed(batches.items())}
     full.update({name: mean_step_seconds({name: trainer}, steps, device)[name]
                  for name, trainer in trainers.items() if name not in in_turns})
     print("data alone, per batch: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in data_only.items())
