@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-requirements.txt
 # the plain BasicSRModel first has to learn to reproduce its input (see README).
 DEMO_ARGS ?= run=demo model=residual max_steps=300 val_every=50 ckpt_every=100
 
-.PHONY: demo test test-slow test-slurm experiments report bench venv data train evaluate tensorboard clean
+.PHONY: demo test test-slow test-slurm experiments report pdf bench venv data train evaluate tensorboard clean
 
 demo: venv
 	$(PY) code/prepare_data.py
@@ -52,6 +52,10 @@ experiments: venv
 # README.md's Results blocks, runs/report/ and README.pdf, from the committed checkpoints and logs (code/report.py).
 report: venv
 	$(PY) code/report.py $(ARGS)
+
+# README.pdf from README.md as it is, e.g. after editing the comments around the generated blocks.
+pdf: venv
+	$(PY) code/report.py pdf
 
 # Training-speed ratios on this machine (code/bench.py); ARGS="data_dir=../shared/data/T91" for T91.
 bench: venv data

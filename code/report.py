@@ -2,6 +2,7 @@
 
     python code/report.py               # make report: evaluate, plot, fill README.md, render README.pdf
     python code/report.py device=cuda   # the same on a GPU (the numbers can differ in the last digits)
+    python code/report.py pdf           # make pdf: only render README.md (after editing its prose)
 
 Each run of code/experiments.py contributes its final checkpoints/<run>/model.pt, or while it is still
 training its newest step*.pt (labelled "in progress"), and its TensorBoard scalars in runs/<run>/.
@@ -354,6 +355,9 @@ def render_pdf(markdown_path, pdf_path):
 
 
 def main(argv):
+    if argv == ["pdf"]:  # after editing README.md's prose: render it again without evaluating anything
+        print(render_pdf("README.md", "README.pdf"))
+        return
     cfg = config.from_argv(argv)
     device = config.pick_device(cfg["device"])
     for set_name in ("T91", *EVAL_SETS):
