@@ -89,6 +89,8 @@ class Run:
         if self.diverged_at() is not None:
             last = f"step {step}" if step is not None else "none"
             return f"diverged at step {self.diverged_at()}; last finite checkpoint: {last}"
+        if step is None:  # started, logging, but not yet at its first checkpoint
+            return "in progress: no checkpoint yet"
         if step < self.planned:
             return f"in progress: step {step} of {self.planned}"
         return "done"

@@ -1,6 +1,7 @@
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -32,8 +33,8 @@ def test_fill_markers_replaces_only_the_named_blocks_and_keeps_the_text_around()
 
 @pytest.fixture
 def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
-    """Four tiny runs as the report sees them: one finished, one stopped early, one diverged, a GAN;
-    the eval 'sets' all point at the tiny eval folder."""
+    """Five tiny runs as the report sees them: one finished, one stopped early, one diverged, one started
+    but without a checkpoint yet, a GAN; the eval 'sets' all point at the tiny eval folder."""
     root = tmp_path / "data"
     for name in ("T91", "Set5", "Set14", "BSD68"):
         os.makedirs(root, exist_ok=True)
@@ -43,6 +44,7 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
     runs = [("baseline", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
             ("residual", [*tiny, "model=residual", "lr=1e-3", "max_steps=4"]),
             ("lr_1e-2", [*tiny, "model=basic", "lr=1e12", "max_steps=6"]),
+            ("lr_1e-3", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
             ("gan", [*tiny, "model=residual", "gan=true", f"init={tiny_cfg['ckpt_dir']}/residual/model.pt", "lr=1e-3",
                      "max_steps=2"])]
     monkeypatch.setattr(report, "RUNS", runs)
@@ -53,13 +55,14 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
     for name, settings in runs:
         overrides = settings if name != "baseline" else [*settings, "max_steps=4"]  # stops before its 6 planned
         cfg = config.parse_overrides([*where, f"run={name}", *overrides])
-        if name.startswith("lr_"):
+        if name == "lr_1e-2":  # diverges
             with pytest.raises(SystemExit):
                 train.train(cfg)
         else:
             train.train(cfg)
     # the report's own view of the baseline must be a step checkpoint: drop the final model.pt
     os.remove(os.path.join(tiny_cfg["ckpt_dir"], "baseline", "model.pt"))
+    shutil.rmtree(os.path.join(tiny_cfg["ckpt_dir"], "lr_1e-3"))  # logging, but before its first checkpoint
     return config.parse_overrides(where)
 
 
@@ -75,6 +78,8 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert re.search(r"\| baseline \| basic \| 0\.001 \| 4 \|.*\| in progress: step 4 of 6 \|", runs)
     assert re.search(r"\| residual \| residual \| 0\.001 \| 4 \|.*\| done; plateau (met|not met)", runs)
     assert "| lr_1e-2 |" in runs and re.search(r"diverged at step \d; last finite checkpoint: none", runs)
+    assert re.search(r"\| lr_1e-3 \| basic \| 0\.001 \| — \|.*\| in progress: no checkpoint yet \|", runs)
+    assert "lr_1e-3" not in blocks["eval-Set5"]
     assert "baseline (basic, step 4) [in progress: step 4 of 6]" in blocks["eval-Set5"]
     assert "residual (residual, step 4) |" in blocks["eval-BSD68"]
     assert "VDSR (published)" in blocks["standard"] and "baseline" in blocks["downscaling"]
