@@ -229,8 +229,8 @@ def tune_malloc(cfg):
     back to the kernel when they are freed, and PyTorch's activations (8-17 MB a layer for a batch of 16
     64x64 patches) are allocated and freed at every step, so each step pays page faults for memory it
     just gave back. With the threshold at 32 MiB and no trimming, a bf16 training step took 134-141 ms
-    instead of 189-199 ms on this repository's 2-core Xeon (code/bench.py prints it with malloc=default).
-    Results are unchanged. Returns whether the setting took effect (False off glibc, or malloc=default)."""
+    instead of 189-199 ms on this repository's 2-core Xeon, timed in fresh processes (compare with
+    `make bench ARGS=malloc=default`). Results are unchanged (the weights after 30 steps were equal). Returns whether the setting took effect (False off glibc, or malloc=default)."""
     if cfg["malloc"] != "tuned":
         return False
     import ctypes

@@ -219,7 +219,7 @@ class DeviceBatches:
     the samples are the same as SRDataset's for the same (index, seed), bit for bit (a test
     compares them). Cropping is one gather, the jitter four batched passes, the LR `degrade` one call.
     `batches_per_chunk` batches are made in one go: per batch, a few hundred small tensor ops cost more in
-    dispatch than in arithmetic, and making 8 at once cut the CPU cost per batch from about 12 to 5 ms.
+    dispatch than in arithmetic, and making 8 at once cut the CPU cost per batch from about 12 to 8 ms.
     """
 
     def __init__(self, dataset, sampler, batch_size, device, batches_per_chunk=8):
@@ -301,9 +301,9 @@ def jitter_batch(images, factors, order, host_free=None):
 def hue_shift(images, shift):
     """torchvision's adjust_hue (RGB -> HSV, h + shift mod 1, HSV -> RGB) for a batch with one shift per
     image, bit-identical to it (a test checks) and 3.9x faster than calling it image by image (3.4 vs
-    13.3 ms for 16x3x64x64 on one thread): the same arithmetic, but the hue's
-    three masked terms (of which one is non-zero) become two `where`s, h * 6 is computed once, and
-    HSV -> RGB picks each output channel from its candidates with one gather instead of a one-hot einsum.
+    13.3 ms for 16x3x64x64 on one thread): the same arithmetic, but the hue's three masked terms (of
+    which one is non-zero) become two `where`s, h * 6 is computed once, and HSV -> RGB picks each
+    output channel from its candidates with one gather instead of a one-hot einsum.
     Hue is the largest part of the cost of making a training batch."""
     red, green, blue = images.unbind(dim=-3)
     maxc, minc = images.amax(dim=-3), images.amin(dim=-3)
