@@ -121,14 +121,17 @@ def runs_table(runs):
         elapsed = run.summary.get("wall_time_s", payload.get("elapsed"))
         hardware = run.summary.get("hardware", payload.get("hardware", "not recorded"))
         steps, psnrs = run.scalars.get("val/psnr", ([], []))
-        gain, met = plateau(steps, psnrs) if steps else (math.nan, False)
+        # a fine-tune's best is near its start by design: the criterion only means something from scratch
+        fine_tune = bool(train_config.get("init"))
+        gain, met = plateau(steps, psnrs) if steps and not fine_tune else (math.nan, False)
         status = run.status(payload["step"])
-        if status == "done":
+        if status == "done" and not fine_tune:
             status = f"done; plateau {'met' if met else 'not met'} (< {PLATEAU_DB} dB)"
-        psnr_cells = f"{psnrs[-1]:.2f} | {max(psnrs):.2f} | {gain:+.3f}" if psnrs else "— | — | —"
+        gain_cell = "—" if math.isnan(gain) else f"{gain:+.3f}"
+        psnr_cells = f"{psnrs[-1]:.2f} | {max(psnrs):.2f} | {gain_cell}" if psnrs else "— | — | —"
         wall = "—" if elapsed is None else f"{elapsed / 3600:.2f} h"
         model = train_config["model"]
-        if train_config.get("init"):  # a fine-tuned run: its steps and wall time come on top of those of its init
+        if fine_tune:  # its steps and wall time come on top of those of its init
             model += f" (init: {os.path.basename(os.path.dirname(train_config['init']))})"
         lines.append(f"| {run.name} | {model} | {train_config['lr']:g} "
                      f"| {'—' if payload['step'] is None else payload['step']} | {wall} "
