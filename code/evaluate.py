@@ -136,6 +136,7 @@ def checkpoint_paths(cfg):
 
 def main(argv):
     cfg = config.from_argv(argv)
+    config.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = config.pick_device(cfg["device"])
     standard = cfg["protocol"] == "standard"
     try:

@@ -364,6 +364,7 @@ def main(argv):
         print(render_pdf("README.md", "README.pdf"))
         return
     cfg = config.from_argv(argv)
+    config.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = config.pick_device(cfg["device"])
     for set_name in ("T91", *EVAL_SETS):
         if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):

@@ -113,6 +113,7 @@ def plan(input_path, output):
 
 def main(argv):
     cfg = config.from_argv(argv)
+    config.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = config.pick_device(cfg["device"])
     if not cfg["checkpoint"] or not cfg["input"]:
         raise SystemExit("error: give checkpoint=PATH and input=IMAGE_OR_FOLDER (and optionally output=PATH)")
