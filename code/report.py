@@ -68,7 +68,10 @@ class Run:
 
     def __init__(self, name, settings, cfg):
         self.name = name
-        self.planned = config.parse_overrides(settings)["max_steps"]
+        planned = config.parse_overrides(settings)
+        self.planned = planned["max_steps"]
+        # the checkpoint a fine-tune started from, as experiments.RUNS names it now
+        self.init = os.path.relpath(planned["init"], cfg["ckpt_dir"]) if planned["init"] else ""
         self.run_dir = os.path.join(cfg["runs_dir"], name)
         ckpt_dir = os.path.join(cfg["ckpt_dir"], name)
         final = os.path.join(ckpt_dir, "model.pt")
@@ -122,7 +125,7 @@ def runs_table(runs):
         hardware = run.summary.get("hardware", payload.get("hardware", "not recorded"))
         steps, psnrs = run.scalars.get("val/psnr", ([], []))
         # a fine-tune's best is near its start by design: the criterion only means something from scratch
-        fine_tune = bool(train_config.get("init"))
+        fine_tune = bool(run.init)
         gain, met = plateau(steps, psnrs) if steps and not fine_tune else (math.nan, False)
         status = run.status(payload["step"])
         if status == "done" and not fine_tune:
@@ -132,7 +135,7 @@ def runs_table(runs):
         wall = "—" if elapsed is None else f"{elapsed / 3600:.2f} h"
         model = train_config["model"]
         if fine_tune:  # its steps and wall time come on top of those of its init
-            model += f" (init: {os.path.basename(os.path.dirname(train_config['init']))})"
+            model += f" (init: {run.init})"
         lines.append(f"| {run.name} | {model} | {train_config['lr']:g} "
                      f"| {'—' if payload['step'] is None else payload['step']} | {wall} "
                      f"| {hardware} | {psnr_cells} | {status} |")

@@ -79,7 +79,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert re.search(r"\| residual \| residual \| 0\.001 \| 4 \|.*\| done; plateau (met|not met)", runs)
     assert "| lr_1e-2 |" in runs and re.search(r"diverged at step \d; last finite checkpoint: none", runs)
     assert re.search(r"\| lr_1e-3 \| basic \| 0\.001 \| — \|.*\| in progress: no checkpoint yet \|", runs)
-    assert re.search(r"\| gan \| residual \(init: residual\) \| 0\.001 \| 2 \|.*\| — \| done \|", runs)  # no plateau
+    assert re.search(r"\| gan \| residual \(init: residual/model\.pt\) \| 0\.001 \| 2 \|.*\| — \| done \|", runs)  # no plateau
     assert "lr_1e-3" not in blocks["eval-Set5"]
     assert "baseline (basic, step 4) [in progress: step 4 of 6]" in blocks["eval-Set5"]
     assert "residual (residual, step 4) |" in blocks["eval-BSD68"]
