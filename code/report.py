@@ -207,13 +207,13 @@ def standard_table(runs, device):
     return "\n".join(lines) + "\n"
 
 
-def sharpness_table(runs, set_names, scores):
+def sharpness_table(runs, set_names, scores, extra=()):
     """PSNR, SSIM and sharpness (gradient energy relative to HR, evaluate.sharpness) side by side: what
-    pixel metrics reward against how much detail the output has."""
+    pixel metrics reward against how much detail the output has. `extra`: more (label, upscale) rows."""
     header = " | ".join(f"{s} PSNR / SSIM / sharpness" for s in set_names)
     lines = ["x2, LR by bilinear downscaling; sharpness = gradient energy of the output / that of HR (1 = as much "
              "detail as HR)", "", f"| method | {header} |", "|---|" + "---:|" * len(set_names)]
-    for name, upscale in methods(runs, scores.device):
+    for name, upscale in [*methods(runs, scores.device), *extra]:
         cells = [scores(name, upscale, s) for s in set_names]
         lines.append(f"| {name} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f} / {m['sharpness']:.3f}"
                                                  for m in cells) + " |")
@@ -279,6 +279,18 @@ def image_block(path, caption):
     return f"![{caption}]({path})\n\n*{caption}*\n"
 
 
+def start_of(fine_tunes, cfg, device):
+    """(label, model) of the checkpoints the fine-tunes started from: the run they came from may have
+    trained on since (the residual run went on from 20000 to 30000 steps after gan started from it)."""
+    rows = []
+    for run in fine_tunes:
+        path = os.path.join(cfg["ckpt_dir"], run.init)
+        if run.init and os.path.isfile(path):
+            model, payload = load_model(path, device)
+            rows.append((f"{run.init} ({payload['config']['model']}, step {payload['step']}; {run.name}'s start)", model))
+    return rows
+
+
 def build(cfg, out_dir, device, only=None):
     """Write every table (.md) and figure (.png) of the report to `out_dir`; returns {block name: markdown}.
     `only` (a set of block names) limits the work, for tests."""
@@ -333,7 +345,7 @@ def build(cfg, out_dir, device, only=None):
                lambda path: plot_training_curves(gan[0].run_dir, path))
     elif want("gan-curves"):
         blocks["gan-curves"] = "*No GAN run yet: `python code/experiments.py gan` once the residual run has finished.*\n"
-    table("gan", lambda: sharpness_table(with_models(pair + gan), ("Set14", "BSD68"), scores))
+    table("gan", lambda: sharpness_table(with_models(pair + gan), ("Set14", "BSD68"), scores, start_of(gan, cfg, device)))
     figure("crops", "Zoomed crops (x2): LR input, bicubic upsampling, the models, HR",
            lambda path: plot_crops(with_models(pair + gan), path, device))
     return blocks

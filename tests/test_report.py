@@ -85,6 +85,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert "residual (residual, step 4) |" in blocks["eval-BSD68"]
     assert "VDSR (published)" in blocks["standard"] and "baseline" in blocks["downscaling"]
     assert blocks["gan-curves"].startswith("![GAN run") and "| gan (residual, step 2) |" in blocks["gan"]
+    assert "| residual/model.pt (residual, step 4; gan's start) |" in blocks["gan"]
     assert blocks["crops"].startswith(f"![Zoomed crops") and str(first / "crops.png") in blocks["crops"]
 
 
