@@ -155,8 +155,8 @@ class SRDataset(Dataset):
     """
 
     def __init__(self, folder, patch_size=64, scale=2, jitter=0.2, degradation="bilinear", train=True,
-                 bad_files="error"):
-        self.scale, self.degradation, self.train = scale, degradation, train
+                 bad_files="error", augment="none"):
+        self.scale, self.degradation, self.train, self.augment = scale, degradation, train, augment
         # crop while still 8-bit, so only the patch is converted to float
         steps = [transforms.RandomCrop(patch_size), transforms.ConvertImageDtype(torch.float32)]
         if jitter > 0:
@@ -189,12 +189,20 @@ class SRDataset(Dataset):
         image = self.images[index]
         if not self.train:
             hr = to_float(crop_to_multiple(image, self.scale))
-        elif seed is None:
-            hr = self.transform(image)
         else:
-            with seeded(seed):
+            with seeded(seed) if seed is not None else contextlib.nullcontext():
                 hr = self.transform(image)
+                if self.augment == "dihedral":  # drawn after the crop and jitter, so they stay as without it
+                    hr = dihedral(hr, int(torch.randint(8, ())))
         return degrade(hr, self.scale, self.degradation), hr
+
+
+def dihedral(images, k):
+    """The k-th of the 8 symmetries of the square (k = 0..7): k % 4 quarter turns, then a mirror if k >= 4.
+    Natural images look as plausible turned or mirrored, so this multiplies the distinct training crops
+    by 8 (EDSR's augmentation)."""
+    images = torch.rot90(images, k % 4, dims=(-2, -1))
+    return images.flip(-1) if k >= 4 else images
 
 
 @contextlib.contextmanager
@@ -235,15 +243,16 @@ class DeviceBatches:
         self.channels = torch.arange(3).view(1, 3, 1, 1).to(self.device)
 
     def sample_parameters(self, index, seed):
-        """[offset, height, width, top, left, 4 jitter factors, 4 jitter op ids]: what the transforms
+        """[offset, height, width, top, left, 4 jitter factors, 4 jitter op ids, symmetry]: what the transforms
         would draw for this sample, in the order they draw it."""
         image = self.dataset.images[index]
         with seeded(seed):
             top, left, _, _ = self.crop.get_params(image, self.crop.size)
             jitter = self.jitter.get_params(self.jitter.brightness, self.jitter.contrast, self.jitter.saturation,
                                             self.jitter.hue) if self.jitter else (torch.arange(4), 1.0, 1.0, 1.0, 0.0)
+            symmetry = int(torch.randint(8, ())) if self.dataset.augment == "dihedral" else 0
         order, *factors = jitter
-        return [self.offsets[index], image.shape[1], image.shape[2], top, left, *factors, *order.tolist()]
+        return [self.offsets[index], image.shape[1], image.shape[2], top, left, *factors, *order.tolist(), symmetry]
 
     def __iter__(self):
         return self
@@ -262,7 +271,13 @@ class DeviceBatches:
         index = (offset + self.channels * height * width + (top + self.rows) * width + left + self.columns)
         high_res = self.pixels[index].float() / 255  # ConvertImageDtype
         if self.jitter is not None:
-            high_res = jitter_batch(high_res, parameters[:, 5:9].float(), parameters[:, 9:].long())
+            high_res = jitter_batch(high_res, parameters[:, 5:9].float(), parameters[:, 9:13].long())
+        if self.dataset.augment == "dihedral":
+            symmetry = parameters[:, 13].long()
+            for k in range(1, 8):
+                chosen = (symmetry == k).nonzero().squeeze(1)
+                if len(chosen):
+                    high_res[chosen] = dihedral(high_res[chosen], k)
         return degrade(high_res, self.dataset.scale, self.dataset.degradation), high_res
 
 

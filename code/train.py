@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -44,10 +45,23 @@ from plots import plot_training_curves
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 75
 # Keys that change what a run computes: resuming with any of them different is refused.
 RESULT_KEYS = ("data_dir", "scale", "patch_size", "jitter", "degradation", "model", "num_blocks", "channels",
-               "batch_size", "lr", "seed", "gan", "init", "adv_weight", "gan_loss", "perceptual_weight")
+               "batch_size", "lr", "seed", "gan", "init", "adv_weight", "gan_loss", "perceptual_weight",
+               "augment", "lr_schedule", "warmup_steps", "lr_min", "ema")
 KEEP_STEP_CHECKPOINTS = 3
 PREVIEW_IMAGES, PREVIEW_SIZE = 3, 96
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def learning_rate(cfg, step):
+    """The learning rate of training step `step` (0-based), a pure function of the step so that a resumed
+    run continues the schedule exactly. cosine: linear warm-up to `lr`, then half a cosine down to
+    `lr_min` at `max_steps`: large steps early, small ones to settle at the end (SGDR, Loshchilov & Hutter)."""
+    if cfg["lr_schedule"] == "constant":
+        return cfg["lr"]
+    if step < cfg["warmup_steps"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
+    progress = (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"])
+    return cfg["lr_min"] + (cfg["lr"] - cfg["lr_min"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def seed_everything(seed):
@@ -133,11 +147,12 @@ def all_ranks_sum(values, world_size):
     return values
 
 
-def restore(state_path, state, cfg, model, optimizer, discriminator=None, d_optimizer=None):
+def restore(state_path, state, cfg, model, optimizer, discriminator=None, d_optimizer=None, ema=None):
     """Load a periodic checkpoint into the networks and optimisers, refusing one made with other settings
     (a key that an older checkpoint lacks counts as its default)."""
     made_with = {**config.DEFAULTS, **state["train_config"]}
-    changed = [k for k in RESULT_KEYS if made_with[k] != cfg[k]]
+    keys = RESULT_KEYS + (("max_steps",) if cfg["lr_schedule"] != "constant" else ())  # the schedule's length
+    changed = [k for k in keys if made_with[k] != cfg[k]]
     if changed:
         raise CheckpointError(f"{state_path}: was trained with other settings: "
                               + ", ".join(f"{k}={made_with[k]} (now {cfg[k]})" for k in changed))
@@ -146,6 +161,8 @@ def restore(state_path, state, cfg, model, optimizer, discriminator=None, d_opti
     if discriminator is not None:
         load_weights(discriminator, state["discriminator"], state_path)
         d_optimizer.load_state_dict(state["d_optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
 
 
 def initialise(model, cfg):
@@ -267,7 +284,7 @@ def train(cfg):
     seed_everything(cfg["seed"])
     try:
         train_set = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
-                              bad_files=cfg["bad_files"])
+                              bad_files=cfg["bad_files"], augment=cfg["augment"])
         val_set = SRDataset(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False,
                             bad_files=cfg["bad_files"])
     except DataError as err:
@@ -290,12 +307,17 @@ def train(cfg):
     discriminator = Discriminator().to(device, memory_format=memory_format) if gan else None
     d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg["lr"]) if gan else None
     perceptual = vgg_feature_loss(cfg, device) if gan and cfg["perceptual_weight"] > 0 else None
+    # an exponential moving average of the weights: what is validated and saved when ema > 0
+    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"])) if cfg["ema"] > 0 else None
+    final_model = ema.module if ema is not None else raw_model
     step, samples, elapsed, best_psnr, metrics = 0, 0, 0.0, -math.inf, {}
     try:
         if state is not None:
-            restore(state_path, state, cfg, raw_model, optimizer, discriminator, d_optimizer)
+            restore(state_path, state, cfg, raw_model, optimizer, discriminator, d_optimizer, ema)
         elif cfg["init"]:
             say(f"Starting from the weights of {cfg['init']} (its step {initialise(raw_model, cfg)})")
+            if ema is not None:
+                ema.module.load_state_dict(raw_model.state_dict())
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from None
     if state is not None:
@@ -329,9 +351,10 @@ def train(cfg):
     def save_state():
         path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
         gan_state = {"discriminator": discriminator.state_dict(), "d_optimizer": d_optimizer.state_dict()} if gan else {}
+        ema_state = {"ema": ema.state_dict()} if ema is not None else {}
         save_checkpoint(path, raw_model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
                         samples=samples, elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics,
-                        rng=rng_states(), hardware=setup, **gan_state)
+                        rng=rng_states(), hardware=setup, **gan_state, **ema_state)
         for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
             os.remove(old)
         return path
@@ -359,6 +382,9 @@ def train(cfg):
         low_res = low_res.to(device, non_blocking=True, memory_format=memory_format)
         high_res = high_res.to(device, non_blocking=True, memory_format=memory_format)
 
+        if cfg["lr_schedule"] != "constant":
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             high_res_prediction = model(low_res)
@@ -388,6 +414,8 @@ def train(cfg):
             d_optimizer.step()
             running += torch.stack([loss, adversarial, d_loss, torch.sigmoid(real_logits).mean(),
                                     torch.sigmoid(fake_logits).mean()]).detach()
+        if ema is not None:
+            ema.update_parameters(raw_model)
         step += 1
         samples += cfg["batch_size"] * world_size
         progress.update(1)
@@ -423,17 +451,19 @@ def train(cfg):
             running_steps = 0
 
         if validate and main_process:
-            raw_model.eval()
-            metrics = evaluate(raw_model, val_set, device)
+            final_model.eval()
+            metrics = evaluate(final_model, val_set, device)
             for name, value in metrics.items():
                 writer.add_scalar(f"val/{name}", value, step)
-            for index, image in enumerate(preview(raw_model, val_set, device)):
+            if cfg["lr_schedule"] != "constant":
+                writer.add_scalar("train/lr", learning_rate(cfg, step - 1), step)
+            for index, image in enumerate(preview(final_model, val_set, device)):
                 writer.add_image(f"val/bilinear|prediction|hr/{index}", image, step)
             writer.flush()
-            raw_model.train()
+            final_model.train()
             if metrics["psnr"] > best_psnr:
                 best_psnr = metrics["psnr"]
-                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), raw_model, cfg, step, val=metrics)
+                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), final_model, cfg, step, val=metrics)
             progress.write(f"step {step}: val L1 {metrics['l1']:.4f}, PSNR {metrics['psnr']:.2f} dB, "
                            f"SSIM {metrics['ssim']:.4f}")
             last_log = time.time()  # validation time is not training throughput
@@ -454,7 +484,7 @@ def train(cfg):
         return None
     writer.close()
 
-    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), raw_model, cfg, step, val=metrics)
+    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), final_model, cfg, step, val=metrics)
     summary = {"run": cfg["run"], "steps": step, "samples": samples, "processes": world_size,
                "wall_time_s": round(elapsed + time.time() - started, 1), "hardware": setup,
                "torch": torch.__version__, "best_val_psnr": best_psnr, "final_val": metrics}
