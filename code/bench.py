@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 
 import config
-from dataset import DeviceBatches, SRDataset, TrainSampler, list_images
+import system
+from batches import DeviceBatches, TrainSampler
+from dataset import SRDataset, list_images
 from models import build_model
 
 WARMUP = 3
@@ -154,13 +156,13 @@ def ours_loader(cfg, device):
     data = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
                      bad_files="skip")
     return DataLoader(data, batch_size=cfg["batch_size"], sampler=TrainSampler(len(data), cfg["seed"]),
-                      num_workers=config.data_workers(cfg, device), pin_memory=device.type == "cuda")
+                      num_workers=system.data_workers(cfg, device), pin_memory=device.type == "cuda")
 
 
 def device_batches(cfg, device):
     data = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
                      bad_files="skip")
-    return DeviceBatches(data, TrainSampler(len(data), cfg["seed"]), cfg["batch_size"], device)
+    return DeviceBatches.from_config(cfg, data.images, TrainSampler(len(data), cfg["seed"]), device)
 
 
 def handout_loader(cfg, device):
@@ -173,8 +175,8 @@ def handout_loader(cfg, device):
 
 def main(argv):
     cfg = config.from_argv(argv, training=True)
-    malloc = "tuned" if config.tune_malloc(cfg) else "glibc default"
-    device = config.pick_device(cfg["device"])
+    malloc = "tuned" if system.tune_malloc(cfg) else "glibc default"
+    device = system.pick_device(cfg["device"])
     steps = cfg["bench_steps"]
     flops = training_flops(build_model(cfg), cfg["batch_size"], cfg["patch_size"])
     print(f"device {device}, {torch.get_num_threads()} threads, batch {cfg['batch_size']}, "
@@ -198,7 +200,7 @@ def main(argv):
     results = mean_step_seconds({name: make_trainer(cfg, device, channels_last, fused, synthetic(cfg), bf16, compiled)[1]
                                    for name, channels_last, fused, bf16, compiled in variants}, steps, device)
     naive = results["NCHW fp32 (naive reference)"]
-    chosen_layout, chosen_bf16 = config.channels_last_helps(cfg["channels_last"], device), config.use_bf16(cfg, device)
+    chosen_layout, chosen_bf16 = system.channels_last_helps(cfg["channels_last"], device), system.use_bf16(cfg, device)
     default_name = f"{'channels_last' if chosen_layout else 'NCHW'} {'bf16 autocast' if chosen_bf16 else 'fp32'}"
     default_name = "NCHW fp32 (naive reference)" if default_name == "NCHW fp32" else default_name
     chosen = results[default_name]
@@ -223,7 +225,7 @@ def main(argv):
     # P1 first, while the DataLoader streams' workers sit idle with full queues: the full loop of the default
     # path and the pure step, timed in turns. Streams fed by workers are then timed alone, one after the
     # other, since taking turns would let their workers fill the queue while another stream is timed.
-    ours = "ours, batched on the device" if config.batches_on_device(cfg, device) else "ours, DataLoader"
+    ours = "ours, batched on the device" if system.batches_on_device(cfg, device) else "ours, DataLoader"
     pure_name = f"pure step ({default_name})"
     trainers = {name: make_trainer(cfg, device, chosen_layout, False, stream, chosen_bf16)[1]
                 for name, stream in batches.items()}
@@ -235,7 +237,7 @@ def main(argv):
     full.update({name: mean_step_seconds({name: trainer}, steps, device)[name]
                  for name, trainer in trainers.items() if name not in in_turns})
     print("data alone, per batch: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in data_only.items())
-          + f" ({config.data_workers(cfg, device)} DataLoader workers for ours, 2 for the handout's)")
+          + f" ({system.data_workers(cfg, device)} DataLoader workers for ours, 2 for the handout's)")
     print("full training loop, per step: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in full.items()
                                                        if name != pure_name))
     print(f"P1  full loop ({ours}) / pure step throughput: {full[pure_name] / full[ours]:.3f} (target >= 0.95)")

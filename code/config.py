@@ -55,7 +55,7 @@ DEFAULTS = {
     "data_on_device": "auto",  # auto | on | off: batches made batch-wise (dataset.DeviceBatches), not by a DataLoader
     "amp": "auto",  # auto | off | bf16: bfloat16 autocast of the forward pass; auto = bf16 on CUDA and AMX CPUs
     "num_workers": -1,  # DataLoader workers; -1 = auto: 0 on a CPU (cheaper than sharing its cores), 4 with CUDA
-    "malloc": "tuned",  # tuned | default: glibc keeps freed memory for reuse (config.tune_malloc; 1.3x faster CPU steps)
+    "malloc": "tuned",  # tuned | default: glibc keeps freed memory for reuse (system.tune_malloc)
     # evaluate.py: comma-separated checkpoint files; empty = every checkpoints/*/model.pt
     "checkpoint": "",
     "protocol": "rgb",  # evaluate.py: rgb (RGB in [0, 1], `degradation`) | standard (MATLAB bicubic, Y, shaved border)
@@ -181,88 +181,3 @@ def save(cfg, folder):
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
     return path
-
-
-def pick_device(name):
-    """'auto' means CUDA when available; asking for CUDA on a machine without it is an error."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"config error: device={name} but CUDA is not available here; use device=cpu or auto")
-    return torch.device(name)
-
-
-def channels_last_helps(setting, device):
-    """NHWC convolutions: about 1.27x faster per training step on an AVX-512 CPU here (oneDNN), and
-    the usual layout for GPU tensor cores; slower on AVX2-only CPUs, so `auto` leaves those alone."""
-    if setting != "auto":
-        return setting == "on"
-    return device.type == "cuda" or cpu_has("avx512f")
-
-
-def batches_on_device(cfg, device):
-    """Whether training batches are made batch-wise on the device (dataset.DeviceBatches) rather than per
-    sample by a DataLoader: auto = always on a GPU, where per-sample transforms cannot keep up, and on a
-    CPU when the batches would be made in the training process anyway (no workers), since batch-wise
-    is about twice as fast there (code/bench.py)."""
-    if cfg["data_on_device"] != "auto":
-        return cfg["data_on_device"] == "on"
-    return device.type == "cuda" or data_workers(cfg, device) == 0
-
-
-def use_bf16(cfg, device):
-    """amp=auto turns bf16 autocast on where it is fast: CUDA GPUs with bf16, and CPUs with bf16 instructions
-    (AMX tiles or AVX512-BF16), where a training step runs 2-5x faster than in fp32 and ends within 0.05 dB
-    PSNR of it (code/bench.py measures both). Elsewhere (AVX2, AVX-512 without BF16) bf16 is emulated and
-    many times slower, so fp32 stays the default there."""
-    if cfg["amp"] != "auto":
-        return cfg["amp"] == "bf16"
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has("amx_bf16") or cpu_has("avx512_bf16")
-
-
-def cpu_has(flag):
-    """Whether the CPU lists `flag` (avx512f, amx_bf16, ...) in /proc/cpuinfo; False where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and f" {flag} " in f"{line.rstrip()} " for line in f)
-    except OSError:
-        return False
-
-
-def tune_malloc(cfg):
-    """malloc=tuned: let glibc keep freed memory in its heap for reuse instead of unmapping it.
-
-    By default glibc serves blocks over 128 KiB (its threshold grows only up to 32 MiB, and only with
-    the blocks seen so far) with mmap and hands them back to the kernel when they are freed. PyTorch
-    allocates and frees its activations at every step (8-17 MB a layer for a batch of 16 64x64 patches;
-    40+ MB for whole evaluation images), so each step page-faults on memory it just gave back. Measured
-    on this repository's 2-core Xeon: a bf16 training step took 134-141 ms instead of 189-199 ms with
-    the mmap threshold at 32 MiB (fresh processes, 20 steps each), and evaluating a model on Set14 went
-    from 9.1 M minor page faults and 14.4 s system time to 0.34 M and 0.7 s with no mmap at all
-    (39 -> 25 s wall, timed beside a training). So: no mmap (glibc still falls back to it if the heap
-    cannot grow) and no trimming below 1 GiB. Results are unchanged (equal weights after 30 training
-    steps; equal metrics). Returns whether the setting took effect (False off glibc, or malloc=default)."""
-    if cfg["malloc"] != "tuned":
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
-def data_workers(cfg, device):
-    """num_workers, with -1 resolved: preparing a batch in the training process costs ~15 ms here, while
-    worker processes on a CPU-only machine take cores from the convolutions (measured by code/bench.py)."""
-    if cfg["num_workers"] >= 0:
-        return cfg["num_workers"]
-    return 4 if device.type == "cuda" else 0

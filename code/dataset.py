@@ -6,6 +6,7 @@ crop by `degrade`, the one place where the degradation lives, so LR and HR alway
     python code/dataset.py [data_dir=...]   # the handout's data-loader check
 """
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.io import ImageReadMode
 
@@ -122,6 +123,19 @@ def _resize_matrix(in_length, out_length, scale):
     return matrix
 
 
+def _resize_matrix_on(in_length, out_length, scale, device):
+    """_resize_matrix on `device`, kept for the small sizes that training resizes at every step (no
+    host-to-device copy per batch on a GPU); large one-off evaluation sizes are not kept."""
+    if in_length * out_length > 1 << 16:
+        return _resize_matrix(in_length, out_length, scale).to(device)
+    return _cached_resize_matrix(in_length, out_length, scale, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_resize_matrix(in_length, out_length, scale, device):
+    return _resize_matrix(in_length, out_length, scale).to(device)
+
+
 def imresize_matlab(image, scale):
     """MATLAB's `imresize(image, scale)` (bicubic, antialiased) for a CxHxW or NxCxHxW float tensor.
 
@@ -129,8 +143,8 @@ def imresize_matlab(image, scale):
     """
     height, width = image.shape[-2:]
     out_height, out_width = (math.ceil(side * scale - 1e-9) for side in (height, width))  # 255 * (1/3) is 85
-    rows = _resize_matrix(height, out_height, scale).to(image.device)
-    cols = _resize_matrix(width, out_width, scale).to(image.device)
+    rows = _resize_matrix_on(height, out_height, scale, image.device)
+    cols = _resize_matrix_on(width, out_width, scale, image.device)
     return (rows @ image.double() @ cols.T).to(image.dtype)
 
 
@@ -215,164 +229,6 @@ def seeded(seed):
         yield
     finally:
         generator.set_state(saved)
-
-
-class DeviceBatches:
-    """SRDataset's training samples made a whole batch at a time on the training device: the GPU path,
-    and on a CPU twice as fast as sample by sample when no DataLoader workers are used.
-
-    The images are copied to the device once, as one flat uint8 buffer; per batch only the random
-    parameters travel: each sample's crop position and colour-jitter factors and order are drawn on the
-    CPU from the sample's seed by the dataset's own RandomCrop/ColorJitter objects (`get_params`), so
-    the samples are the same as SRDataset's for the same (index, seed), bit for bit (a test
-    compares them). Cropping is one gather, the jitter four batched passes, the LR `degrade` one call.
-    `batches_per_chunk` batches are made in one go: per batch, a few hundred small tensor ops cost more in
-    dispatch than in arithmetic, and making 8 at once cut the CPU cost per batch from about 12 to 8 ms.
-    """
-
-    def __init__(self, dataset, sampler, batch_size, device, batches_per_chunk=8):
-        steps = dataset.transform.transforms
-        self.crop, self.jitter = steps[0], steps[-1] if isinstance(steps[-1], transforms.ColorJitter) else None
-        self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
-        self.samples, self.batches_per_chunk, self.ready = iter(sampler), batches_per_chunk, []
-        sizes = [image.numel() for image in dataset.images]
-        self.pixels = torch.cat([image.flatten() for image in dataset.images]).to(self.device)
-        self.offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
-        side = torch.arange(dataset.transform.transforms[0].size[0])
-        self.rows, self.columns = side.view(1, 1, -1, 1).to(self.device), side.view(1, 1, 1, -1).to(self.device)
-        self.channels = torch.arange(3).view(1, 3, 1, 1).to(self.device)
-
-    def sample_parameters(self, index, seed):
-        """[offset, height, width, top, left, 4 jitter factors, 4 jitter op ids, symmetry]: what the transforms
-        would draw for this sample, in the order they draw it."""
-        image = self.dataset.images[index]
-        with seeded(seed):
-            top, left, _, _ = self.crop.get_params(image, self.crop.size)
-            jitter = self.jitter.get_params(self.jitter.brightness, self.jitter.contrast, self.jitter.saturation,
-                                            self.jitter.hue) if self.jitter else (torch.arange(4), 1.0, 1.0, 1.0, 0.0)
-            symmetry = int(torch.randint(8, ())) if self.dataset.augment == "dihedral" else 0
-        order, *factors = jitter
-        return [self.offsets[index], image.shape[1], image.shape[2], top, left, *factors, *order.tolist(), symmetry]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if not self.ready:
-            low_res, high_res = self.make(self.batch_size * self.batches_per_chunk)
-            self.ready = list(zip(low_res.split(self.batch_size), high_res.split(self.batch_size)))[::-1]
-        return self.ready.pop()
-
-    def make(self, count):
-        """The next `count` (LR, HR) training samples of the sampler's stream, as two batches."""
-        parameters = torch.tensor([self.sample_parameters(*next(self.samples)) for _ in range(count)],
-                                  dtype=torch.float64).to(self.device, non_blocking=True)
-        offset, height, width, top, left = (parameters[:, i].long().view(-1, 1, 1, 1) for i in range(5))
-        index = (offset + self.channels * height * width + (top + self.rows) * width + left + self.columns)
-        high_res = self.pixels[index].float() / 255  # ConvertImageDtype
-        if self.jitter is not None:
-            high_res = jitter_batch(high_res, parameters[:, 5:9].float(), parameters[:, 9:13].long())
-        if self.dataset.augment == "dihedral":
-            symmetry = parameters[:, 13].long()
-            for k in range(1, 8):
-                chosen = (symmetry == k).nonzero().squeeze(1)
-                if len(chosen):
-                    high_res[chosen] = dihedral(high_res[chosen], k)
-        return degrade(high_res, self.dataset.scale, self.dataset.degradation), high_res
-
-
-def jitter_batch(images, factors, order, host_free=None):
-    """ColorJitter for a batch with per-sample (brightness, contrast, saturation, hue) `factors` (Nx4)
-    applied in per-sample `order` (Nx4 op ids), with torchvision's adjust_* formulas. On a GPU
-    (`host_free`, default: images on CUDA) every op is computed for every sample at each of the four
-    positions and selected per sample, so nothing waits for the host; on a CPU each op runs only on
-    the samples that apply it at that position."""
-    def blend(image, other, factor):  # torchvision's _blend, with in-place steps
-        factor = factor.view(-1, 1, 1, 1)
-        return (factor * image).add_((1.0 - factor) * other).clamp_(0, 1)
-
-    gray = transforms.functional.rgb_to_grayscale
-    # brightness blends with black: f * x + (1 - f) * 0 is exactly f * x
-    ops = (lambda image, f: (f.view(-1, 1, 1, 1) * image).clamp_(0, 1),
-           lambda image, f: blend(image, gray(image).mean(dim=(-3, -2, -1), keepdim=True), f),
-           lambda image, f: blend(image, gray(image), f),
-           hue_shift)
-    for position in range(4):
-        op = order[:, position]
-        if images.is_cuda if host_free is None else host_free:
-            candidates = [apply(images, factors[:, kind]) for kind, apply in enumerate(ops)]
-            images = torch.where(op.view(-1, 1, 1, 1) == 0, candidates[0],
-                                 torch.where(op.view(-1, 1, 1, 1) == 1, candidates[1],
-                                             torch.where(op.view(-1, 1, 1, 1) == 2, candidates[2], candidates[3])))
-        else:
-            images = images.clone()
-            for kind, apply in enumerate(ops):
-                chosen = (op == kind).nonzero().squeeze(1)
-                if len(chosen):
-                    images[chosen] = apply(images[chosen], factors[chosen, kind])
-    return images
-
-
-def hue_shift(images, shift):
-    """torchvision's adjust_hue (RGB -> HSV, h + shift mod 1, HSV -> RGB) for a batch with one shift per
-    image, bit-identical to it (a test checks) and 3.9x faster than calling it image by image (3.4 vs
-    13.3 ms for 16x3x64x64 on one thread): the same arithmetic, but the hue's three masked terms (of
-    which one is non-zero) become two `where`s, h * 6 is computed once, and HSV -> RGB picks each
-    output channel from its candidates with one gather instead of a one-hot einsum.
-    Hue is the largest part of the cost of making a training batch."""
-    red, green, blue = images.unbind(dim=-3)
-    maxc, minc = images.amax(dim=-3), images.amin(dim=-3)
-    gray = maxc == minc
-    chroma = maxc - minc
-    ones = torch.ones_like(maxc)
-    saturation = chroma / torch.where(gray, ones, maxc)
-    divisor = torch.where(gray, ones, chroma)
-    rc, gc, bc = (maxc - red).div_(divisor), (maxc - green).div_(divisor), (maxc - blue).div_(divisor)
-    hue = torch.where(maxc == red, bc - gc, torch.where(maxc == green, (2.0 + rc).sub_(bc), (4.0 + gc).sub_(rc)))
-    hue = torch.fmod(hue.div_(6.0).add_(1.0), 1.0).add_(shift.view(-1, 1, 1)).remainder_(1.0).mul_(6.0)
-    sector = torch.floor(hue)
-    fraction = hue.sub_(sector)
-    sector = sector.to(torch.int64).remainder_(6)
-    p = (1.0 - saturation).mul_(maxc).clamp_(0.0, 1.0)
-    q = (saturation * fraction).neg_().add_(1.0).mul_(maxc).clamp_(0.0, 1.0)
-    t = (1.0 - fraction).mul_(saturation).neg_().add_(1.0).mul_(maxc).clamp_(0.0, 1.0)
-    # by sector, R = (v, q, p, p, t, v), G = (t, v, v, q, p, p), B = (p, p, t, v, v, q) as in _hsv2rgb
-    pick = torch.tensor([[0, 1, 2, 2, 3, 0], [3, 0, 0, 1, 2, 2], [2, 2, 3, 0, 0, 1]], device=images.device)
-    return torch.stack((maxc, q, p, t), dim=-3).gather(-3, pick[:, sector].movedim(0, -3))
-
-
-class TrainSampler(Sampler):
-    """Endless (image index, sample seed) stream for training, one epoch's permutation after another.
-
-    Sample k of a run depends only on (seed, k), so `start=k` resumes the exact data stream and
-    the worker count cannot change what the model sees. Under DistributedDataParallel, rank r of
-    `world_size` takes the r-th `batch_size` block of each global batch of the same stream.
-    """
-
-    def __init__(self, num_images, seed=0, start=0, rank=0, world_size=1, batch_size=1):
-        self.num_images, self.seed, self.start = num_images, seed, start
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self._epoch, self._order = None, None
-
-    def sample(self, k):
-        epoch, position = divmod(k, self.num_images)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(_derive_seed(self.seed, 0, epoch))
-            self._epoch, self._order = epoch, torch.randperm(self.num_images, generator=generator).tolist()
-        return self._order[position], _derive_seed(self.seed, 1, k)
-
-    def __iter__(self):
-        global_batch = self.start
-        while True:
-            first = global_batch + self.rank * self.batch_size
-            for k in range(first, first + self.batch_size):
-                yield self.sample(k)
-            global_batch += self.world_size * self.batch_size
-
-
-def _derive_seed(*numbers):
-    """A well-mixed 63-bit seed from a tuple of non-negative integers."""
-    return int(np.random.SeedSequence(numbers).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def main(argv):

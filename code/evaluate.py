@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import config
+import system
 from dataset import DataError, SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, list_images
 from models import CheckpointError, load_model
 
@@ -136,8 +137,8 @@ def checkpoint_paths(cfg):
 
 def main(argv):
     cfg = config.from_argv(argv)
-    config.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
-    device = config.pick_device(cfg["device"])
+    system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
+    device = system.pick_device(cfg["device"])
     standard = cfg["protocol"] == "standard"
     try:
         models = [(path, *load_model(path, device)) for path in checkpoint_paths(cfg)]

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import config
+import system
 from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, to_float
 from evaluate import evaluate, evaluate_standard, interpolate, markdown_table
 from experiments import DATA_ROOT, RUNS
@@ -379,8 +380,8 @@ def main(argv):
         print(render_pdf("README.md", "README.pdf"))
         return
     cfg = config.from_argv(argv)
-    config.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
-    device = config.pick_device(cfg["device"])
+    system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
+    device = system.pick_device(cfg["device"])
     for set_name in ("T91", *EVAL_SETS):
         if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):
             raise SystemExit(f"error: {DATA_ROOT}/{set_name}: no such folder; the report evaluates on the standard sets")

@@ -15,7 +15,6 @@ import glob
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -36,7 +35,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import config
-from dataset import DataError, DeviceBatches, SRDataset, TrainSampler
+import system
+from batches import DeviceBatches, TrainSampler
+from dataset import DataError, SRDataset
 from evaluate import evaluate, interpolate
 from models import MODEL_KEYS, CheckpointError, Discriminator, build_model, load_checkpoint, load_model, load_weights, \
     save_checkpoint
@@ -49,7 +50,6 @@ RESULT_KEYS = ("data_dir", "scale", "patch_size", "jitter", "degradation", "mode
                "augment", "lr_schedule", "warmup_steps", "lr_min", "ema")
 KEEP_STEP_CHECKPOINTS = 3
 PREVIEW_IMAGES, PREVIEW_SIZE = 3, 96
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def learning_rate(cfg, step):
@@ -70,28 +70,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def rng_states():
-    """The global generators' states, for a checkpoint. The training data never draws from them (see
-    TrainSampler), but anything added to the loop that does (noise, dropout) then resumes exactly too."""
-    _, keys, position, has_gauss, gauss = np.random.get_state()
-    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
-              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
-                        "has_gauss": has_gauss, "gauss": gauss}}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    numpy = states["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def step_checkpoints(ckpt_dir):
@@ -136,7 +114,9 @@ def init_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     return dist.get_rank(), world_size, device
 
 
@@ -226,23 +206,6 @@ def preview(model, val_set, device):
     return images
 
 
-def ignore_stop_signals(worker_id):
-    """DataLoader workers leave stopping to the main process, which needs them for the current step."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def hardware(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
 class StopRequest:
     """Turns SIGTERM/SIGINT/SIGUSR1 (scheduler time limits, Ctrl-C) into a flag the loop checks at
     the next logging step, so the run stops between steps with a checkpoint instead of mid-write.
@@ -251,7 +214,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in system.STOP_SIGNALS}
 
     def handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:  # Ctrl-C twice: stop now
@@ -269,16 +232,16 @@ def train(cfg):
         config.validate_training(cfg)
     except config.ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
-    config.tune_malloc(cfg)
-    device = config.pick_device(cfg["device"])
+    system.tune_malloc(cfg)
+    device = system.pick_device(cfg["device"])
     rank, world_size, device = init_distributed(device)
     gan = cfg["gan"]
     if gan and world_size > 1:
         raise SystemExit("config error: gan=true trains in one process (no torchrun with several processes)")
     main_process = rank == 0  # only rank 0 validates, logs and saves
     say = print if main_process else (lambda *args, **kwargs: None)
-    bf16 = config.use_bf16(cfg, device)
-    setup = f"{hardware(device)}, {'bf16 autocast' if bf16 else 'fp32'}"
+    bf16 = system.use_bf16(cfg, device)
+    setup = system.describe(device, bf16)
     say(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else "")
         + (", bf16 autocast" if bf16 else ""))
     seed_everything(cfg["seed"])
@@ -298,7 +261,7 @@ def train(cfg):
     if not main_process:
         state_path, state = newest_good_state(ckpt_dir) if cfg["resume"] == "auto" else (None, None)
 
-    memory_format = torch.channels_last if config.channels_last_helps(cfg["channels_last"], device) \
+    memory_format = torch.channels_last if system.channels_last_helps(cfg["channels_last"], device) \
         else torch.contiguous_format
     raw_model = build_model(cfg).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg["lr"])
@@ -324,8 +287,11 @@ def train(cfg):
         step, elapsed, best_psnr, metrics = state["step"], state["elapsed"], state["best_psnr"], state["val"]
         samples = state.get("samples", step * cfg["batch_size"])
         if "rng" in state:
-            set_rng_states(state["rng"])
+            system.set_rng_states(state["rng"], device)
         say(f"Resuming run '{cfg['run']}' at step {step} from {state_path}")
+        if state.get("hardware", setup) != setup:
+            say(f"note: this run continues on other hardware or precision: {setup} (was {state['hardware']}); "
+                f"its results will not be bit-identical to an uninterrupted run")
     # DDP averages the gradients of the ranks: global batch = batch_size x world_size
     model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else raw_model
@@ -338,12 +304,13 @@ def train(cfg):
     # The sampler continues the run's sample stream where it stopped, so a resumed run sees the same batches.
     sampler = TrainSampler(len(train_set), cfg["seed"], start=samples, rank=rank, world_size=world_size,
                            batch_size=cfg["batch_size"])
-    if config.batches_on_device(cfg, device):  # crops, jitter and LR made a batch at a time, on the device
-        batches = DeviceBatches(train_set, sampler, cfg["batch_size"], device)
+    if system.batches_on_device(cfg, device):  # crops, jitter and LR made a batch at a time, on the device
+        batches = DeviceBatches.from_config(cfg, train_set.images, sampler, device,
+                                            workers=min(1, system.data_workers(cfg, device)))
     else:
         batches = iter(DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler,
-                                  num_workers=config.data_workers(cfg, device), pin_memory=device.type == "cuda",
-                                  worker_init_fn=ignore_stop_signals))
+                                  num_workers=system.data_workers(cfg, device), pin_memory=device.type == "cuda",
+                                  worker_init_fn=system.ignore_stop_signals))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     # events after the saved step come from the interrupted attempt: TensorBoard drops them
     writer = SummaryWriter(run_dir, purge_step=step + 1 if state is not None else None) if main_process else None
@@ -354,7 +321,7 @@ def train(cfg):
         ema_state = {"ema": ema.state_dict()} if ema is not None else {}
         save_checkpoint(path, raw_model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
                         samples=samples, elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics,
-                        rng=rng_states(), hardware=setup, **gan_state, **ema_state)
+                        rng=system.rng_states(device), hardware=setup, **gan_state, **ema_state)
         for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
             os.remove(old)
         return path

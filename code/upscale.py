@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import config
+import system
 from dataset import IMAGE_EXTENSIONS, DataError, decode_image, list_images, to_float
 from models import CheckpointError, load_model
 
@@ -113,13 +114,13 @@ def plan(input_path, output):
 
 def main(argv):
     cfg = config.from_argv(argv)
-    config.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
-    device = config.pick_device(cfg["device"])
+    system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
+    device = system.pick_device(cfg["device"])
     if not cfg["checkpoint"] or not cfg["input"]:
         raise SystemExit("error: give checkpoint=PATH and input=IMAGE_OR_FOLDER (and optionally output=PATH)")
     try:
         model, payload = load_model(cfg["checkpoint"], device)
-        if config.channels_last_helps(cfg["channels_last"], device):
+        if system.channels_last_helps(cfg["channels_last"], device):
             model = model.to(memory_format=torch.channels_last)
         jobs = plan(cfg["input"], cfg["output"])
     except (CheckpointError, DataError) as err:

@@ -62,50 +62,7 @@ def test_from_argv_exits_with_the_message(capsys):
     assert str(exit_.value).startswith("config error: unknown key 'bogus'")
 
 
-def test_cuda_without_cuda_is_an_error_before_work(monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        config.pick_device("cuda")
-    assert config.pick_device("auto").type == "cpu"
-
-
-def test_data_workers_auto_means_none_on_a_cpu_and_some_with_cuda():
-    import torch
-
-    auto = parse_overrides([])
-    assert config.data_workers(auto, torch.device("cpu")) == 0
-    assert config.data_workers(auto, torch.device("cuda")) == 4
-    assert config.data_workers(parse_overrides(["num_workers=3"]), torch.device("cpu")) == 3
-
-
 def test_save_writes_the_resolved_config(tmp_path):
     cfg = parse_overrides(["lr=0.001"])
     path = config.save(cfg, tmp_path / "run")
     assert json.loads(open(path).read()) == cfg
-
-
-def test_amp_auto_means_bf16_only_on_amx_cpus(monkeypatch):
-    cpu = torch.device("cpu")
-    for has_amx in (True, False):
-        monkeypatch.setattr(config, "cpu_has", lambda flag: has_amx and flag == "amx_bf16")
-        assert config.use_bf16(config.parse_overrides(["amp=auto"]), cpu) is has_amx
-        assert config.use_bf16(config.parse_overrides(["amp=off"]), cpu) is False
-        assert config.use_bf16(config.parse_overrides(["amp=bf16"]), cpu) is True
-
-
-def test_batches_are_made_batch_wise_unless_dataloader_workers_are_asked_for():
-    auto, workers = config.parse_overrides([]), config.parse_overrides(["num_workers=2"])
-    off = config.parse_overrides(["data_on_device=off"])
-    assert config.batches_on_device(auto, torch.device("cuda")) and config.batches_on_device(auto, torch.device("cpu"))
-    assert not config.batches_on_device(workers, torch.device("cpu")) and config.batches_on_device(workers, torch.device("cuda"))
-    assert not config.batches_on_device(off, torch.device("cuda"))
-
-
-def test_tune_malloc_takes_effect_on_glibc_and_only_when_asked():
-    import platform
-
-    assert config.tune_malloc(config.parse_overrides(["malloc=default"])) is False
-    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert config.tune_malloc(config.parse_overrides([])) is on_glibc

@@ -9,7 +9,8 @@ from PIL import Image
 
 import dataset
 from conftest import photo_crops, shared_folder, write_folder
-from dataset import DataError, SRDataset, TrainSampler, degrade, read_image
+from batches import DeviceBatches, TrainSampler, hue_shift, jitter_batch
+from dataset import DataError, SRDataset, degrade, read_image
 
 
 def test_training_pairs_have_the_right_shapes_and_range(tiny_data):
@@ -263,14 +264,18 @@ def test_bicubic_matlab_degradation_is_rounded_to_8_bits():
     torch.testing.assert_close(low_res * 255, (low_res * 255).round(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("jitter, degradation", [(0.2, "bilinear"), (0.5, "bicubic"), (0.0, "nearest")])
-def test_device_batches_equal_the_reference_dataset_for_the_same_sample_seeds(tiny_data, tmp_path, jitter, degradation):
+@pytest.mark.parametrize("jitter, degradation, augment, workers", [
+    (0.2, "bilinear", "none", 0), (0.5, "bicubic", "dihedral", 0), (0.0, "nearest", "none", 0),
+    (0.0, "bicubic_matlab", "dihedral", 1), (0.2, "bilinear", "dihedral", 1)])
+def test_device_batches_equal_the_reference_dataset_for_the_same_sample_seeds(tiny_data, tmp_path, jitter, degradation,
+                                                                             augment, workers):
     """The batched (GPU) path must make the same LR/HR pairs as SRDataset: same crops, jitter and LR."""
     # images of different sizes, so the flat buffer's offsets and strides are exercised
     folder = write_folder(tmp_path / "mixed", [*photo_crops(80, 2), *photo_crops(120, 2)[1:], photo_crops(97, 1)[0]])
-    reference = SRDataset(folder, patch_size=32, jitter=jitter, degradation=degradation)
+    reference = SRDataset(folder, patch_size=32, jitter=jitter, degradation=degradation, augment=augment)
     sampler = TrainSampler(len(reference), seed=3, start=40)
-    batches = dataset.DeviceBatches(reference, sampler, 8, "cpu", batches_per_chunk=2)  # crosses a chunk boundary
+    batches = DeviceBatches(reference.images, sampler, 8, "cpu", 32, jitter=jitter, degradation=degradation,
+                            augment=augment, batches_per_chunk=2, workers=workers)  # crosses a chunk boundary
     samples = iter(TrainSampler(len(reference), seed=3, start=40))
     for _ in range(3):
         low_res, high_res = next(batches)
@@ -282,8 +287,8 @@ def test_device_batches_equal_the_reference_dataset_for_the_same_sample_seeds(ti
 def test_device_batches_are_the_same_whatever_the_chunk_size(tiny_data):
     """Making 8 batches at once is only faster: the batches are bit-identical to those made one by one."""
     reference = SRDataset(tiny_data["train"], patch_size=32, jitter=0.3)
-    one_by_one, chunked = (dataset.DeviceBatches(reference, TrainSampler(len(reference), seed=1), 4, "cpu",
-                                                 batches_per_chunk=chunk) for chunk in (1, 3))
+    one_by_one, chunked = (DeviceBatches(reference.images, TrainSampler(len(reference), seed=1), 4, "cpu", 32,
+                                         jitter=0.3, batches_per_chunk=chunk) for chunk in (1, 3))
     for _ in range(7):
         assert all(torch.equal(a, b) for a, b in zip(next(one_by_one), next(chunked)))
 
@@ -294,13 +299,13 @@ def test_jitter_batch_applies_each_samples_own_order():
     images = torch.rand(2, 3, 8, 8)
     factors = torch.tensor([[1.4, 0.6, 1.0, 0.0]] * 2)
     order = torch.tensor([[0, 1, 2, 3], [1, 0, 2, 3]])
-    out = dataset.jitter_batch(images.clone(), factors, order)
+    out = jitter_batch(images.clone(), factors, order)
     tf = dataset.transforms.functional
     assert torch.allclose(out[0], tf.adjust_contrast(tf.adjust_brightness(images[0], 1.4), 0.6), atol=1e-6)
     assert torch.allclose(out[1], tf.adjust_brightness(tf.adjust_contrast(images[1], 0.6), 1.4), atol=1e-6)
-    other_order = dataset.jitter_batch(images[:1].clone(), factors[:1], order[1:])
+    other_order = jitter_batch(images[:1].clone(), factors[:1], order[1:])
     assert not torch.allclose(out[0], other_order[0])  # the two orders really differ on these values
-    assert torch.equal(dataset.jitter_batch(images.clone(), factors, order, host_free=True), out)  # the GPU way
+    assert torch.equal(jitter_batch(images.clone(), factors, order, host_free=True), out)  # the GPU way
 
 
 def test_hue_shift_is_torchvisions_adjust_hue_per_image_bit_for_bit():
@@ -312,4 +317,20 @@ def test_hue_shift_is_torchvisions_adjust_hue_per_image_bit_for_bit():
     shifts = torch.tensor([-0.5, -0.2, 0.0, 0.1, 0.33, 0.5])
     expected = torch.stack([dataset.transforms.functional.adjust_hue(image, float(shift))
                             for image, shift in zip(images, shifts)])
-    assert torch.equal(dataset.hue_shift(images, shifts), expected)
+    assert torch.equal(hue_shift(images, shifts), expected)
+
+
+def test_dihedral_augment_turns_or_mirrors_the_same_crop_and_keeps_the_stream(tiny_data):
+    """augment=dihedral draws after the crop and jitter, so each sample is one of the 8 symmetries of the sample
+    made without it; over many samples all 8 occur."""
+    plain = SRDataset(tiny_data["train"], patch_size=32, jitter=0.2)
+    turned = SRDataset(tiny_data["train"], patch_size=32, jitter=0.2, augment="dihedral")
+    seen = set()
+    for seed in range(40):
+        _, reference = plain[(seed % len(plain), seed)]
+        low_res, high_res = turned[(seed % len(plain), seed)]
+        matches = [k for k in range(8) if torch.equal(dataset.dihedral(reference, k), high_res)]
+        assert matches, seed
+        seen.add(matches[0])
+        assert torch.equal(low_res, degrade(high_res, 2, "bilinear"))  # LR made from the turned crop
+    assert seen == set(range(8))

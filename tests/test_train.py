@@ -223,25 +223,6 @@ def test_channels_last_changes_the_layout_not_the_result(tiny_cfg):
     nchw = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "nchw", "model.pt"))
     for key in nchw:
         torch.testing.assert_close(nhwc[key], nchw[key], atol=1e-5, rtol=1e-4)
-    assert config.channels_last_helps("off", torch.device("cuda")) is False
-    assert config.channels_last_helps("auto", torch.device("cuda")) is True
-
-
-def test_global_generator_states_survive_a_checkpoint_round_trip(tmp_path):
-    import random
-
-    import numpy as np
-
-    from models import load_checkpoint, save_checkpoint
-
-    train.seed_everything(5)
-    random.random(), np.random.rand(3), torch.rand(2)
-    path = save_checkpoint(str(tmp_path / "s.pt"), torch.nn.Linear(1, 1), {"model": "basic", "num_blocks": 1,
-                           "channels": 1, "scale": 2, "run": "r"}, 0, rng=train.rng_states())
-    expected = random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist()
-    train.seed_everything(99)
-    train.set_rng_states(load_checkpoint(path)["rng"])  # weights_only=True can read them
-    assert (random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist()) == expected
 
 
 # ---- Task 6: adversarial training (gan=true) ----
@@ -323,3 +304,51 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights(tiny_cfg):
     summary = train.train(dict(tiny_cfg, max_steps=4, amp="bf16"))
     weights = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt"))
     assert all(w.dtype == torch.float32 for w in weights.values()) and math.isfinite(summary["final_val"]["psnr"])
+
+
+# ---- the final model's recipe: dihedral augmentation, warm-up + cosine schedule, moving average of the weights ----
+
+def test_learning_rate_schedules():
+    constant = config.parse_overrides(["lr=1e-3"])
+    assert {train.learning_rate(constant, s) for s in (0, 10, 10**6)} == {1e-3}
+    cosine = config.parse_overrides(["lr=1e-3", "lr_schedule=cosine", "warmup_steps=10", "lr_min=1e-5",
+                                     "max_steps=110"])
+    rates = [train.learning_rate(cosine, s) for s in range(110)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warm-up
+    assert all(a > b for a, b in zip(rates[10:], rates[11:]))  # then only down
+    assert train.learning_rate(cosine, 60) == pytest.approx((1e-3 + 1e-5) / 2)  # half way down at half way
+    assert rates[-1] < 1.05e-5 and train.learning_rate(cosine, 110) == pytest.approx(1e-5)  # lr_min at max_steps
+
+
+def recipe_cfg(cfg):
+    return dict(cfg, augment="dihedral", jitter=0.0, lr_schedule="cosine", warmup_steps=3, lr_min=1e-5, ema=0.9,
+                max_steps=12, ckpt_every=3, val_every=6)
+
+
+def test_recipe_resumes_bit_identically_and_saves_the_average(tiny_cfg):
+    cfg = recipe_cfg(tiny_cfg)
+    train.train(dict(cfg, run="straight"))
+    train.train(dict(cfg, run="resumed"))
+    ckpt_dir = os.path.join(cfg["ckpt_dir"], "resumed")
+    for name in ("step000012.pt", "step000009.pt", "model.pt"):  # as if killed after step 6
+        os.remove(os.path.join(ckpt_dir, name))
+    train.train(dict(cfg, run="resumed", resume="auto"))
+    straight = torch.load(os.path.join(cfg["ckpt_dir"], "straight", "step000012.pt"), weights_only=True)
+    resumed = torch.load(os.path.join(ckpt_dir, "step000012.pt"), weights_only=True)
+    for part in ("model", "ema"):
+        assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
+    final = state_dict_of(os.path.join(ckpt_dir, "model.pt"))
+    average = {k.removeprefix("module."): v for k, v in resumed["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(final[k], average[k]) for k in final)  # model.pt holds the average ...
+    assert not all(torch.equal(final[k], resumed["model"][k]) for k in final)  # ... not the last weights
+    steps, rates = read_scalars(os.path.join(cfg["runs_dir"], "straight"))["train/lr"]
+    assert steps == [6, 12] and rates[1] == pytest.approx(train.learning_rate(cfg, 11))
+
+
+def test_a_scheduled_run_cannot_be_extended_silently(tiny_cfg):
+    cfg = recipe_cfg(tiny_cfg)
+    train.train(cfg)
+    with pytest.raises(SystemExit, match="max_steps=12 \\(now 20\\)"):
+        train.train(dict(cfg, max_steps=20, resume="auto"))
+    train.train(dict(tiny_cfg, run="constant", max_steps=12))  # a constant learning rate can be extended
+    assert train.train(dict(tiny_cfg, run="constant", max_steps=14, resume="auto"))["steps"] == 14

@@ -1,0 +1,165 @@
+"""The machine a script runs on: device, precision, memory layout, data path, malloc, generator states.
+
+Every entry point asks here instead of deciding for itself, so that the training loop reads as training
+and one place knows the hardware. Measured speeds behind these choices: README.md, Performance.
+"""
+import ctypes
+import platform
+import random
+import signal
+
+import numpy as np
+import torch
+
+# what a scheduler or a user sends to stop a training run between steps (train.StopRequest)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# NVIDIA GPUs with native bf16 tensor cores (Ampere, compute capability 8.0, and newer); older cards emulate it
+BF16_CAPABILITY = (8, 0)
+
+
+def cpu_has(flag):
+    """Whether the CPU lists `flag` (avx512f, amx_bf16, ...) in /proc/cpuinfo; False where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and f" {flag} " in f"{line.rstrip()} " for line in f)
+    except OSError:
+        return False
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cuda_kernels_for(capability, arch_list):
+    """Whether a torch build with `arch_list` (torch.cuda.get_arch_list()) can run on a GPU of `capability`:
+    a binary for sm_XY runs on sm_XZ with Z >= Y (same major), and PTX (compute_XY) on any newer GPU."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        digits = "".join(c for c in number if c.isdigit())  # sm_90a is sm_90 with extra features
+        if not digits:
+            continue
+        arch_major, arch_minor = int(digits[:-1] or 0), int(digits[-1])
+        if kind == "sm" and arch_major == major and arch_minor <= minor:
+            return True
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return True
+    return False
+
+
+def check_cuda_device(device):
+    """Stop with one line if the installed torch has no kernels for this GPU (it would die at the first one)."""
+    capability, arch_list = torch.cuda.get_device_capability(device), torch.cuda.get_arch_list()
+    if not cuda_kernels_for(capability, arch_list):
+        raise SystemExit(
+            f"error: {torch.cuda.get_device_name(device)} (sm_{capability[0]}{capability[1]}) is not supported by this "
+            f"torch {torch.__version__} build (kernels for {', '.join(arch_list)}); request a newer GPU type, e.g. "
+            f"sbatch --gpus=rtx_4090:1 jobs/train.sbatch ... or bsub -R \"select[gpu_model0==NVIDIAGeForceRTX4090]\"")
+
+
+def pick_device(name):
+    """'auto' means CUDA when available; asking for CUDA where it cannot start, or on a GPU the installed torch
+    has no kernels for, is a one-line error before any work (a job script never trains on the CPU by accident)."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"config error: device={name} but CUDA is not available here (no GPU, or a driver too old "
+                         f"for torch {torch.__version__}, CUDA {torch.version.cuda}); use device=cpu or auto")
+    else:
+        device = torch.device(name)
+    if device.type == "cuda":
+        check_cuda_device(device)
+    return device
+
+
+def channels_last_helps(setting, device):
+    """NHWC convolutions: faster on GPU tensor cores and with oneDNN on AVX-512 CPUs, slower on AVX2-only CPUs."""
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cuda" or cpu_has("avx512f")
+
+
+def use_bf16(cfg, device):
+    """amp=auto turns bf16 autocast on where the hardware computes in bf16: NVIDIA GPUs of compute capability
+    8.0 or newer, and CPUs with AMX tiles or AVX512-BF16. Elsewhere bf16 is emulated (Turing GPUs, AVX2 CPUs)
+    and slower than fp32, so fp32 stays. Weights, optimiser and evaluation are fp32 in any case."""
+    if cfg["amp"] != "auto":
+        return cfg["amp"] == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= BF16_CAPABILITY
+    return cpu_has("amx_bf16") or cpu_has("avx512_bf16")
+
+
+def data_workers(cfg, device):
+    """num_workers, with -1 resolved: none on a CPU (workers would take cores from the convolutions), 4 with CUDA."""
+    if cfg["num_workers"] >= 0:
+        return cfg["num_workers"]
+    return 4 if device.type == "cuda" else 0
+
+
+def batches_on_device(cfg, device):
+    """Whether training batches are made batch-wise on the device (batches.DeviceBatches) rather than sample by
+    sample in a DataLoader: auto = always on a GPU, and on a CPU when no DataLoader workers are used."""
+    if cfg["data_on_device"] != "auto":
+        return cfg["data_on_device"] == "on"
+    return device.type == "cuda" or data_workers(cfg, device) == 0
+
+
+def tune_malloc(cfg):
+    """malloc=tuned: glibc keeps freed memory in its heap (no mmap, no trimming below 1 GiB) instead of returning
+    it to the kernel, so PyTorch's per-step activations do not page-fault at every step. Results are unchanged.
+    Returns whether the setting took effect (False off glibc, or with malloc=default)."""
+    if cfg["malloc"] != "tuned":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def describe(device, bf16):
+    """What a run computed on, for its checkpoints and summary: a resumed run says when this changes."""
+    if device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+        where = f"{torch.cuda.get_device_name(device)}, TF32 {'on' if tf32 else 'off'}"
+    else:
+        where = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    return f"{where}, {'bf16 autocast' if bf16 else 'fp32'}"
+
+
+def rng_states(device):
+    """The global generators' states, for a checkpoint: Python, NumPy, torch's CPU generator and, on a GPU,
+    that of the run's own device only (a resumed run may see fewer GPUs)."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                        "has_gauss": has_gauss, "gauss": gauss}}
+    if device.type == "cuda":
+        states["cuda_device"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    if device.type == "cuda":
+        if "cuda_device" in states:
+            torch.cuda.set_rng_state(states["cuda_device"], device)
+        elif states.get("cuda"):  # older checkpoints: one state per visible GPU; the run used its own index
+            all_states = states["cuda"]
+            torch.cuda.set_rng_state(all_states[min(device.index or 0, len(all_states) - 1)], device)
+
+
+def ignore_stop_signals(worker_id=None):
+    """For DataLoader workers: stopping is the training process's job, which needs them for the current step."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -1,0 +1,151 @@
+"""system.py: device, precision, layout and data-path choices, malloc, and the generator states of a checkpoint.
+CUDA is mocked where a CPU cannot show the behaviour (fewer GPUs on resume, old GPUs, Turing's emulated bf16)."""
+import platform
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import system
+from config import parse_overrides
+
+
+def test_cuda_without_cuda_is_an_error_before_work(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        system.pick_device("cuda")
+    assert system.pick_device("auto").type == "cpu"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A visible 'GPU' of a settable compute capability; nothing runs on it."""
+    gpu = {"capability": (8, 6), "name": "NVIDIA GeForce RTX 3090"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"])
+    return gpu
+
+
+def test_a_gpu_the_torch_build_has_no_kernels_for_is_refused_in_one_line(fake_gpu):
+    assert system.pick_device("cuda").type == "cuda"
+    fake_gpu.update(capability=(7, 0), name="Tesla V100-SXM2-32GB")
+    with pytest.raises(SystemExit) as refused:
+        system.pick_device("cuda")
+    message = str(refused.value)
+    assert "\n" not in message and "Tesla V100" in message and "sm_70" in message and "sm_75" in message
+    assert "--gpus=" in message  # how to ask the scheduler for a supported type
+    with pytest.raises(SystemExit):
+        system.pick_device("auto")  # auto picks CUDA when it is there, so it must check too
+
+
+def test_cuda_binary_compatibility_rules():
+    build = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+    assert system.cuda_kernels_for((8, 9), build)  # an sm_86 binary runs on an sm_89 card (RTX 4090)
+    assert system.cuda_kernels_for((7, 5), build) and system.cuda_kernels_for((12, 0), build)
+    assert not system.cuda_kernels_for((6, 1), build) and not system.cuda_kernels_for((7, 0), build)
+    assert not system.cuda_kernels_for((11, 0), build)  # no sm_11x binary and no PTX to compile
+    assert system.cuda_kernels_for((11, 0), [*build, "compute_90"])  # PTX runs on any newer GPU
+    assert system.cuda_kernels_for((9, 0), ["sm_90a"])
+
+
+def test_amp_auto_means_bf16_where_the_hardware_computes_in_bf16(monkeypatch, fake_gpu):
+    cpu, gpu, auto = torch.device("cpu"), torch.device("cuda"), parse_overrides(["amp=auto"])
+    for flags, expected in (({"amx_bf16", "avx512_bf16"}, True), ({"avx512_bf16"}, True), ({"avx512f"}, False), (set(), False)):
+        monkeypatch.setattr(system, "cpu_has", lambda flag: flag in flags)
+        assert system.use_bf16(auto, cpu) is expected
+    assert system.use_bf16(parse_overrides(["amp=off"]), cpu) is False
+    assert system.use_bf16(parse_overrides(["amp=bf16"]), cpu) is True
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # True on Turing too: emulation
+    fake_gpu.update(capability=(7, 5))
+    assert system.use_bf16(auto, gpu) is False
+    fake_gpu.update(capability=(8, 0))
+    assert system.use_bf16(auto, gpu) is True
+
+
+def test_data_workers_auto_means_none_on_a_cpu_and_some_with_cuda():
+    auto = parse_overrides([])
+    assert system.data_workers(auto, torch.device("cpu")) == 0
+    assert system.data_workers(auto, torch.device("cuda")) == 4
+    assert system.data_workers(parse_overrides(["num_workers=3"]), torch.device("cpu")) == 3
+
+
+def test_batches_are_made_batch_wise_unless_dataloader_workers_are_asked_for():
+    auto, workers = parse_overrides([]), parse_overrides(["num_workers=2"])
+    off = parse_overrides(["data_on_device=off"])
+    assert system.batches_on_device(auto, torch.device("cuda")) and system.batches_on_device(auto, torch.device("cpu"))
+    assert not system.batches_on_device(workers, torch.device("cpu")) and system.batches_on_device(workers, torch.device("cuda"))
+    assert not system.batches_on_device(off, torch.device("cuda"))
+
+
+def test_channels_last_auto_is_on_for_gpus_and_settable():
+    assert system.channels_last_helps("off", torch.device("cuda")) is False
+    assert system.channels_last_helps("auto", torch.device("cuda")) is True
+    assert system.channels_last_helps("on", torch.device("cpu")) is True
+
+
+def test_tune_malloc_takes_effect_on_glibc_and_only_when_asked():
+    assert system.tune_malloc(parse_overrides(["malloc=default"])) is False
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert system.tune_malloc(parse_overrides([])) is on_glibc
+
+
+def test_describe_names_the_gpu_model_precision_and_tf32(fake_gpu):
+    text = system.describe(torch.device("cuda"), bf16=True)
+    assert "RTX 3090" in text and "bf16" in text and "TF32" in text
+    assert "threads, fp32" in system.describe(torch.device("cpu"), bf16=False)
+
+
+def test_global_generator_states_survive_a_checkpoint_round_trip(tmp_path):
+    from models import load_checkpoint, save_checkpoint
+
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    random.random(), np.random.rand(3), torch.rand(2)
+    path = save_checkpoint(str(tmp_path / "s.pt"), torch.nn.Linear(1, 1), {"model": "basic", "num_blocks": 1,
+                           "channels": 1, "scale": 2, "run": "r"}, 0, rng=system.rng_states(torch.device("cpu")))
+    expected = random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist()
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    system.set_rng_states(load_checkpoint(path)["rng"], torch.device("cpu"))  # weights_only=True can read them
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(2).tolist()) == expected
+
+
+class FakeCudaGenerators:
+    """`count` visible GPUs, each with its own generator state (a byte tensor, as torch keeps it)."""
+
+    def __init__(self, monkeypatch, count):
+        self.states = [torch.full((16,), i, dtype=torch.uint8) for i in range(count)]
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(self.states))
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(self.states))
+
+    def index(self, device):
+        index = torch.device(device).index or 0
+        if index >= len(self.states):
+            raise IndexError("tuple index out of range")
+        return index
+
+    def get(self, device="cuda"):
+        return self.states[self.index(device)].clone()
+
+    def set(self, state, device="cuda"):
+        self.states[self.index(device)] = state.clone()
+
+
+def test_a_run_from_four_gpus_resumes_on_one(monkeypatch):
+    """A checkpoint of a rank on cuda:3 of 4 visible GPUs, resumed where only one GPU is visible (cuda:0)."""
+    four = FakeCudaGenerators(monkeypatch, 4)
+    saved = system.rng_states(torch.device("cuda", 3))
+    assert torch.equal(saved["cuda_device"], four.states[3])
+    one = FakeCudaGenerators(monkeypatch, 1)
+    system.set_rng_states(saved, torch.device("cuda", 0))
+    assert torch.equal(one.states[0], four.states[3])
+
+
+def test_old_checkpoints_with_every_gpus_state_resume_on_fewer_gpus(monkeypatch):
+    old = {**system.rng_states(torch.device("cpu")), "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]}
+    one = FakeCudaGenerators(monkeypatch, 1)
+    system.set_rng_states(old, torch.device("cuda", 0))
+    assert torch.equal(one.states[0], old["cuda"][0])
