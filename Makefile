@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-requirements.txt
 # the plain BasicSRModel first has to learn to reproduce its input (see README).
 DEMO_ARGS ?= run=demo model=residual max_steps=300 val_every=50 ckpt_every=100
 
-.PHONY: demo test test-slow test-slurm experiments report pdf bench venv data train evaluate tensorboard clean
+.PHONY: demo test test-slow test-slurm experiments report pdf bench gpu-check venv data train evaluate tensorboard clean
 
 demo: venv
 	$(PY) code/prepare_data.py
@@ -60,6 +60,11 @@ pdf: venv
 # Training-speed ratios on this machine (code/bench.py); ARGS="data_dir=../shared/data/T91" for T91.
 bench: venv data
 	$(PY) code/bench.py $(ARGS)
+
+# The GPU path in one prepared command (code/gpu_check.py): throughput, fp32 vs bf16, determinism, kill + resume,
+# a 4000x3000 upscale. About 5 minutes on one GPU; without one it runs a small CPU version and says so.
+gpu-check: venv data
+	$(PY) code/gpu_check.py $(ARGS)
 
 tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs

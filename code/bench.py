@@ -12,14 +12,10 @@ Prints, for BasicSRModel at the configured batch and patch size:
 Times are means over `bench_steps` steps after warm-up (a multiple of the 8 batches the batch-wise stream
 makes at once). Nothing here is asserted by a test.
 """
-import os
-import statistics
 import sys
-import time
 
 import torch
 import torchvision
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 
@@ -28,79 +24,9 @@ import system
 from batches import DeviceBatches, TrainSampler
 from dataset import SRDataset, list_images
 from models import build_model
+from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, training_flops
 
-WARMUP = 3
 BF16_CHECK_STEPS = 300
-
-
-def training_flops(model, batch_size, patch_size):
-    """FLOPs of one forward + backward pass: each convolution's forward, its weight gradient, and its
-    input gradient (except for the first layer, whose input needs none). Biases and activations are ignored."""
-    flops = 0
-    for index, conv in enumerate(m for m in model.modules() if isinstance(m, nn.Conv2d)):
-        forward = 2 * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] \
-            * batch_size * patch_size * patch_size
-        flops += forward * (2 if index == 0 else 3)
-    return flops
-
-
-def cpu_peak_flops():
-    """fp32 FMA peak: cores x clock x lanes x 2 (multiply-add) x FMA units; returns (flop/s, how it was derived)."""
-    lanes = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 4)
-    fma_units = 2  # Xeon Gold/Platinum and most desktop cores; some Xeon Silver/Bronze parts have 1
-    mhz = 0.0
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("cpu MHz"):
-                mhz = max(mhz, float(line.split(":")[1]))
-    cores = torch.get_num_threads()
-    peak = cores * mhz * 1e6 * lanes * 2 * fma_units
-    return peak, f"{cores} cores x {mhz:.0f} MHz x {lanes} fp32 lanes x 2 x {fma_units} FMA units"
-
-
-def mean_step_seconds(steps_by_name, steps, device):
-    """{name: mean seconds of one call} of each step function, timed in turns (a, b, c, a, b, c, ...):
-    on a shared machine whose speed drifts by 20% within minutes, that way the drift hits all of them
-    alike and their ratios stay meaningful (timed one after the other, P1 read anywhere from 0.83 to 1.0).
-    The mean, not the median: the batch-wise stream makes 8 batches at every 8th call, and throughput
-    must count that call."""
-    times = {name: [] for name in steps_by_name}
-    for index in range(WARMUP + steps):
-        for name, step in steps_by_name.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if index >= WARMUP:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.mean(values) for name, values in times.items()}
-
-
-# Dense bf16 tensor-core peaks (no sparsity) of GPUs this may run on, for the printed fraction.
-GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "V100": 125e12}
-
-
-def make_trainer(cfg, device, channels_last, fused, batches, bf16=False, compile_model=False):
-    """A closure running one optimisation step on the next (lr, hr) pair of `batches`."""
-    torch.manual_seed(0)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(cfg).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=fused or None)
-    loss_function = nn.L1Loss()
-    forward = torch.compile(model) if compile_model else model
-
-    def step():
-        low_res, high_res = next(batches)
-        low_res = low_res.to(device, non_blocking=True, memory_format=memory_format)
-        high_res = high_res.to(device, non_blocking=True, memory_format=memory_format)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_function(forward(low_res), high_res)
-        loss.backward()
-        optimizer.step()
-    return model, step
 
 
 def bf16_check(cfg, device, steps=BF16_CHECK_STEPS):

@@ -22,6 +22,11 @@ else
 fi
 PYTHON="$(command -v python || command -v python3)"
 
+# A GPU job trains on the GPU or stops at once with one line (no CUDA, or a GPU this torch build has no
+# kernels for) instead of training on the node's CPU cores until its time limit. Set SR_DEVICE=auto or
+# pass device=cpu to run a job script without a GPU; arguments given to the script come later and win.
+DEVICE_ARG="device=${SR_DEVICE:-cuda}"
+
 # Run a training command in the background and pass the scheduler's warning signal (USR1) on to it with
 # $FORWARD (default: USR1 to the command): the training saves a checkpoint and exits with status 75,
 # "resume me". Sets $status to the command's exit status and $signalled to 1 if USR1 came.

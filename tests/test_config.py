@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 import config
 from config import ConfigError, parse_overrides

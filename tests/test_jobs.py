@@ -46,6 +46,32 @@ def test_job_scripts_parse_and_carry_their_scheduler_settings(path):
     assert "source jobs/env.sh" in text and "resume=auto" in text
 
 
+@pytest.mark.parametrize("path", JOBS, ids=os.path.basename)
+def test_job_scripts_ask_for_the_gpu_and_let_arguments_override_it(path):
+    """Every training command gets device=cuda (SR_DEVICE) before the user's arguments, which come last and win."""
+    commands = [line for line in open(path) if "code/train.py" in line and not line.startswith("#")]
+    assert commands
+    for line in commands:
+        assert '"$DEVICE_ARG"' in line, line
+        if '"$@"' in line:
+            assert line.index('"$DEVICE_ARG"') < line.index('"$@"'), line
+
+
+def test_a_gpu_job_without_a_usable_gpu_stops_at_once_with_one_line(tiny_cfg):
+    args = [a for a in tiny_args(tiny_cfg) if not a.startswith("device=")]
+    done = run_job("train.sbatch", [*args, "run=no_gpu"])
+    assert done.returncode == 1
+    assert "device=cuda but CUDA is not available" in done.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(os.path.join(tiny_cfg["ckpt_dir"], "no_gpu"))
+    assert run_job("train.sbatch", [*args, "run=auto"], SR_DEVICE="auto").returncode == 0  # the setting to run anywhere
+
+
+def test_multi_node_script_has_a_port_per_job_and_passes_cpus_to_srun():
+    text = open(os.path.join(ROOT, "jobs", "train_multi.sbatch")).read()
+    assert ":29500" not in text and '--rdzv_endpoint="$head_node:$port"' in text and "SLURM_JOB_ID % 20000" in text
+    assert 'srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK"' in text
+
+
 @pytest.mark.parametrize("script", ["train.sbatch", "train.bsub"])
 def test_single_training_scripts_run_locally(script, tiny_cfg):
     done = run_job(script, [*tiny_args(tiny_cfg), f"run=local_{script.split('.')[1]}"])

@@ -9,7 +9,7 @@ import torch
 import config
 import report
 import train
-from conftest import SHARED_DATA, shared_folder
+from conftest import shared_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert "VDSR (published)" in blocks["standard"] and "baseline" in blocks["downscaling"]
     assert blocks["gan-curves"].startswith("![GAN run") and "| gan (residual, step 2) |" in blocks["gan"]
     assert "| residual/model.pt (residual, step 4; gan's start) |" in blocks["gan"]
-    assert blocks["crops"].startswith(f"![Zoomed crops") and str(first / "crops.png") in blocks["crops"]
+    assert blocks["crops"].startswith("![Zoomed crops") and str(first / "crops.png") in blocks["crops"]
 
 
 def test_render_pdf_is_reproducible_and_holds_the_tables(tmp_path):

@@ -1,0 +1,169 @@
+"""What a reader needs to trust the GPU path, in one command (make gpu-check; about 5 minutes on one GPU).
+
+    python code/gpu_check.py                                  # the GPU if there is one, else a small CPU version
+    python code/gpu_check.py data_dir=../shared/data/T91 eval_dir=../shared/data/Set5
+
+Prints, for the residual model at the configured batch and patch size:
+  1. patches/s of the pure training step (a batch already on the device) and of the full loop (DeviceBatches
+     making real batches), timed in turns, and their ratio (target >= 0.9); the step's share of the peak;
+  2. validation PSNR after the same short training in fp32 and in bf16;
+  3. two identical short runs in the default precision (amp=auto): bit-identical weights;
+  4. a run killed with SIGKILL after a checkpoint and continued with resume=auto: bit-identical to 3;
+  5. upscaling a 4000x3000 photo (800x600 on a CPU): wall time and peak resident memory.
+Training and upscaling run as the scripts users run (code/train.py, code/upscale.py), in subprocesses.
+"""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import config
+import system
+from batches import DeviceBatches, TrainSampler
+from dataset import SRDataset
+from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, training_flops
+
+CODE = os.path.dirname(os.path.abspath(__file__))
+# (timed steps, training steps, upscaled image size): the GPU version, and the small one a CPU can do in minutes
+SIZES = {"cuda": (200, 1000, (4000, 3000)), "cpu": (8, 24, (800, 600))}
+
+
+def throughput(cfg, device, steps):
+    """(pure-step seconds, full-loop seconds, GFLOP per step): the default path, timed in turns."""
+    bf16, channels_last = system.use_bf16(cfg, device), system.channels_last_helps(cfg["channels_last"], device)
+    data = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
+                     bad_files="skip")
+    stream = DeviceBatches.from_config(cfg, data.images, TrainSampler(len(data), cfg["seed"]), device,
+                                       workers=min(1, system.data_workers(cfg, device)))
+    fixed = next(stream)
+    fixed = tuple(t.to(device) for t in fixed)
+
+    def same_batch():
+        while True:
+            yield fixed
+
+    model, pure = make_trainer(cfg, device, channels_last, False, same_batch(), bf16)
+    _, full = make_trainer(cfg, device, channels_last, False, stream, bf16)
+    times = mean_step_seconds({"pure": pure, "full": full}, steps, device)
+    return times["pure"], times["full"], training_flops(model, cfg["batch_size"], cfg["patch_size"])
+
+
+def train_args(cfg, folder, run, steps, **changes):
+    settings = dict(run=run, runs_dir=folder, ckpt_dir=folder, model="residual", max_steps=steps, val_every=steps,
+                    ckpt_every=max(1, steps // 4), log_every=max(1, steps // 20), resume="auto", **changes)
+    keys = ("data_dir", "eval_dir", "device", "channels", "num_blocks", "batch_size", "patch_size", "seed")
+    return [sys.executable, os.path.join(CODE, "train.py"), *(f"{k}={cfg[k]}" for k in keys),
+            *(f"{k}={v}" for k, v in settings.items())]
+
+
+def train_run(args):
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"error: {' '.join(args[2:])} failed: {done.stderr.strip().splitlines()[-1:]}")
+
+
+def weights(folder, run):
+    return torch.load(os.path.join(folder, run, "model.pt"), weights_only=True)
+
+
+def identical(a, b):
+    return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def killed_then_resumed(cfg, folder, steps):
+    """Start a run, SIGKILL it once its second checkpoint exists, continue it with resume=auto."""
+    args = train_args(cfg, folder, "killed", steps, amp=cfg["amp"])
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(folder, "killed", f"step{2 * max(1, steps // 4):06d}.pt")
+    while not os.path.exists(marker) and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    train_run(args)
+    return weights(folder, "killed")
+
+
+def upscale_photo(folder, checkpoint, size, device):
+    """(seconds, peak resident MB of the upscaling process) for a real photo tiled up to `size`."""
+    from skimage import data
+
+    photo = data.astronaut()
+    tiles = np.tile(photo, (size[1] // photo.shape[0] + 1, size[0] // photo.shape[1] + 1, 1))
+    path = os.path.join(folder, "photo.png")
+    Image.fromarray(tiles[:size[1], :size[0]]).save(path)
+    started = time.time()
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen([sys.executable, os.path.join(CODE, "upscale.py"), f"checkpoint={checkpoint}",
+                                    f"input={path}", f"device={device}"], stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)  # the resource usage of this child alone
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            errors.seek(0)
+            raise SystemExit(f"error: upscale.py failed: {errors.read().decode().strip().splitlines()[-1:]}")
+    with Image.open(os.path.join(folder, "photo_x2.png")) as out:
+        assert out.size == (2 * size[0], 2 * size[1]), out.size
+    return time.time() - started, usage.ru_maxrss / 1024
+
+
+def main(argv):
+    cfg = config.from_argv(argv, training=True)
+    system.tune_malloc(cfg)
+    device = system.pick_device(cfg["device"])
+    timed_steps, train_steps, photo_size = SIZES[device.type]
+    print(f"gpu-check on {system.describe(device, system.use_bf16(cfg, device))}"
+          + ("" if device.type == "cuda" else ": no GPU here, so the small CPU version (GPU figures still to measure)"))
+    summary = []
+
+    pure, full, flops = throughput(dict(cfg, model="residual"), device, timed_steps)
+    if device.type == "cuda":
+        card = torch.cuda.get_device_name(device)
+        peak = next((value for key, value in GPU_BF16_PEAK.items() if key in card), None)
+        share = f"{flops / pure / peak:.1%} of the dense bf16 peak" if peak else "bf16 peak of this GPU unknown"
+    else:
+        peak, _ = cpu_peak_flops()
+        share = f"{flops / pure / peak:.1%} of the fp32 FMA peak"
+    ratio = pure / full
+    summary.append(f"1 throughput: pure step {cfg['batch_size'] / pure:,.0f} patches/s ({pure * 1000:.2f} ms, "
+                   f"{flops / pure / 1e12:.2f} TFLOP/s, {share}); full loop {cfg['batch_size'] / full:,.0f} patches/s; "
+                   f"ratio {ratio:.3f} ({'meets' if ratio >= 0.9 else 'BELOW'} the 0.9 target)")
+    print(summary[-1], flush=True)
+
+    with tempfile.TemporaryDirectory() as folder:
+        psnr = {}
+        for amp in ("off", "bf16"):
+            train_run(train_args(cfg, folder, f"amp_{amp}", train_steps, amp=amp))
+            psnr[amp] = weights(folder, f"amp_{amp}")["val"]["psnr"]
+        differ = not identical(weights(folder, "amp_off"), weights(folder, "amp_bf16"))
+        summary.append(f"2 fp32 vs bf16 after {train_steps} steps: {psnr['off']:.4f} vs {psnr['bf16']:.4f} dB "
+                       f"(difference {psnr['bf16'] - psnr['off']:+.4f} dB; weights {'differ' if differ else 'EQUAL'})")
+        print(summary[-1], flush=True)
+
+        # what users run: the default precision (amp=auto)
+        train_run(train_args(cfg, folder, "straight", train_steps, amp=cfg["amp"]))
+        train_run(train_args(cfg, folder, "again", train_steps, amp=cfg["amp"]))
+        same = identical(weights(folder, "straight"), weights(folder, "again"))
+        summary.append(f"3 two identical runs (amp={cfg['amp']}): {'bit-identical' if same else 'DIFFERENT'} weights")
+        print(summary[-1], flush=True)
+
+        resumed = killed_then_resumed(cfg, folder, train_steps)
+        same = identical(weights(folder, "straight"), resumed)
+        summary.append(f"4 SIGKILL after a checkpoint, then resume=auto: {'bit-identical' if same else 'DIFFERENT'} "
+                       "to the uninterrupted run")
+        print(summary[-1], flush=True)
+
+        seconds, rss = upscale_photo(folder, os.path.join(folder, "straight", "model.pt"), photo_size, device)
+        summary.append(f"5 upscale.py on a {photo_size[0]}x{photo_size[1]} photo: {seconds:.1f} s, "
+                       f"peak resident memory {rss:,.0f} MB")
+        print(summary[-1], flush=True)
+    print("\nsummary\n" + "\n".join(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
