@@ -52,7 +52,7 @@ DEFAULTS = {
     # system
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "channels_last": "auto",  # auto | on | off: NHWC layout; auto = on for CUDA and AVX-512 CPUs, where it is faster
-    "data_on_device": "auto",  # auto | on | off: batches made batch-wise (dataset.DeviceBatches), not by a DataLoader
+    "data_on_device": "auto",  # auto | on | off: batches made batch-wise (batches.DeviceBatches), not by a DataLoader
     "amp": "auto",  # auto | off | bf16: bfloat16 autocast of the forward pass; auto = bf16 on CUDA and AMX CPUs
     "num_workers": -1,  # DataLoader workers; -1 = auto: 0 on a CPU (cheaper than sharing its cores), 4 with CUDA
     "malloc": "tuned",  # tuned | default: glibc keeps freed memory for reuse (system.tune_malloc)
