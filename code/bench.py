@@ -100,7 +100,7 @@ def handout_loader(cfg, device):
 
 
 def main(argv):
-    cfg = config.from_argv(argv, training=True)
+    cfg = config.from_argv(argv, ("bench", "data", "model", "training", "system"), training=True)
     malloc = "tuned" if system.tune_malloc(cfg) else "glibc default"
     device = system.pick_device(cfg["device"])
     steps = cfg["bench_steps"]

@@ -8,80 +8,69 @@ before any work starts, with a one-line message that lists the valid keys.
 import json
 import os
 
-DEFAULTS = {
-    # what to run and where its outputs go: runs/<run>/ (TensorBoard, plots) and checkpoints/<run>/
-    "run": "demo",
-    "runs_dir": "runs",
-    "ckpt_dir": "checkpoints",
-    # data: any folder of images; the defaults are built from skimage.data by code/prepare_data.py
-    "data_dir": "data/train",
-    "eval_dir": "data/eval",
-    "scale": 2,
-    "patch_size": 64,  # side of the HR training crop
-    "jitter": 0.2,  # ColorJitter brightness = contrast = saturation = hue
-    "degradation": "bilinear",  # how LR images are made: bilinear | bicubic | nearest | bicubic_matlab
-    "augment": "none",  # none | dihedral: each HR crop also randomly flipped and rotated by 90 degrees (8 ways)
-    # model
-    "model": "basic",  # basic | residual (prediction + bilinear upsampling of the input)
-    "num_blocks": 10,
-    "channels": 64,
-    # optimisation
-    "batch_size": 16,
-    "lr": 1e-4,
-    "lr_schedule": "constant",  # constant | cosine: linear warm-up, then cosine decay from lr to lr_min at max_steps
-    "warmup_steps": 0,  # cosine only: steps of linear warm-up from 0 to lr
-    "lr_min": 0.0,  # cosine only: the learning rate reached at max_steps
-    "ema": 0.0,  # decay of an exponential moving average of the weights (e.g. 0.999); 0 = off. When on, the
-                 # average is what is validated and saved as model.pt
-    "max_steps": 20000,
-    "seed": 0,
-    # bookkeeping, in steps
-    "log_every": 10,
-    "val_every": 500,
-    "ckpt_every": 1000,
-    "resume": "never",  # never | auto: continue from the newest good checkpoints/<run>/step*.pt
-    "overwrite": False,  # allow starting over in an existing run folder
-    "bad_files": "error",  # error | skip: what an unreadable or too small image in a data folder does
-    # adversarial training (Task 6): train.py with gan=true trains the model as a GAN generator
-    "gan": False,
-    "init": "",  # checkpoint whose weights start the generator, e.g. checkpoints/residual/model.pt
-    "adv_weight": 0.01,  # weight of the adversarial loss beside the L1 content loss (weight 1)
-    "gan_loss": "relativistic",  # relativistic (ESRGAN's RaGAN) | standard (SRGAN's BCE)
-    "perceptual_weight": 0.0,  # VGG19 feature loss; only with locally present weights (vgg_weights)
-    "vgg_weights": "",  # torchvision vgg19 weights file; empty = torch hub's cache (never downloaded)
-    # system
-    "device": "auto",  # auto | cpu | cuda | cuda:N
-    "channels_last": "auto",  # auto | on | off: NHWC layout; auto = on for CUDA and AVX-512 CPUs, where it is faster
-    "data_on_device": "auto",  # auto | on | off: batches made batch-wise (batches.DeviceBatches), not by a DataLoader
-    "amp": "auto",  # auto | off | bf16: bfloat16 autocast of the forward pass; auto = bf16 on CUDA and AMX CPUs
-    "num_workers": -1,  # DataLoader workers; -1 = auto: 0 on a CPU (cheaper than sharing its cores), 4 with CUDA
-    "malloc": "tuned",  # tuned | default: glibc keeps freed memory for reuse (system.tune_malloc)
-    # evaluate.py: comma-separated checkpoint files; empty = every checkpoints/*/model.pt
-    "checkpoint": "",
-    "protocol": "rgb",  # evaluate.py: rgb (RGB in [0, 1], `degradation`) | standard (MATLAB bicubic, Y, shaved border)
-    "out": "",  # evaluate.py: table path without extension; empty = runs/eval_<set>_<degradation>
-    # upscale.py: an image or a folder of them; output file/folder (empty = beside the input, *_x2.png)
-    "input": "",
-    "output": "",
-    "tile": 256,  # LR pixels per tile side
-    "overlap": 0,  # LR pixels of context around each tile; 0 = the model's receptive field
-    "ensemble": False,  # x8 geometric self-ensemble (flips and rotations)
-    "bench_steps": 24,  # bench.py: timed steps per measurement (a multiple of 8: see bench.py)
+# The keys by section; each script's --help lists the sections it uses (any key is accepted everywhere).
+SECTIONS = {
+    "run": {  # outputs go to runs/<run>/ (TensorBoard, plots) and checkpoints/<run>/
+        "run": "demo", "runs_dir": "runs", "ckpt_dir": "checkpoints",
+    },
+    "data": {  # any folder of images; the defaults are built from skimage.data by code/prepare_data.py
+        "data_dir": "data/train", "eval_dir": "data/eval", "scale": 2,
+        "patch_size": 64,  # side of the HR training crop
+        "jitter": 0.2,  # ColorJitter brightness = contrast = saturation = hue
+        "degradation": "bilinear",  # how LR images are made: bilinear | bicubic | nearest | bicubic_matlab
+        "augment": "none",  # none | dihedral: each HR crop also randomly flipped and turned by 90 degrees
+        "bad_files": "error",  # error | skip: what an unreadable or too small image in a data folder does
+    },
+    "model": {
+        "model": "basic",  # basic | residual (prediction + bilinear upsampling of the input)
+        "num_blocks": 10, "channels": 64,
+    },
+    "training": {
+        "batch_size": 16, "lr": 1e-4, "max_steps": 20000, "seed": 0,
+        "lr_schedule": "constant",  # constant | cosine: warm-up, then cosine decay from lr to lr_min at max_steps
+        "warmup_steps": 0,  # cosine only: steps of linear warm-up from 0 to lr
+        "lr_min": 0.0,  # cosine only: the learning rate at max_steps
+        "ema": 0.0,  # decay of a moving average of the weights (e.g. 0.999), validated and saved; 0 = off
+        "log_every": 10, "val_every": 500, "ckpt_every": 1000,  # in steps
+        "resume": "never",  # never | auto: continue from the newest good checkpoints/<run>/step*.pt
+        "overwrite": False,  # allow starting over in an existing run folder
+    },
+    "gan": {  # Task 6: gan=true trains the model as a GAN generator
+        "gan": False,
+        "init": "",  # checkpoint whose weights start the model, e.g. checkpoints/residual/model.pt
+        "adv_weight": 0.01,  # weight of the adversarial loss beside the L1 content loss (weight 1)
+        "gan_loss": "relativistic",  # relativistic (ESRGAN's RaGAN) | standard (SRGAN's BCE)
+    },
+    "system": {  # what system.py decides with them
+        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "channels_last": "auto",  # auto | on | off: NHWC layout; auto = on for CUDA and AVX-512 CPUs
+        "data_on_device": "auto",  # auto | on | off: batches made batch-wise (batches.DeviceBatches)
+        "amp": "auto",  # auto | off | bf16: bf16 autocast; auto = where the hardware computes in bf16
+        "num_workers": -1,  # DataLoader workers; -1 = auto: 0 on a CPU, 4 with CUDA
+        "malloc": "tuned",  # tuned | default: glibc keeps freed memory for reuse (system.tune_malloc)
+    },
+    "checkpoint": {"checkpoint": ""},  # checkpoint file(s); evaluate.py: comma-separated, empty = checkpoints/*/model.pt
+    "evaluate": {
+        "protocol": "rgb",  # rgb (RGB in [0, 1], `degradation`) | standard (MATLAB bicubic, Y, shaved border)
+        "out": "",  # table path without extension; empty = runs/eval_<set>_<degradation>
+    },
+    "upscale": {
+        "input": "", "output": "",  # an image or a folder; output empty = beside the input, *_x2.png
+        "tile": 256,  # LR pixels per tile side
+        "overlap": 0,  # LR pixels of context around each tile; 0 = the model's receptive field
+        "ensemble": False,  # x8 geometric self-ensemble (flips and rotations)
+    },
+    "report": {"report_dir": ""},  # report.py's output folder; empty = runs/report
+    "bench": {"bench_steps": 24},  # timed steps per measurement (a multiple of 8: see bench.py)
 }
+DEFAULTS = {key: value for section in SECTIONS.values() for key, value in section.items()}
 
 CHOICES = {
-    "degradation": ("bilinear", "bicubic", "nearest", "bicubic_matlab"),
-    "model": ("basic", "residual"),
-    "resume": ("never", "auto"),
-    "bad_files": ("error", "skip"),
-    "channels_last": ("auto", "on", "off"),
+    "degradation": ("bilinear", "bicubic", "nearest", "bicubic_matlab"), "augment": ("none", "dihedral"),
+    "bad_files": ("error", "skip"), "model": ("basic", "residual"), "lr_schedule": ("constant", "cosine"),
+    "resume": ("never", "auto"), "gan_loss": ("relativistic", "standard"), "channels_last": ("auto", "on", "off"),
+    "data_on_device": ("auto", "on", "off"), "amp": ("auto", "off", "bf16"), "malloc": ("tuned", "default"),
     "protocol": ("rgb", "standard"),
-    "gan_loss": ("relativistic", "standard"),
-    "data_on_device": ("auto", "on", "off"),
-    "amp": ("auto", "off", "bf16"),
-    "malloc": ("tuned", "default"),
-    "augment": ("none", "dihedral"),
-    "lr_schedule": ("constant", "cosine"),
 }
 POSITIVE = ("scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
             "log_every", "val_every", "ckpt_every", "lr", "tile", "bench_steps")
@@ -93,12 +82,10 @@ class ConfigError(ValueError):
 
 def _parse_value(key, text, default):
     if isinstance(default, bool):  # before int: bool is a subclass of int
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}={text!r}: expected true or false")
+        words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+        if text.strip().lower() not in words:
+            raise ConfigError(f"{key}={text!r}: expected true or false")
+        return words[text.strip().lower()]
     if isinstance(default, (int, float)):
         try:
             value = type(default)(text)
@@ -126,28 +113,24 @@ def parse_overrides(args, defaults=DEFAULTS):
 
 def validate(cfg):
     """Check values that are well-typed but still unusable, before any work starts."""
+    def require(ok, message):
+        if not ok:
+            raise ConfigError(message)
+
     for key in POSITIVE:
-        if cfg[key] <= 0:
-            raise ConfigError(f"{key}={cfg[key]}: must be positive")
-    for key in ("seed", "overlap", "adv_weight", "perceptual_weight", "warmup_steps", "lr_min"):
-        if cfg[key] < 0:
-            raise ConfigError(f"{key}={cfg[key]}: must not be negative")
-    if cfg["num_workers"] < -1:
-        raise ConfigError(f"num_workers={cfg['num_workers']}: must be -1 (auto) or more")
+        require(cfg[key] > 0, f"{key}={cfg[key]}: must be positive")
+    for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min"):
+        require(cfg[key] >= 0, f"{key}={cfg[key]}: must not be negative")
     for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
-    if not 0 <= cfg["ema"] < 1:
-        raise ConfigError(f"ema={cfg['ema']}: must be in [0, 1) (0 = off)")
-    if cfg["lr_min"] > cfg["lr"]:
-        raise ConfigError(f"lr_min={cfg['lr_min']} is above lr={cfg['lr']}")
-    if not 0 <= cfg["jitter"] <= 0.5:
-        raise ConfigError(f"jitter={cfg['jitter']}: must be in [0, 0.5] (ColorJitter's hue limit)")
-    if not cfg["run"] or "/" in cfg["run"] or cfg["run"].startswith("."):
-        raise ConfigError(f"run={cfg['run']!r}: must be a plain folder name")
-    device = cfg["device"]
-    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
+        require(cfg[key] in allowed, f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
+    require(cfg["num_workers"] >= -1, f"num_workers={cfg['num_workers']}: must be -1 (auto) or more")
+    require(0 <= cfg["ema"] < 1, f"ema={cfg['ema']}: must be in [0, 1) (0 = off)")
+    require(cfg["lr_min"] <= cfg["lr"], f"lr_min={cfg['lr_min']} is above lr={cfg['lr']}")
+    require(0 <= cfg["jitter"] <= 0.5, f"jitter={cfg['jitter']}: must be in [0, 0.5] (ColorJitter's hue limit)")
+    require(cfg["run"] and "/" not in cfg["run"] and not cfg["run"].startswith("."),
+            f"run={cfg['run']!r}: must be a plain folder name")
+    require(cfg["device"] in ("auto", "cpu") or cfg["device"].startswith("cuda"),
+            f"device={cfg['device']!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def validate_training(cfg):
@@ -156,13 +139,13 @@ def validate_training(cfg):
         raise ConfigError(f"patch_size={cfg['patch_size']} is not divisible by scale={cfg['scale']}")
 
 
-def from_argv(argv, training=False):
-    """Parse a script's command line; print a one-line error and exit on bad input."""
+def from_argv(argv, sections=tuple(SECTIONS), training=False):
+    """Parse a script's command line; print a one-line error and exit on bad input. --help lists the keys of
+    the script's `sections` with their defaults."""
     if any(a in ("-h", "--help") for a in argv):
-        width = max(map(len, DEFAULTS))
         print("usage: key=value ...  (defaults below)")
-        for key, value in DEFAULTS.items():
-            print(f"  {key:<{width}} = {value}")
+        for name in sections:
+            print(f"  {name}: " + ", ".join(f"{key}={value}" for key, value in SECTIONS[name].items()))
         raise SystemExit(0)
     try:
         cfg = parse_overrides(argv)

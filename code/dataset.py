@@ -43,11 +43,6 @@ def list_images(folder):
     return [os.path.join(folder, n) for n in names]
 
 
-def read_image(path):
-    """Read any common image as a 3xHxW float tensor in [0, 1]."""
-    return to_float(decode_image(path))
-
-
 def decode_image(path, keep_gray=False):
     """Decode to a 3xHxW uint8 (uint16 for 16-bit files) tensor; 1xHxW for a grayscale file if keep_gray.
 
@@ -83,7 +78,10 @@ def _read_with_pillow(path):
 
 
 def degrade(hr, scale=2, method="bilinear"):
-    """Make the LR image: resize HR (CxHxW or NxCxHxW) down by `scale` with `method`.
+    """Make the LR image: resize HR (CxHxW or NxCxHxW) down by `scale` with `method`. The one place to change
+    the degradation. Every method here is deterministic; a random one (noise, blur of random width) would draw
+    from torch's global generator, which SRDataset seeds per sample around this call, while the batch-wise
+    path (batches.DeviceBatches) would need its draws added to batches.SampleParameters.
 
     bilinear / bicubic / nearest: torchvision's Resize (antialiased). bicubic_matlab: MATLAB's
     `imresize`, the degradation of the published SR benchmarks, rounded to 8 bits as they are.
@@ -195,6 +193,15 @@ class SRDataset(Dataset):
         if not self.files:
             raise DataError(f"{folder}: no usable image")
 
+    @classmethod
+    def from_config(cls, cfg, train=True):
+        """The training set (data_dir) or the validation set (eval_dir) that a config describes."""
+        if train:
+            return cls(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
+                       bad_files=cfg["bad_files"], augment=cfg["augment"])
+        return cls(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False,
+                   bad_files=cfg["bad_files"])
+
     def __len__(self):
         return len(self.files)
 
@@ -203,12 +210,12 @@ class SRDataset(Dataset):
         image = self.images[index]
         if not self.train:
             hr = to_float(crop_to_multiple(image, self.scale))
-        else:
-            with seeded(seed) if seed is not None else contextlib.nullcontext():
-                hr = self.transform(image)
-                if self.augment == "dihedral":  # drawn after the crop and jitter, so they stay as without it
-                    hr = dihedral(hr, int(torch.randint(8, ())))
-        return degrade(hr, self.scale, self.degradation), hr
+            return degrade(hr, self.scale, self.degradation), hr
+        with seeded(seed) if seed is not None else contextlib.nullcontext():
+            hr = self.transform(image)
+            if self.augment == "dihedral":  # drawn after the crop and jitter, so they stay as without it
+                hr = dihedral(hr, int(torch.randint(8, ())))
+            return degrade(hr, self.scale, self.degradation), hr
 
 
 def dihedral(images, k):
@@ -235,7 +242,7 @@ def main(argv):
     """The handout's check: one shuffled mini-batch from a DataLoader, its first pair saved as PNG."""
     import config
 
-    cfg = config.from_argv(argv)
+    cfg = config.from_argv(argv, ("data", "run"))
     try:
         train_dataset = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"],
                                   cfg["degradation"])

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import config
-from models import CheckpointError, load_checkpoint
+from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, CheckpointError, load_checkpoint
 
 DATA_ROOT = "../shared/data"  # T91, Set5, Set14, BSD68 (see the README for where to get them)
 COMMON = [f"data_dir={DATA_ROOT}/T91", f"eval_dir={DATA_ROOT}/Set5", "val_every=500", "ckpt_every=500"]
@@ -56,7 +56,6 @@ RUNS = [
       for name, settings in ABLATION],
 ]
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 75
 
 
 def finished_step(name, settings, overrides):

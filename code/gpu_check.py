@@ -112,7 +112,7 @@ def upscale_photo(folder, checkpoint, size, device):
 
 
 def main(argv):
-    cfg = config.from_argv(argv, training=True)
+    cfg = config.from_argv(argv, ("data", "model", "training", "system"), training=True)
     system.tune_malloc(cfg)
     device = system.pick_device(cfg["device"])
     timed_steps, train_steps, photo_size = SIZES[device.type]

@@ -60,7 +60,7 @@ def plot_training_curves(run_dir, out_path, curves=None):
 if __name__ == "__main__":
     import config
 
-    cfg = config.from_argv(sys.argv[1:])
+    cfg = config.from_argv(sys.argv[1:], ("run",))
     run_dir = os.path.join(cfg["runs_dir"], cfg["run"])
     if not os.path.isdir(run_dir):
         raise SystemExit(f"error: {run_dir}: no such run folder")

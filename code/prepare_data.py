@@ -51,7 +51,7 @@ def _same_pixels(path, pixels):
 def main(argv):
     import config
 
-    cfg = config.from_argv(argv)
+    cfg = config.from_argv(argv, ("data",))
     for names, folder in ((TRAIN, cfg["data_dir"]), (EVAL, cfg["eval_dir"])):
         paths = write_set(names, folder)
         print(f" * {folder}: {len(paths)} images from skimage.data ({', '.join(names)})")

@@ -24,13 +24,12 @@ import torch
 
 import config
 import system
+from checkpoints import load_checkpoint, load_model, step_checkpoints
 from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, to_float
-from evaluate import evaluate, evaluate_standard, interpolate, markdown_table
 from experiments import DATA_ROOT, RUNS
-from models import load_checkpoint, load_model
+from metrics import evaluate, evaluate_standard, interpolate, markdown_table
+from models import self_ensemble
 from plots import plot_training_curves, read_scalars
-from train import step_checkpoints
-from upscale import self_ensemble
 
 EVAL_SETS = ("Set5", "Set14", "BSD68")
 DOWNSCALING = ("bilinear", "bicubic", "nearest")  # how the LR input is made at test time
@@ -379,13 +378,13 @@ def main(argv):
     if argv == ["pdf"]:  # after editing README.md's prose: render it again without evaluating anything
         print(render_pdf("README.md", "README.pdf"))
         return
-    cfg = config.from_argv(argv)
+    cfg = config.from_argv(argv, ("report", "run", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = system.pick_device(cfg["device"])
     for set_name in ("T91", *EVAL_SETS):
         if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):
             raise SystemExit(f"error: {DATA_ROOT}/{set_name}: no such folder; the report evaluates on the standard sets")
-    out_dir = cfg["out"] or os.path.join(cfg["runs_dir"], "report")
+    out_dir = cfg["report_dir"] or os.path.join(cfg["runs_dir"], "report")
     blocks = build(cfg, out_dir, device)
     with open("README.md") as f:
         text = f.read()

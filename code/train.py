@@ -8,10 +8,14 @@ Writes TensorBoard logs to runs/<run>/ and checkpoints to checkpoints/<run>/: st
 `ckpt_every` steps (model + optimiser + step, the newest 3 kept; resume=auto continues from the
 newest good one), model_best.pt (best validation PSNR) and model.pt at the end.
 
+Where things are: the data and the degradation in dataset.py (`SRDataset`, `degrade`), the network in
+models.py (`build_model`), the loss and the metrics in metrics.py, the device and precision in system.py.
+`train()` below reads top to bottom: set up, resume, then the loop of training step, logging, validation
+and checkpoint.
+
 Exit status: 0 done, 1 bad config/data/checkpoint, 3 diverged (non-finite loss),
 75 interrupted by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run again with resume=auto).
 """
-import glob
 import json
 import math
 import os
@@ -20,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; before CUDA starts
 
@@ -27,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
@@ -37,19 +41,63 @@ from tqdm import tqdm
 import config
 import system
 from batches import DeviceBatches, TrainSampler
+from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, CheckpointError, load_model, load_weights, \
+    newest_good_state, save_checkpoint, step_checkpoints
 from dataset import DataError, SRDataset
-from evaluate import evaluate, interpolate
-from models import MODEL_KEYS, CheckpointError, Discriminator, build_model, load_checkpoint, load_model, load_weights, \
-    save_checkpoint
+from metrics import LOSS_NAME, evaluate, interpolate, loss_function
+from models import MODEL_KEYS, Discriminator, build_model
 from plots import plot_training_curves
 
-EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 75
 # Keys that change what a run computes: resuming with any of them different is refused.
 RESULT_KEYS = ("data_dir", "scale", "patch_size", "jitter", "degradation", "model", "num_blocks", "channels",
-               "batch_size", "lr", "seed", "gan", "init", "adv_weight", "gan_loss", "perceptual_weight",
+               "batch_size", "lr", "seed", "gan", "init", "adv_weight", "gan_loss",
                "augment", "lr_schedule", "warmup_steps", "lr_min", "ema")
 KEEP_STEP_CHECKPOINTS = 3
 PREVIEW_IMAGES, PREVIEW_SIZE = 3, 96
+
+
+@dataclass
+class Networks:
+    """What training updates: the model (not wrapped by DDP), its optimiser, the moving average of its weights
+    (ema > 0), and for a GAN the discriminator and its optimiser."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel = None
+    discriminator: torch.nn.Module = None
+    d_optimizer: torch.optim.Optimizer = None
+
+    @property
+    def final(self):
+        """The weights that are validated and saved as model.pt: the moving average where there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def state(self):
+        """Their part of a periodic checkpoint."""
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.discriminator is not None:
+            state.update(discriminator=self.discriminator.state_dict(), d_optimizer=self.d_optimizer.state_dict())
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load(self, state, path):
+        load_weights(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.discriminator is not None:
+            load_weights(self.discriminator, state["discriminator"], path)
+            self.d_optimizer.load_state_dict(state["d_optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every periodic checkpoint and restored from it."""
+    step: int = 0
+    samples: int = 0  # training samples drawn so far: the position in the sample stream
+    elapsed: float = 0.0  # seconds of training before this process started
+    best_psnr: float = -math.inf
+    val: dict = field(default_factory=dict)  # the latest validation metrics
 
 
 def learning_rate(cfg, step):
@@ -72,19 +120,31 @@ def seed_everything(seed):
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def step_checkpoints(ckpt_dir):
-    """Periodic checkpoints of a run, newest first."""
-    return sorted(glob.glob(os.path.join(ckpt_dir, "step*.pt")), reverse=True)
+# ---- setup ----
+
+def start_processes(cfg):
+    """(device, rank, world_size). Under torchrun (WORLD_SIZE > 1) join the process group, nccl on GPUs and
+    gloo on CPUs, each rank on its own GPU; a plain `python code/train.py` is rank 0 of 1."""
+    device = system.pick_device(cfg["device"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return device, 0, 1
+    if cfg["gan"]:
+        raise SystemExit("config error: gan=true trains in one process (no torchrun with several processes)")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device, dist.get_rank(), world_size
 
 
-def newest_good_state(ckpt_dir):
-    """The newest periodic checkpoint that loads; a broken one is named and passed over."""
-    for path in step_checkpoints(ckpt_dir):
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as err:
-            print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr)
-    return None, None
+def load_data(cfg):
+    try:
+        return SRDataset.from_config(cfg, train=True), SRDataset.from_config(cfg, train=False)
+    except DataError as err:
+        raise SystemExit(f"data error: {err}") from None
 
 
 def prepare_folders(cfg, run_dir, ckpt_dir):
@@ -103,57 +163,122 @@ def prepare_folders(cfg, run_dir, ckpt_dir):
     return state_path, state
 
 
-def init_distributed(device):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPUs, gloo on CPUs.
-
-    Returns (rank, world_size, device); a plain `python code/train.py` is rank 0 of 1.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return dist.get_rank(), world_size, device
-
-
-def all_ranks_sum(values, world_size):
-    """Sum a small tensor over all ranks, so they agree on the loss and on stopping."""
+def find_state(cfg, run_dir, ckpt_dir, rank, world_size):
+    """Rank 0 checks (or clears) the run's folders and finds the checkpoint to resume from; the others wait
+    for it, then find the same checkpoint."""
+    if rank == 0:
+        found = prepare_folders(cfg, run_dir, ckpt_dir)
     if world_size > 1:
-        dist.all_reduce(values)
-    return values
+        dist.barrier()
+    if rank != 0:
+        found = newest_good_state(ckpt_dir) if cfg["resume"] == "auto" else (None, None)
+    return found
 
 
-def restore(state_path, state, cfg, model, optimizer, discriminator=None, d_optimizer=None, ema=None):
-    """Load a periodic checkpoint into the networks and optimisers, refusing one made with other settings
-    (a key that an older checkpoint lacks counts as its default)."""
-    made_with = {**config.DEFAULTS, **state["train_config"]}
-    keys = RESULT_KEYS + (("max_steps",) if cfg["lr_schedule"] != "constant" else ())  # the schedule's length
-    changed = [k for k in keys if made_with[k] != cfg[k]]
-    if changed:
-        raise CheckpointError(f"{state_path}: was trained with other settings: "
-                              + ", ".join(f"{k}={made_with[k]} (now {cfg[k]})" for k in changed))
-    load_weights(model, state["model"], state_path)
-    optimizer.load_state_dict(state["optimizer"])
-    if discriminator is not None:
-        load_weights(discriminator, state["discriminator"], state_path)
-        d_optimizer.load_state_dict(state["d_optimizer"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
+def build_networks(cfg, device, memory_format):
+    """The model and its Adam optimiser, the moving average of its weights (ema > 0), and for Task 6 a
+    discriminator that learns to tell HR patches from predictions, which the model learns to fool."""
+    model = build_model(cfg).to(device, memory_format=memory_format)
+    networks = Networks(model, torch.optim.Adam(model.parameters(), lr=cfg["lr"]))
+    if cfg["gan"]:
+        networks.discriminator = Discriminator().to(device, memory_format=memory_format)
+        networks.d_optimizer = torch.optim.Adam(networks.discriminator.parameters(), lr=cfg["lr"])
+    if cfg["ema"] > 0:
+        networks.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]))
+    return networks
 
 
-def initialise(model, cfg):
+def resume(cfg, networks, state_path, state, device, hardware, say):
+    """Continue from a periodic checkpoint (refusing one made with other settings; a key that an older
+    checkpoint lacks counts as its default), or start from `init`'s weights, or from scratch."""
+    try:
+        if state is None:
+            if cfg["init"]:
+                say(f"Starting from the weights of {cfg['init']} (its step {initialise(networks, cfg)})")
+            return Progress()
+        made_with = {**config.DEFAULTS, **state["train_config"]}
+        keys = RESULT_KEYS + (("max_steps",) if cfg["lr_schedule"] != "constant" else ())  # the schedule's length
+        changed = [k for k in keys if made_with[k] != cfg[k]]
+        if changed:
+            raise CheckpointError(f"{state_path}: was trained with other settings: "
+                                  + ", ".join(f"{k}={made_with[k]} (now {cfg[k]})" for k in changed))
+        networks.load(state, state_path)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
+    if "rng" in state:
+        system.set_rng_states(state["rng"], device)
+    say(f"Resuming run '{cfg['run']}' at step {state['step']} from {state_path}")
+    if state.get("hardware", hardware) != hardware:
+        say(f"note: this run continues on other hardware or precision: {hardware} (was {state['hardware']}); "
+            f"its results will not be bit-identical to an uninterrupted run")
+    return Progress(state["step"], state.get("samples", state["step"] * cfg["batch_size"]), state["elapsed"],
+                    state["best_psnr"], state["val"])
+
+
+def initialise(networks, cfg):
     """Start from the weights of `cfg["init"]` (the GAN generator from a pixel-loss model), which must
     hold the configured architecture."""
     _, payload = load_model(cfg["init"])
     different = [f"{k}={payload['config'][k]} (configured {cfg[k]})" for k in MODEL_KEYS if payload["config"][k] != cfg[k]]
     if different:
         raise CheckpointError(f"init={cfg['init']}: holds another model: {', '.join(different)}")
-    load_weights(model, payload["model"], cfg["init"])
+    load_weights(networks.model, payload["model"], cfg["init"])
+    if networks.ema is not None:
+        networks.ema.module.load_state_dict(networks.model.state_dict())
     return payload["step"]
+
+
+def training_batches(cfg, train_set, samples, rank, world_size, device):
+    """The endless stream of (LR, HR) training batches, continuing the run's sample stream at `samples`, so a
+    resumed run sees the same batches: made batch-wise on the device, or sample by sample by a DataLoader."""
+    sampler = TrainSampler(len(train_set), cfg["seed"], start=samples, rank=rank, world_size=world_size,
+                           batch_size=cfg["batch_size"])
+    workers = system.data_workers(cfg, device)
+    if system.batches_on_device(cfg, device):
+        return DeviceBatches.from_config(cfg, train_set.images, sampler, device, workers=min(1, workers))
+    return iter(DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=workers,
+                           pin_memory=device.type == "cuda", worker_init_fn=system.ignore_stop_signals))
+
+
+# ---- one step ----
+
+def training_step(model, networks, low_res, high_res, autocast):
+    """Forward, L1 loss, backward, Adam: the handout's step. Returns the loss."""
+    networks.optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        loss = loss_function(model(low_res), high_res)
+    loss.backward()
+    networks.optimizer.step()
+    return loss.detach()
+
+
+def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight):
+    """Task 6: a generator step (L1 content + adversarial loss, the discriminator frozen), then a discriminator
+    step (HR patches real, the detached predictions fake). Returns the values logged as GAN_LOGGED."""
+    networks.optimizer.zero_grad(set_to_none=True)
+    discriminator = networks.discriminator
+    with autocast:
+        prediction = model(low_res)
+        loss = loss_function(prediction, high_res)
+    discriminator.requires_grad_(False)
+    with autocast:
+        real_logits, fake_logits = discriminator(high_res), discriminator(prediction)
+        adversarial = generator_loss(real_logits, fake_logits, kind)
+        generator_total = loss + adv_weight * adversarial
+    generator_total.backward()
+    networks.optimizer.step()
+    discriminator.requires_grad_(True)
+    networks.d_optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        real_logits, fake_logits = discriminator(high_res), discriminator(prediction.detach())
+        d_loss = discriminator_loss(real_logits, fake_logits, kind)
+    d_loss.backward()
+    networks.d_optimizer.step()
+    return torch.stack([loss, adversarial, d_loss, torch.sigmoid(real_logits).mean(),
+                        torch.sigmoid(fake_logits).mean()]).detach()
+
+
+GAN_LOGGED = (LOSS_NAME, "adv", "d_loss", "d_real", "d_fake")
 
 
 def generator_loss(real_logits, fake_logits, kind):
@@ -171,39 +296,6 @@ def discriminator_loss(real_logits, fake_logits, kind):
         real_logits, fake_logits = real_logits - fake_logits.mean(), fake_logits - real_logits.mean()
     return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))) / 2
-
-
-def vgg_feature_loss(cfg, device):
-    """L1 between VGG19 conv5_4 features (ESRGAN's perceptual loss), or None when the ImageNet weights
-    are not on this machine: compute nodes often cannot download them, so this never tries to."""
-    from torchvision.models import vgg19
-
-    path = cfg["vgg_weights"] or os.path.join(torch.hub.get_dir(), "checkpoints", "vgg19-dcbbb0d2.pth")
-    if not os.path.isfile(path):
-        print(f"note: perceptual loss off: no VGG19 weights at {path} (set vgg_weights=...); "
-              f"training with L1 + adversarial loss only", file=sys.stderr)
-        return None
-    network = vgg19()
-    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    features = network.features[:35].to(device).eval().requires_grad_(False)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-    return lambda prediction, target: F.l1_loss(features((prediction - mean) / std), features((target - mean) / std))
-
-
-@torch.inference_mode()
-def preview(model, val_set, device):
-    """Centre crops of the first validation images: bilinear upsampling | prediction | HR."""
-    images = []
-    for index in range(min(PREVIEW_IMAGES, len(val_set))):
-        low_res, high_res = (t.unsqueeze(0).to(device) for t in val_set[index])
-        upsampled = interpolate(low_res, val_set.scale, "bilinear")
-        prediction = model(low_res).clamp(0, 1)
-        height, width = high_res.shape[-2:]
-        top, left = max(0, (height - PREVIEW_SIZE) // 2), max(0, (width - PREVIEW_SIZE) // 2)
-        crops = [t[0, :, top:top + PREVIEW_SIZE, left:left + PREVIEW_SIZE] for t in (upsampled, prediction, high_res)]
-        images.append(torch.cat(crops, dim=-1).cpu())
-    return images
 
 
 class StopRequest:
@@ -227,234 +319,79 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(cfg):
-    try:
-        config.validate_training(cfg)
-    except config.ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
-    system.tune_malloc(cfg)
-    device = system.pick_device(cfg["device"])
-    rank, world_size, device = init_distributed(device)
-    gan = cfg["gan"]
-    if gan and world_size > 1:
-        raise SystemExit("config error: gan=true trains in one process (no torchrun with several processes)")
-    main_process = rank == 0  # only rank 0 validates, logs and saves
-    say = print if main_process else (lambda *args, **kwargs: None)
-    bf16 = system.use_bf16(cfg, device)
-    setup = system.describe(device, bf16)
-    say(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else "")
-        + (", bf16 autocast" if bf16 else ""))
-    seed_everything(cfg["seed"])
-    try:
-        train_set = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
-                              bad_files=cfg["bad_files"], augment=cfg["augment"])
-        val_set = SRDataset(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False,
-                            bad_files=cfg["bad_files"])
-    except DataError as err:
-        raise SystemExit(f"data error: {err}") from None
-    run_dir = os.path.join(cfg["runs_dir"], cfg["run"])
-    ckpt_dir = os.path.join(cfg["ckpt_dir"], cfg["run"])
-    if main_process:
-        state_path, state = prepare_folders(cfg, run_dir, ckpt_dir)
+# ---- logging, validation, checkpoints ----
+
+def agree(running, running_steps, stop_request, world_size, names):
+    """The mean of each logged value since the last log, and whether any rank was asked to stop: summed over
+    the ranks, so that all of them take the same decisions."""
+    values = torch.cat([running / running_steps,
+                        torch.tensor([float(stop_request.signal is not None)], device=running.device)])
     if world_size > 1:
-        dist.barrier()  # rank 0 has checked or cleared the folders
-    if not main_process:
-        state_path, state = newest_good_state(ckpt_dir) if cfg["resume"] == "auto" else (None, None)
+        dist.all_reduce(values)
+    values = values.tolist()
+    return {name: value / world_size for name, value in zip(names, values)}, values[-1] > 0
 
-    memory_format = torch.channels_last if system.channels_last_helps(cfg["channels_last"], device) \
-        else torch.contiguous_format
-    raw_model = build_model(cfg).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg["lr"])
-    loss_function = nn.L1Loss()
-    # Task 6: a discriminator that learns to tell HR patches from predictions, which the model learns to fool
-    discriminator = Discriminator().to(device, memory_format=memory_format) if gan else None
-    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg["lr"]) if gan else None
-    perceptual = vgg_feature_loss(cfg, device) if gan and cfg["perceptual_weight"] > 0 else None
-    # an exponential moving average of the weights: what is validated and saved when ema > 0
-    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"])) if cfg["ema"] > 0 else None
-    final_model = ema.module if ema is not None else raw_model
-    step, samples, elapsed, best_psnr, metrics = 0, 0, 0.0, -math.inf, {}
-    try:
-        if state is not None:
-            restore(state_path, state, cfg, raw_model, optimizer, discriminator, d_optimizer, ema)
-        elif cfg["init"]:
-            say(f"Starting from the weights of {cfg['init']} (its step {initialise(raw_model, cfg)})")
-            if ema is not None:
-                ema.module.load_state_dict(raw_model.state_dict())
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}") from None
-    if state is not None:
-        step, elapsed, best_psnr, metrics = state["step"], state["elapsed"], state["best_psnr"], state["val"]
-        samples = state.get("samples", step * cfg["batch_size"])
-        if "rng" in state:
-            system.set_rng_states(state["rng"], device)
-        say(f"Resuming run '{cfg['run']}' at step {step} from {state_path}")
-        if state.get("hardware", setup) != setup:
-            say(f"note: this run continues on other hardware or precision: {setup} (was {state['hardware']}); "
-                f"its results will not be bit-identical to an uninterrupted run")
-    # DDP averages the gradients of the ranks: global batch = batch_size x world_size
-    model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else raw_model
-    if main_process:
-        config.save(cfg, run_dir)
-        config.save(cfg, ckpt_dir)
-    say(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
-        f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
 
-    # The sampler continues the run's sample stream where it stopped, so a resumed run sees the same batches.
-    sampler = TrainSampler(len(train_set), cfg["seed"], start=samples, rank=rank, world_size=world_size,
-                           batch_size=cfg["batch_size"])
-    if system.batches_on_device(cfg, device):  # crops, jitter and LR made a batch at a time, on the device
-        batches = DeviceBatches.from_config(cfg, train_set.images, sampler, device,
-                                            workers=min(1, system.data_workers(cfg, device)))
-    else:
-        batches = iter(DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler,
-                                  num_workers=system.data_workers(cfg, device), pin_memory=device.type == "cuda",
-                                  worker_init_fn=system.ignore_stop_signals))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    # events after the saved step come from the interrupted attempt: TensorBoard drops them
-    writer = SummaryWriter(run_dir, purge_step=step + 1 if state is not None else None) if main_process else None
-
-    def save_state():
-        path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
-        gan_state = {"discriminator": discriminator.state_dict(), "d_optimizer": d_optimizer.state_dict()} if gan else {}
-        ema_state = {"ema": ema.state_dict()} if ema is not None else {}
-        save_checkpoint(path, raw_model, cfg, step, optimizer=optimizer.state_dict(), train_config=cfg,
-                        samples=samples, elapsed=elapsed + time.time() - started, best_psnr=best_psnr, val=metrics,
-                        rng=system.rng_states(device), hardware=setup, **gan_state, **ema_state)
-        for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
-            os.remove(old)
-        return path
-
-    def stop(message, code):
-        progress.close()
-        if main_process:
-            writer.close()
-            print(message, file=sys.stderr)
-        stop_request.restore()
-        if world_size > 1:
-            dist.destroy_process_group()
-        raise SystemExit(code)
-
-    # logged means over the last log_every steps: train/l1, and for a GAN its adversarial terms
-    logged = ["l1", "adv", "d_loss", "d_real", "d_fake"] if gan else ["l1"]
-    running, running_steps = torch.zeros(len(logged), device=device), 0
-    started = last_log = time.time()
-    stop_request = StopRequest()
-    progress = tqdm(total=cfg["max_steps"], initial=step, unit="step", dynamic_ncols=True,
-                    mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
+def validate(networks, val_set, device, writer, step):
+    """Validation metrics of the final weights, logged with preview crops; returns the metrics."""
+    model = networks.final
+    model.eval()
+    metrics = evaluate(model, val_set, device)
+    for name, value in metrics.items():
+        writer.add_scalar(f"val/{name}", value, step)
+    for index, image in enumerate(preview(model, val_set, device)):
+        writer.add_image(f"val/bilinear|prediction|hr/{index}", image, step)
+    writer.flush()
     model.train()
-    while step < cfg["max_steps"]:
-        low_res, high_res = next(batches)
-        low_res = low_res.to(device, non_blocking=True, memory_format=memory_format)
-        high_res = high_res.to(device, non_blocking=True, memory_format=memory_format)
+    return metrics
 
-        if cfg["lr_schedule"] != "constant":
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            high_res_prediction = model(low_res)
-            loss = loss_function(high_res_prediction, high_res)
-        if not gan:
-            loss.backward()
-            optimizer.step()
-            running += loss.detach()
-        else:
-            # generator step: L1 content + adversarial (+ perceptual) loss, the discriminator frozen
-            discriminator.requires_grad_(False)
-            with autocast:
-                real_logits, fake_logits = discriminator(high_res), discriminator(high_res_prediction)
-                adversarial = generator_loss(real_logits, fake_logits, cfg["gan_loss"])
-                generator_total = loss + cfg["adv_weight"] * adversarial
-                if perceptual is not None:
-                    generator_total = generator_total + cfg["perceptual_weight"] * perceptual(high_res_prediction, high_res)
-            generator_total.backward()
-            optimizer.step()
-            # discriminator step: HR patches are real, the (detached) predictions fake
-            discriminator.requires_grad_(True)
-            d_optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                real_logits, fake_logits = discriminator(high_res), discriminator(high_res_prediction.detach())
-                d_loss = discriminator_loss(real_logits, fake_logits, cfg["gan_loss"])
-            d_loss.backward()
-            d_optimizer.step()
-            running += torch.stack([loss, adversarial, d_loss, torch.sigmoid(real_logits).mean(),
-                                    torch.sigmoid(fake_logits).mean()]).detach()
-        if ema is not None:
-            ema.update_parameters(raw_model)
-        step += 1
-        samples += cfg["batch_size"] * world_size
-        progress.update(1)
-        running_steps += 1
-        last = step == cfg["max_steps"]
-        log, validate = step % cfg["log_every"] == 0 or last, step % cfg["val_every"] == 0 or last
-        save = step % cfg["ckpt_every"] == 0 or last
 
-        if log or validate or save:  # checked before anything is logged or saved; ranks agree here
-            agreed = all_ranks_sum(torch.cat([running / running_steps,
-                                              torch.tensor([float(stop_request.signal is not None)], device=device)]),
-                                   world_size).tolist()
-            means, stop_requested = {n: v / world_size for n, v in zip(logged, agreed)}, agreed[-1] > 0
-            train_l1 = means["l1"]
-            save = save or stop_requested
-            if not all(math.isfinite(v) for v in means.values()):
-                if main_process:
-                    for name, value in means.items():
-                        writer.add_scalar(f"train/{name}", value, step)
-                kept = step_checkpoints(ckpt_dir)
-                bad = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v))
-                stop(f"error: training loss is {bad if gan else train_l1} at step {step} (diverged); lower lr={cfg['lr']}. "
-                     f"Last good checkpoint: {kept[0] if kept else 'none yet'}", EXIT_DIVERGED)
-        if log and main_process:
-            now = time.time()
-            patches_per_s = running_steps * cfg["batch_size"] * world_size / max(now - last_log, 1e-9)
-            for name, value in means.items():
-                writer.add_scalar(f"train/{name}", value, step)
-            progress.set_postfix(loss=f"{train_l1:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
-            last_log = now
-        if log:
-            running.zero_()
-            running_steps = 0
+@torch.inference_mode()
+def preview(model, val_set, device):
+    """Centre crops of the first validation images: bilinear upsampling | prediction | HR."""
+    images = []
+    for index in range(min(PREVIEW_IMAGES, len(val_set))):
+        low_res, high_res = (t.unsqueeze(0).to(device) for t in val_set[index])
+        upsampled = interpolate(low_res, val_set.scale, "bilinear")
+        prediction = model(low_res).clamp(0, 1)
+        height, width = high_res.shape[-2:]
+        top, left = max(0, (height - PREVIEW_SIZE) // 2), max(0, (width - PREVIEW_SIZE) // 2)
+        crops = [t[0, :, top:top + PREVIEW_SIZE, left:left + PREVIEW_SIZE] for t in (upsampled, prediction, high_res)]
+        images.append(torch.cat(crops, dim=-1).cpu())
+    return images
 
-        if validate and main_process:
-            final_model.eval()
-            metrics = evaluate(final_model, val_set, device)
-            for name, value in metrics.items():
-                writer.add_scalar(f"val/{name}", value, step)
-            if cfg["lr_schedule"] != "constant":
-                writer.add_scalar("train/lr", learning_rate(cfg, step - 1), step)
-            for index, image in enumerate(preview(final_model, val_set, device)):
-                writer.add_image(f"val/bilinear|prediction|hr/{index}", image, step)
-            writer.flush()
-            final_model.train()
-            if metrics["psnr"] > best_psnr:
-                best_psnr = metrics["psnr"]
-                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), final_model, cfg, step, val=metrics)
-            progress.write(f"step {step}: val L1 {metrics['l1']:.4f}, PSNR {metrics['psnr']:.2f} dB, "
-                           f"SSIM {metrics['ssim']:.4f}")
-            last_log = time.time()  # validation time is not training throughput
 
-        if save:
-            path = None
-            if main_process:
-                writer.flush()  # logs up to this step are on disk before the checkpoint that resumes after them
-                path = save_state()
-            if stop_requested and not last:
-                stop(f"stopped by {stop_request.signal or 'a signal to another rank'} at step {step}; "
-                     f"checkpoint {path}; continue with resume=auto", EXIT_INTERRUPTED)
-    progress.close()
+def save_state(cfg, networks, progress, elapsed, ckpt_dir, device, hardware):
+    """A periodic checkpoint to resume from (the newest KEEP_STEP_CHECKPOINTS are kept); returns its path."""
+    path = os.path.join(ckpt_dir, f"step{progress.step:06d}.pt")
+    save_checkpoint(path, networks.model, cfg, progress.step, train_config=cfg, samples=progress.samples,
+                    elapsed=elapsed, best_psnr=progress.best_psnr, val=progress.val, rng=system.rng_states(device),
+                    hardware=hardware, **networks.state())
+    for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
+        os.remove(old)
+    return path
+
+
+def finish(bar, writer, stop_request, world_size, message=None, code=0):
+    """Close the logs, give the signals back, leave the process group; with a code, stop the process."""
+    bar.close()
+    if writer is not None:
+        writer.close()
+        if message:
+            print(message, file=sys.stderr)
     stop_request.restore()
     if world_size > 1:
         dist.destroy_process_group()
-    if not main_process:
-        return None
-    writer.close()
+    if code:
+        raise SystemExit(code)
 
-    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), final_model, cfg, step, val=metrics)
-    summary = {"run": cfg["run"], "steps": step, "samples": samples, "processes": world_size,
-               "wall_time_s": round(elapsed + time.time() - started, 1), "hardware": setup,
-               "torch": torch.__version__, "best_val_psnr": best_psnr, "final_val": metrics}
+
+def write_summary(cfg, progress, elapsed, world_size, hardware, run_dir, ckpt_dir, networks):
+    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), networks.final, cfg, progress.step,
+                                 val=progress.val)
+    summary = {"run": cfg["run"], "steps": progress.step, "samples": progress.samples, "processes": world_size,
+               "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
+               "best_val_psnr": progress.best_psnr, "final_val": progress.val}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     curves = plot_training_curves(run_dir, os.path.join(run_dir, "curves.png"))
@@ -462,5 +399,115 @@ def train(cfg):
     return summary
 
 
+def train(cfg):
+    try:
+        config.validate_training(cfg)
+    except config.ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+    # setup: the device and processes, the data, the folders, the networks, and where the run stands
+    system.tune_malloc(cfg)
+    device, rank, world_size = start_processes(cfg)
+    main_process = rank == 0  # only rank 0 validates, logs and saves
+    say = print if main_process else (lambda *args, **kwargs: None)
+    bf16 = system.use_bf16(cfg, device)
+    hardware = system.describe(device, bf16)
+    say(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else "")
+        + (", bf16 autocast" if bf16 else ""))
+    seed_everything(cfg["seed"])
+    train_set, val_set = load_data(cfg)
+    run_dir, ckpt_dir = os.path.join(cfg["runs_dir"], cfg["run"]), os.path.join(cfg["ckpt_dir"], cfg["run"])
+    state_path, state = find_state(cfg, run_dir, ckpt_dir, rank, world_size)
+    layout = torch.channels_last if system.channels_last_helps(cfg["channels_last"], device) else torch.contiguous_format
+    networks = build_networks(cfg, device, layout)
+    progress = resume(cfg, networks, state_path, state, device, hardware, say)
+    # DDP averages the gradients of the ranks: global batch = batch_size x world_size
+    model = DistributedDataParallel(networks.model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else networks.model
+    if main_process:
+        config.save(cfg, run_dir)
+        config.save(cfg, ckpt_dir)
+    say(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
+        f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
+    batches = training_batches(cfg, train_set, progress.samples, rank, world_size, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    # events after the saved step come from the interrupted attempt: TensorBoard drops them
+    writer = SummaryWriter(run_dir, purge_step=progress.step + 1 if state is not None else None) \
+        if main_process else None
+    logged = GAN_LOGGED if cfg["gan"] else (LOSS_NAME,)  # means over the last log_every steps
+    running, running_steps = torch.zeros(len(logged), device=device), 0
+    started = last_log = time.time()
+    stop_request = StopRequest()
+    bar = tqdm(total=cfg["max_steps"], initial=progress.step, unit="step", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
+
+    model.train()
+    while progress.step < cfg["max_steps"]:
+        low_res, high_res = (t.to(device, non_blocking=True, memory_format=layout) for t in next(batches))
+        if cfg["lr_schedule"] != "constant":
+            for group in networks.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, progress.step)
+        if cfg["gan"]:
+            running += gan_step(model, networks, low_res, high_res, autocast, cfg["gan_loss"], cfg["adv_weight"])
+        else:
+            running += training_step(model, networks, low_res, high_res, autocast)
+        if networks.ema is not None:
+            networks.ema.update_parameters(networks.model)
+        progress.step += 1
+        progress.samples += cfg["batch_size"] * world_size
+        running_steps += 1
+        bar.update(1)
+        step, last = progress.step, progress.step == cfg["max_steps"]
+        log, check, save = (step % cfg[every] == 0 or last for every in ("log_every", "val_every", "ckpt_every"))
+
+        if log or check or save:  # the ranks agree on the logged means and on stopping
+            means, stop_requested = agree(running, running_steps, stop_request, world_size, logged)
+            save = save or stop_requested
+            if not all(math.isfinite(v) for v in means.values()):
+                if main_process:
+                    for name, value in means.items():
+                        writer.add_scalar(f"train/{name}", value, step)
+                kept = step_checkpoints(ckpt_dir)
+                bad = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v))
+                loss = bad if cfg["gan"] else means[LOSS_NAME]
+                finish(bar, writer, stop_request, world_size, f"error: training loss is {loss} at step {step} (diverged); "
+                       f"lower lr={cfg['lr']}. Last good checkpoint: {kept[0] if kept else 'none yet'}", EXIT_DIVERGED)
+        if log and main_process:
+            now = time.time()
+            for name, value in means.items():
+                writer.add_scalar(f"train/{name}", value, step)
+            bar.set_postfix(loss=f"{means[LOSS_NAME]:.4f}", refresh=False,
+                            patches_s=f"{running_steps * cfg['batch_size'] * world_size / max(now - last_log, 1e-9):.0f}")
+            last_log = now
+        if log:
+            running.zero_()
+            running_steps = 0
+        if check and main_process:
+            progress.val = validate(networks, val_set, device, writer, step)
+            if cfg["lr_schedule"] != "constant":
+                writer.add_scalar("train/lr", learning_rate(cfg, step - 1), step)
+            if progress.val["psnr"] > progress.best_psnr:
+                progress.best_psnr = progress.val["psnr"]
+                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), networks.final, cfg, step, val=progress.val)
+            bar.write(f"step {step}: val L1 {progress.val[LOSS_NAME]:.4f}, PSNR {progress.val['psnr']:.2f} dB, "
+                      f"SSIM {progress.val['ssim']:.4f}")
+            last_log = time.time()  # validation time is not training throughput
+        if save:
+            path = None
+            if main_process:
+                writer.flush()  # logs up to this step are on disk before the checkpoint that resumes after them
+                path = save_state(cfg, networks, progress, progress.elapsed + time.time() - started, ckpt_dir,
+                                  device, hardware)
+            if stop_requested and not last:
+                by = stop_request.signal or "a signal to another rank"
+                finish(bar, writer, stop_request, world_size, f"stopped by {by} at step {step}; checkpoint {path}; "
+                       "continue with resume=auto", EXIT_INTERRUPTED)
+
+    finish(bar, writer, stop_request, world_size)
+    if main_process:
+        return write_summary(cfg, progress, progress.elapsed + time.time() - started, world_size, hardware, run_dir,
+                             ckpt_dir, networks)
+    return None
+
+
 if __name__ == "__main__":
-    train(config.from_argv(sys.argv[1:]))
+    train(config.from_argv(sys.argv[1:], ("run", "data", "model", "training", "gan", "system")))

@@ -8,7 +8,6 @@ as an 8-bit PNG: gray stays gray, and an alpha channel is upscaled bilinearly an
 through the model in overlapping tiles, so memory stays bounded; with an overlap that covers the
 model's receptive field the result equals that of the whole image at once.
 """
-import math
 import os
 import sys
 
@@ -21,14 +20,8 @@ from tqdm import tqdm
 import config
 import system
 from dataset import IMAGE_EXTENSIONS, DataError, decode_image, list_images, to_float
-from models import CheckpointError, load_model
-
-
-def receptive_margin(model_config):
-    """LR pixels each side of a tile whose output is affected by the tile's border: every 3x3
-    convolution reaches one HR pixel further and the bilinear upsampling one more."""
-    layers = model_config["num_blocks"] + 2
-    return math.ceil((layers + 1) / model_config["scale"])
+from checkpoints import CheckpointError, load_model
+from models import self_ensemble
 
 
 def _spans(length, tile, margin):
@@ -53,19 +46,6 @@ def upscale_tiled(model, low_res, scale, tile, margin, progress=None):
             if progress is not None:
                 progress.update(1)
     return output
-
-
-def self_ensemble(upscale):
-    """x8 geometric self-ensemble: the mean of the outputs for the 4 rotations of the image and of its mirror."""
-    def ensembled(low_res):
-        total = 0
-        for flip in (False, True):
-            flipped = low_res.flip(-1) if flip else low_res
-            for turns in range(4):
-                out = upscale(flipped.rot90(turns, (-2, -1))).rot90(-turns, (-2, -1))
-                total = total + (out.flip(-1) if flip else out)
-        return total / 8
-    return ensembled
 
 
 def read_alpha(path):
@@ -113,7 +93,7 @@ def plan(input_path, output):
 
 
 def main(argv):
-    cfg = config.from_argv(argv)
+    cfg = config.from_argv(argv, ("checkpoint", "upscale", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = system.pick_device(cfg["device"])
     if not cfg["checkpoint"] or not cfg["input"]:
@@ -126,7 +106,7 @@ def main(argv):
     except (CheckpointError, DataError) as err:
         raise SystemExit(f"error: {err}") from None
     scale = payload["config"]["scale"]
-    margin = cfg["overlap"] or receptive_margin(payload["config"])
+    margin = cfg["overlap"] or model.receptive_margin()
     for path, out_path in tqdm(jobs, unit="image", disable=len(jobs) == 1):
         try:
             print(f"wrote {upscale_file(model, path, out_path, scale, cfg['tile'], margin, cfg['ensemble'], device)}")

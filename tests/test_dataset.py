@@ -10,7 +10,7 @@ from PIL import Image
 import dataset
 from conftest import photo_crops, shared_folder, write_folder
 from batches import DeviceBatches, TrainSampler, hue_shift, jitter_batch
-from dataset import DataError, SRDataset, degrade, read_image
+from dataset import DataError, SRDataset, decode_image, degrade, to_float
 
 
 def test_training_pairs_have_the_right_shapes_and_range(tiny_data):
@@ -30,7 +30,7 @@ def test_lr_is_the_bilinear_downscale_of_the_jittered_hr(tiny_data):
 
 
 def test_hr_is_a_crop_of_the_image_when_jitter_is_off(tiny_data):
-    image = read_image(os.path.join(tiny_data["train"], "img00.png"))
+    image = to_float(decode_image(os.path.join(tiny_data["train"], "img00.png")))
     _, high_res = SRDataset(tiny_data["train"], patch_size=32, jitter=0)[(0, 7)]
     windows = image.unfold(1, 32, 1).unfold(2, 32, 1)  # every 32x32 window: 3 x H' x W' x 32 x 32
     matches = (windows == high_res[:, None, None]).flatten(3).all(-1).all(0)
@@ -98,7 +98,7 @@ def make_odd_formats(folder):
 def test_odd_formats_become_rgb_in_unit_range(tmp_path):
     expected = make_odd_formats(tmp_path)
     for name, pixels in expected.items():
-        image = read_image(str(tmp_path / name))
+        image = to_float(decode_image(str(tmp_path / name)))
         assert image.shape == (3, 20, 30), name
         torch.testing.assert_close(image, torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255, msg=name)
 
@@ -106,7 +106,7 @@ def test_odd_formats_become_rgb_in_unit_range(tmp_path):
 def test_16_bit_png_is_scaled_to_unit_range(tmp_path):
     pixels = np.linspace(0, 65535, 20 * 30).reshape(20, 30).astype(np.uint16)
     Image.fromarray(pixels).save(tmp_path / "deep.png")
-    image = read_image(str(tmp_path / "deep.png"))
+    image = to_float(decode_image(str(tmp_path / "deep.png")))
     assert image.shape == (3, 20, 30)
     assert image.min() == 0 and image.max() == 1
     torch.testing.assert_close(image[0], torch.from_numpy(pixels.astype(np.float32) / 65535))
@@ -133,7 +133,7 @@ def test_unreadable_image_names_the_file(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("this is text, not a PNG")
     with pytest.raises(DataError, match="bad.png: cannot read image"):
-        read_image(str(bad))
+        to_float(decode_image(str(bad)))
 
 
 def test_images_smaller_than_the_crop_stop_or_are_skipped_by_policy(tmp_path, capsys):
@@ -227,10 +227,10 @@ def test_a_folder_with_no_readable_image_stops_before_work(tmp_path):
 
 def test_16_bit_and_cmyk_convert_to_the_right_values(tmp_path):
     make_bad_input_corpus(tmp_path)
-    good = read_image(str(tmp_path / "good.png"))
-    deep = read_image(str(tmp_path / "deep16.png"))
+    good = to_float(decode_image(str(tmp_path / "good.png")))
+    deep = to_float(decode_image(str(tmp_path / "deep16.png")))
     torch.testing.assert_close(deep, good[0].expand(3, -1, -1))  # v*257/65535 == v/255
-    cmyk = read_image(str(tmp_path / "cmyk.jpg"))
+    cmyk = to_float(decode_image(str(tmp_path / "cmyk.jpg")))
     assert (cmyk - good).abs().mean() < 0.05  # JPEG is lossy, but the colours survive the CMYK round trip
 
 

@@ -99,7 +99,7 @@ def test_describe_names_the_gpu_model_precision_and_tf32(fake_gpu):
 
 
 def test_global_generator_states_survive_a_checkpoint_round_trip(tmp_path):
-    from models import load_checkpoint, save_checkpoint
+    from checkpoints import load_checkpoint, save_checkpoint
 
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     random.random(), np.random.rand(3), torch.rand(2)

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import config
 import train
 from conftest import CODE
@@ -79,7 +80,7 @@ def test_divergence_stops_cleanly_with_the_step(tiny_cfg, monkeypatch, capsys):
                         lambda self, index: tuple(t * float("nan") for t in original(self, index)))
     with pytest.raises(SystemExit) as exit_:
         train.train(dict(tiny_cfg, max_steps=5, data_on_device="off"))  # the DataLoader path uses __getitem__
-    assert exit_.value.code == train.EXIT_DIVERGED
+    assert exit_.value.code == checkpoints.EXIT_DIVERGED
     assert "training loss is nan at step 1 (diverged)" in capsys.readouterr().err
 
 
@@ -114,7 +115,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_cfg, 
 def test_resume_auto_without_a_checkpoint_starts_fresh_but_never_over_leftovers(tiny_cfg):
     summary = train.train(dict(tiny_cfg, max_steps=3, resume="auto"))
     assert summary["steps"] == 3
-    for path in train.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny")):
+    for path in checkpoints.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny")):
         os.remove(path)
     with pytest.raises(SystemExit, match="no checkpoint to resume from; overwrite=true starts it over"):
         train.train(dict(tiny_cfg, max_steps=3, resume="auto"))
@@ -166,7 +167,7 @@ def test_scheduler_signals_save_a_checkpoint_and_exit_75(tiny_cfg, signum):
     message = [line for line in err.splitlines() if line.startswith("stopped by")]
     assert len(message) == 1 and message[0].startswith(f"stopped by {name} at step ")
     step = int(message[0].split(" at step ")[1].split(";")[0])
-    saved = train.step_checkpoints(os.path.join(cfg["ckpt_dir"], "tiny"))
+    saved = checkpoints.step_checkpoints(os.path.join(cfg["ckpt_dir"], "tiny"))
     assert [os.path.basename(p) for p in saved] == [f"step{step:06d}.pt"]
     summary = train.train(dict(cfg, max_steps=step + 2, resume="auto"))
     assert summary["steps"] == step + 2
@@ -175,12 +176,12 @@ def test_scheduler_signals_save_a_checkpoint_and_exit_75(tiny_cfg, signum):
 def test_a_too_high_learning_rate_diverges_cleanly(tiny_cfg, capsys):
     with pytest.raises(SystemExit) as exit_:
         train.train(dict(tiny_cfg, lr=1e12, max_steps=200, ckpt_every=2))
-    assert exit_.value.code == train.EXIT_DIVERGED
+    assert exit_.value.code == checkpoints.EXIT_DIVERGED
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "(diverged); lower lr=1000000000000.0. Last good checkpoint:" in message
     steps, values = read_scalars(os.path.join(tiny_cfg["runs_dir"], "tiny"))["train/l1"]
     assert not math.isfinite(values[-1]) and all(math.isfinite(v) for v in values[:-1])
-    for path in train.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny")):
+    for path in checkpoints.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny")):
         weights = state_dict_of(path)
         assert all(torch.isfinite(w).all() for w in weights.values()), path
 
@@ -259,23 +260,6 @@ def test_gan_training_resumes_bit_identically(gan_cfg):
         straight, resumed = (torch.load(os.path.join(gan_cfg["ckpt_dir"], run, "step000006.pt"), weights_only=True)[name]
                              for run in ("straight", "resumed"))
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
-
-
-def test_missing_vgg_weights_turn_the_perceptual_loss_off_with_one_line(gan_cfg, tmp_path, capsys):
-    train.train(dict(gan_cfg, max_steps=2, perceptual_weight=1.0, vgg_weights=str(tmp_path / "vgg19.pth")))
-    err = capsys.readouterr().err
-    assert f"note: perceptual loss off: no VGG19 weights at {tmp_path / 'vgg19.pth'}" in err
-    assert os.path.isfile(os.path.join(gan_cfg["ckpt_dir"], "gan", "model.pt"))
-
-
-def test_perceptual_loss_uses_local_vgg_weights(gan_cfg, tmp_path):
-    from torchvision.models import vgg19
-
-    path = tmp_path / "vgg19.pth"
-    torch.save(vgg19().state_dict(), path)  # random weights stand in for ImageNet's: the loading path is the test
-    loss = train.vgg_feature_loss(dict(gan_cfg, vgg_weights=str(path)), torch.device("cpu"))
-    image = torch.rand(1, 3, 32, 32)
-    assert loss(image, image).item() == 0 and loss(image, image.flip(-1)).item() > 0
 
 
 def test_gan_init_from_another_architecture_is_refused_in_one_line(gan_cfg):

@@ -1,0 +1,110 @@
+"""The metrics, in one place: the training loss, PSNR, SSIM (pytorch-msssim), a sharpness ratio, and the two
+evaluation protocols that average them over a folder: RGB against the configured degradation (`evaluate`,
+also the validation of train.py) and the SR literature's (`evaluate_standard`: MATLAB bicubic LR, Y channel)."""
+import pytorch_msssim
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataset import crop_to_multiple, decode_image, degrade, list_images
+
+# The training loss (the handout's L1) and the name it is logged under (train/l1, val/l1) and plotted by.
+LOSS_NAME = "l1"
+
+
+def loss_function(prediction, target):
+    return F.l1_loss(prediction, target)
+
+
+def psnr(prediction, target):
+    """Per-image PSNR in dB for images in [0, 1]: -10 log10(MSE)."""
+    mse = nn.MSELoss(reduction="none")(prediction, target).flatten(1).mean(1)
+    return -10 * torch.log10(mse)
+
+
+def ssim(prediction, target):
+    """Per-image SSIM (pytorch-msssim, 11x11 Gaussian window, sigma 1.5) for images in [0, 1]."""
+    return pytorch_msssim.ssim(prediction, target, data_range=1.0, size_average=False)
+
+
+def sharpness(prediction, target):
+    """Per-image gradient energy of the prediction relative to the target's: mean |horizontal| + |vertical|
+    pixel difference, divided by the same for HR. 1 = as much fine detail as HR, < 1 blurrier, > 1 more
+    (right or wrong) high frequencies. Needs no downloaded network, unlike perceptual metrics."""
+    def energy(image):
+        return ((image[..., :, 1:] - image[..., :, :-1]).abs().flatten(1).mean(1)
+                + (image[..., 1:, :] - image[..., :-1, :]).abs().flatten(1).mean(1))
+    return energy(prediction) / energy(target)
+
+
+def interpolate(low_res, scale, mode):
+    """Upsample with bilinear or bicubic interpolation: the baselines a model has to beat."""
+    return F.interpolate(low_res, scale_factor=scale, mode=mode, align_corners=False).clamp(0, 1)
+
+
+@torch.inference_mode()
+def evaluate(upscale, dataset, device, batch_pixels=2_000_000):
+    """Mean L1, PSNR, SSIM and sharpness of `upscale(lr)` against HR over every image of `dataset`.
+
+    Images of the same size go through together, up to `batch_pixels` HR pixels a batch, which bounds
+    the memory (BSD68's 68 images have two shapes); every metric is still taken per image, then averaged over the images. L1 is taken on
+    the raw output (as the training loss is); PSNR, SSIM and sharpness on the output clamped to [0, 1].
+    """
+    by_shape = {}
+    for index in range(len(dataset)):
+        low_res, high_res = dataset[index]
+        by_shape.setdefault(tuple(high_res.shape), []).append((low_res, high_res))
+    totals = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "sharpness": 0.0}
+    for shape, pairs in by_shape.items():
+        batch_size = max(1, batch_pixels // (shape[-2] * shape[-1]))
+        for start in range(0, len(pairs), batch_size):
+            low_res, high_res = (torch.stack(t).to(device) for t in zip(*pairs[start:start + batch_size]))
+            prediction = upscale(low_res)
+            totals["l1"] += (prediction - high_res).abs().flatten(1).mean(1).sum().item()
+            prediction = prediction.clamp(0, 1)
+            totals["psnr"] += psnr(prediction, high_res).sum().item()
+            totals["ssim"] += ssim(prediction, high_res).sum().item()
+            totals["sharpness"] += sharpness(prediction, high_res).sum().item()
+    return {name: total / len(dataset) for name, total in totals.items()}
+
+
+def luma(image):
+    """Y of ITU-R BT.601 for a CxHxW image in [0, 255], rounded as MATLAB's rgb2ycbcr does for 8-bit
+    images; a grayscale image (C = 1) is its own Y, as in the published evaluation code."""
+    if image.shape[0] == 1:
+        return image[0]
+    red, green, blue = image
+    return (16 + (65.481 * red + 128.553 * green + 24.966 * blue) / 255).round()
+
+
+def standard_scores(sr, hr, scale):
+    """PSNR and SSIM of the standard SR protocol: 8-bit images (CxHxW in [0, 255]), Y channel, `scale`
+    pixels shaved from each border, SSIM with the 11x11 Gaussian window (sigma 1.5) on Y in [0, 255]."""
+    sr_y, hr_y = (luma(image)[scale:-scale, scale:-scale] for image in (sr, hr))
+    psnr_db = 10 * torch.log10(255 ** 2 / ((sr_y - hr_y) ** 2).mean())
+    ssim_y = pytorch_msssim.ssim(sr_y[None, None].float(), hr_y[None, None].float(), data_range=255)
+    return {"l1": (sr_y - hr_y).abs().mean().item() / 255, "psnr": psnr_db.item(), "ssim": ssim_y.item()}
+
+
+@torch.inference_mode()
+def evaluate_standard(upscale, folder, scale, device):
+    """The benchmark protocol of the SR literature (SRCNN, VDSR, EDSR tables) on every image of `folder`:
+    LR = MATLAB bicubic imresize of the HR image, rounded to 8 bits; outputs rounded to 8 bits; metrics
+    on Y with the border shaved (`standard_scores`). A grayscale image goes through the model as three
+    equal channels, and the mean of the output channels is compared with it."""
+    totals, paths = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0}, list_images(folder)
+    for path in paths:
+        hr = crop_to_multiple(decode_image(path, keep_gray=True), scale).double()
+        low_res = degrade(hr / 255, scale, "bicubic_matlab").expand(3, -1, -1)
+        sr = upscale(low_res[None].float().to(device))[0].double().cpu().clamp(0, 1).mul(255).round()
+        if hr.shape[0] == 1:
+            sr = sr.mean(0, keepdim=True).round()
+        for name, value in standard_scores(sr, hr, scale).items():
+            totals[name] += value
+    return {name: total / len(paths) for name, total in totals.items()}
+
+
+def markdown_table(title, rows):
+    lines = [title, "", "| method | PSNR (dB) | SSIM |", "|---|---:|---:|"]
+    lines += [f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} |" for name, m in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,67 @@
+"""metrics.py: PSNR, SSIM, sharpness, the RGB evaluation and the standard protocol of the SR literature."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metrics
+from conftest import shared_folder
+from dataset import SRDataset, imresize_matlab
+
+
+PUBLISHED_BICUBIC = {  # (set, scale): (PSNR, SSIM) of bicubic upsampling in the SR literature
+    ("Set5", 2): (33.66, 0.9299), ("Set5", 3): (30.39, 0.8682), ("Set5", 4): (28.42, 0.8104),
+    ("Set14", 2): (30.24, 0.8688), ("Set14", 3): (27.55, 0.7742), ("Set14", 4): (26.00, 0.7027),
+}
+
+
+def test_psnr_of_a_known_mse():
+    target = torch.zeros(2, 3, 8, 8)
+    prediction = torch.full_like(target, 0.1)  # MSE = 0.01
+    torch.testing.assert_close(metrics.psnr(prediction, target), torch.tensor([20.0, 20.0]))
+
+
+def test_ssim_is_one_for_identical_images_and_lower_for_noise():
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 32, 32)
+    assert metrics.ssim(image, image).item() == pytest.approx(1.0, abs=1e-6)
+    noisy = (image + 0.2 * torch.randn_like(image)).clamp(0, 1)
+    assert metrics.ssim(noisy, image).item() < 0.9
+
+
+def test_evaluate_averages_over_images(tiny_data):
+    ds = SRDataset(tiny_data["eval"], train=False)
+    per_image = [metrics.psnr(metrics.interpolate(lr[None], 2, "bicubic"), hr[None]).item() for lr, hr in
+                 (ds[i] for i in range(len(ds)))]
+    result = metrics.evaluate(lambda lr: metrics.interpolate(lr, 2, "bicubic"), ds, "cpu")
+    assert result["psnr"] == pytest.approx(sum(per_image) / len(per_image))
+    assert 15 < result["psnr"] < 50 and 0 < result["ssim"] < 1
+
+
+@pytest.mark.parametrize("name, scale", list(PUBLISHED_BICUBIC))
+def test_standard_protocol_reproduces_the_published_bicubic_baselines(name, scale):
+    folder = shared_folder(name)
+    result = metrics.evaluate_standard(lambda lr: imresize_matlab(lr, scale), folder, scale, "cpu")
+    psnr_db, ssim = PUBLISHED_BICUBIC[(name, scale)]
+    assert result["psnr"] == pytest.approx(psnr_db, abs=0.02)
+    assert result["ssim"] == pytest.approx(ssim, abs=0.002)
+
+
+def test_gray_images_are_measured_on_their_own_values_not_on_y_of_replicated_rgb():
+    gray = torch.linspace(0, 255, 30 * 30, dtype=torch.float64).reshape(1, 30, 30).round()
+    rgb = gray.expand(3, -1, -1)
+    assert torch.equal(metrics.luma(gray), gray[0])
+    assert metrics.luma(rgb).max() == 235 and metrics.luma(rgb).min() == 16  # the studio range of BT.601
+    noisy = (gray + torch.randn_like(gray).mul(3)).clamp(0, 255).round()
+    assert metrics.standard_scores(noisy, gray, 2)["psnr"] != metrics.standard_scores(
+        noisy.expand(3, -1, -1), rgb, 2)["psnr"]
+
+
+def test_sharpness_is_one_for_hr_below_one_for_blur_and_above_for_noise():
+    torch.manual_seed(0)
+    high_res = torch.rand(2, 3, 32, 32)
+    blurred = F.avg_pool2d(high_res, 3, stride=1, padding=1, count_include_pad=False)
+    assert torch.allclose(metrics.sharpness(high_res, high_res), torch.ones(2))
+    assert (metrics.sharpness(blurred, high_res) < 0.6).all()
+    smooth = F.interpolate(F.avg_pool2d(high_res, 4), scale_factor=4, mode="bilinear")
+    noisy = smooth + 0.2 * torch.randn_like(smooth)
+    assert (metrics.sharpness(noisy, smooth) > 2).all()
