@@ -332,20 +332,6 @@ def agree(running, running_steps, stop_request, world_size, names):
     return {name: value / world_size for name, value in zip(names, values)}, values[-1] > 0
 
 
-def validate(networks, val_set, device, writer, step):
-    """Validation metrics of the final weights, logged with preview crops; returns the metrics."""
-    model = networks.final
-    model.eval()
-    metrics = evaluate(model, val_set, device)
-    for name, value in metrics.items():
-        writer.add_scalar(f"val/{name}", value, step)
-    for index, image in enumerate(preview(model, val_set, device)):
-        writer.add_image(f"val/bilinear|prediction|hr/{index}", image, step)
-    writer.flush()
-    model.train()
-    return metrics
-
-
 @torch.inference_mode()
 def preview(model, val_set, device):
     """Centre crops of the first validation images: bilinear upsampling | prediction | HR."""
@@ -361,42 +347,130 @@ def preview(model, val_set, device):
     return images
 
 
-def save_state(cfg, networks, progress, elapsed, ckpt_dir, device, hardware):
-    """A periodic checkpoint to resume from (the newest KEEP_STEP_CHECKPOINTS are kept); returns its path."""
-    path = os.path.join(ckpt_dir, f"step{progress.step:06d}.pt")
-    save_checkpoint(path, networks.model, cfg, progress.step, train_config=cfg, samples=progress.samples,
-                    elapsed=elapsed, best_psnr=progress.best_psnr, val=progress.val, rng=system.rng_states(device),
-                    hardware=hardware, **networks.state())
-    for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
-        os.remove(old)
-    return path
+class Bookkeeper:
+    """Everything after a training step: the running means of the logged values, agreeing with the other ranks
+    on them and on stopping, TensorBoard and the progress bar, validation, checkpoints, the divergence and
+    signal stops, and the end of the run. Only rank 0 writes."""
 
+    def __init__(self, cfg, networks, progress, val_set, device, world_size, main_process, run_dir, ckpt_dir,
+                 hardware, resumed):
+        self.cfg, self.networks, self.progress, self.val_set, self.device = cfg, networks, progress, val_set, device
+        self.world_size, self.main_process, self.hardware = world_size, main_process, hardware
+        self.run_dir, self.ckpt_dir = run_dir, ckpt_dir
+        # events after the saved step come from the interrupted attempt: TensorBoard drops them
+        self.writer = SummaryWriter(run_dir, purge_step=progress.step + 1 if resumed else None) \
+            if main_process else None
+        self.logged = GAN_LOGGED if cfg["gan"] else (LOSS_NAME,)  # means over the last log_every steps
+        self.running, self.running_steps = torch.zeros(len(self.logged), device=device), 0
+        self.started = self.last_log = time.time()
+        self.stop_request = StopRequest()
+        self.bar = tqdm(total=cfg["max_steps"], initial=progress.step, unit="step", dynamic_ncols=True,
+                        mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
 
-def finish(bar, writer, stop_request, world_size, message=None, code=0):
-    """Close the logs, give the signals back, leave the process group; with a code, stop the process."""
-    bar.close()
-    if writer is not None:
-        writer.close()
-        if message:
-            print(message, file=sys.stderr)
-    stop_request.restore()
-    if world_size > 1:
-        dist.destroy_process_group()
-    if code:
-        raise SystemExit(code)
+    def elapsed(self):
+        return self.progress.elapsed + time.time() - self.started
 
+    def after_step(self, values):
+        """Account for the step just taken (`values`: its logged values); log, validate and save when due."""
+        cfg, step, writer = self.cfg, self.progress.step, self.writer
+        self.running += values
+        self.running_steps += 1
+        self.bar.update(1)
+        last = step == cfg["max_steps"]
+        log, check, save = (step % cfg[every] == 0 or last for every in ("log_every", "val_every", "ckpt_every"))
+        if not (log or check or save):
+            return
+        means, stop_requested = agree(self.running, self.running_steps, self.stop_request, self.world_size, self.logged)
+        if not all(math.isfinite(v) for v in means.values()):
+            self.diverged(means)
+        if log and self.main_process:
+            now = time.time()
+            for name, value in means.items():
+                writer.add_scalar(f"train/{name}", value, step)
+            patches_per_s = self.running_steps * cfg["batch_size"] * self.world_size / max(now - self.last_log, 1e-9)
+            self.bar.set_postfix(loss=f"{means[LOSS_NAME]:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
+            self.last_log = now
+        if log:
+            self.running.zero_()
+            self.running_steps = 0
+        if check and self.main_process:
+            self.validate()
+        if save or stop_requested:
+            path = self.save_state() if self.main_process else None
+            if stop_requested and not last:
+                by = self.stop_request.signal or "a signal to another rank"
+                self.finish(f"stopped by {by} at step {step}; checkpoint {path}; continue with resume=auto",
+                            EXIT_INTERRUPTED)
 
-def write_summary(cfg, progress, elapsed, world_size, hardware, run_dir, ckpt_dir, networks):
-    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), networks.final, cfg, progress.step,
-                                 val=progress.val)
-    summary = {"run": cfg["run"], "steps": progress.step, "samples": progress.samples, "processes": world_size,
-               "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
-               "best_val_psnr": progress.best_psnr, "final_val": progress.val}
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    curves = plot_training_curves(run_dir, os.path.join(run_dir, "curves.png"))
-    print(f" * final model: {final_path}\n * curves: {curves}\n * TensorBoard: tensorboard --logdir {cfg['runs_dir']}")
-    return summary
+    def validate(self):
+        """Validation metrics of the final weights, logged with preview crops; the best so far is kept."""
+        cfg, progress, model = self.cfg, self.progress, self.networks.final
+        model.eval()
+        progress.val = evaluate(model, self.val_set, self.device)
+        for name, value in progress.val.items():
+            self.writer.add_scalar(f"val/{name}", value, progress.step)
+        for index, image in enumerate(preview(model, self.val_set, self.device)):
+            self.writer.add_image(f"val/bilinear|prediction|hr/{index}", image, progress.step)
+        self.writer.flush()
+        model.train()
+        if cfg["lr_schedule"] != "constant":
+            self.writer.add_scalar("train/lr", learning_rate(cfg, progress.step - 1), progress.step)
+        if progress.val["psnr"] > progress.best_psnr:
+            progress.best_psnr = progress.val["psnr"]
+            save_checkpoint(os.path.join(self.ckpt_dir, "model_best.pt"), model, cfg, progress.step, val=progress.val)
+        self.bar.write(f"step {progress.step}: val L1 {progress.val[LOSS_NAME]:.4f}, PSNR {progress.val['psnr']:.2f} dB, "
+                       f"SSIM {progress.val['ssim']:.4f}")
+        self.last_log = time.time()  # validation time is not training throughput
+
+    def save_state(self):
+        """A periodic checkpoint to resume from (the newest KEEP_STEP_CHECKPOINTS are kept); returns its path.
+        The logs up to this step are flushed first, so they are on disk before the checkpoint that follows them."""
+        self.writer.flush()
+        progress, networks = self.progress, self.networks
+        path = os.path.join(self.ckpt_dir, f"step{progress.step:06d}.pt")
+        save_checkpoint(path, networks.model, self.cfg, progress.step, train_config=self.cfg, samples=progress.samples,
+                        elapsed=self.elapsed(), best_psnr=progress.best_psnr, val=progress.val,
+                        rng=system.rng_states(self.device), hardware=self.hardware, **networks.state())
+        for old in step_checkpoints(self.ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
+            os.remove(old)
+        return path
+
+    def diverged(self, means):
+        if self.main_process:
+            for name, value in means.items():
+                self.writer.add_scalar(f"train/{name}", value, self.progress.step)
+        kept = step_checkpoints(self.ckpt_dir)
+        bad = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v))
+        loss = bad if self.cfg["gan"] else means[LOSS_NAME]
+        self.finish(f"error: training loss is {loss} at step {self.progress.step} (diverged); lower "
+                    f"lr={self.cfg['lr']}. Last good checkpoint: {kept[0] if kept else 'none yet'}", EXIT_DIVERGED)
+
+    def finish(self, message=None, code=0):
+        """Close the logs, give the signals back, leave the process group; with a code, stop the process."""
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            if message:
+                print(message, file=sys.stderr)
+        self.stop_request.restore()
+        if self.world_size > 1:
+            dist.destroy_process_group()
+        if code:
+            raise SystemExit(code)
+
+    def summary(self):
+        """The final model.pt, runs/<run>/summary.json and curves.png."""
+        cfg, progress = self.cfg, self.progress
+        final_path = save_checkpoint(os.path.join(self.ckpt_dir, "model.pt"), self.networks.final, cfg, progress.step,
+                                     val=progress.val)
+        summary = {"run": cfg["run"], "steps": progress.step, "samples": progress.samples, "processes": self.world_size,
+                   "wall_time_s": round(self.elapsed(), 1), "hardware": self.hardware, "torch": torch.__version__,
+                   "best_val_psnr": progress.best_psnr, "final_val": progress.val}
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        curves = plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
+        print(f" * final model: {final_path}\n * curves: {curves}\n * TensorBoard: tensorboard --logdir {cfg['runs_dir']}")
+        return summary
 
 
 def train(cfg):
@@ -430,15 +504,8 @@ def train(cfg):
         f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
     batches = training_batches(cfg, train_set, progress.samples, rank, world_size, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    # events after the saved step come from the interrupted attempt: TensorBoard drops them
-    writer = SummaryWriter(run_dir, purge_step=progress.step + 1 if state is not None else None) \
-        if main_process else None
-    logged = GAN_LOGGED if cfg["gan"] else (LOSS_NAME,)  # means over the last log_every steps
-    running, running_steps = torch.zeros(len(logged), device=device), 0
-    started = last_log = time.time()
-    stop_request = StopRequest()
-    bar = tqdm(total=cfg["max_steps"], initial=progress.step, unit="step", dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
+    books = Bookkeeper(cfg, networks, progress, val_set, device, world_size, main_process, run_dir, ckpt_dir,
+                       hardware, resumed=state is not None)
 
     model.train()
     while progress.step < cfg["max_steps"]:
@@ -447,66 +514,16 @@ def train(cfg):
             for group in networks.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, progress.step)
         if cfg["gan"]:
-            running += gan_step(model, networks, low_res, high_res, autocast, cfg["gan_loss"], cfg["adv_weight"])
+            values = gan_step(model, networks, low_res, high_res, autocast, cfg["gan_loss"], cfg["adv_weight"])
         else:
-            running += training_step(model, networks, low_res, high_res, autocast)
+            values = training_step(model, networks, low_res, high_res, autocast)
         if networks.ema is not None:
             networks.ema.update_parameters(networks.model)
         progress.step += 1
         progress.samples += cfg["batch_size"] * world_size
-        running_steps += 1
-        bar.update(1)
-        step, last = progress.step, progress.step == cfg["max_steps"]
-        log, check, save = (step % cfg[every] == 0 or last for every in ("log_every", "val_every", "ckpt_every"))
-
-        if log or check or save:  # the ranks agree on the logged means and on stopping
-            means, stop_requested = agree(running, running_steps, stop_request, world_size, logged)
-            save = save or stop_requested
-            if not all(math.isfinite(v) for v in means.values()):
-                if main_process:
-                    for name, value in means.items():
-                        writer.add_scalar(f"train/{name}", value, step)
-                kept = step_checkpoints(ckpt_dir)
-                bad = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v))
-                loss = bad if cfg["gan"] else means[LOSS_NAME]
-                finish(bar, writer, stop_request, world_size, f"error: training loss is {loss} at step {step} (diverged); "
-                       f"lower lr={cfg['lr']}. Last good checkpoint: {kept[0] if kept else 'none yet'}", EXIT_DIVERGED)
-        if log and main_process:
-            now = time.time()
-            for name, value in means.items():
-                writer.add_scalar(f"train/{name}", value, step)
-            bar.set_postfix(loss=f"{means[LOSS_NAME]:.4f}", refresh=False,
-                            patches_s=f"{running_steps * cfg['batch_size'] * world_size / max(now - last_log, 1e-9):.0f}")
-            last_log = now
-        if log:
-            running.zero_()
-            running_steps = 0
-        if check and main_process:
-            progress.val = validate(networks, val_set, device, writer, step)
-            if cfg["lr_schedule"] != "constant":
-                writer.add_scalar("train/lr", learning_rate(cfg, step - 1), step)
-            if progress.val["psnr"] > progress.best_psnr:
-                progress.best_psnr = progress.val["psnr"]
-                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), networks.final, cfg, step, val=progress.val)
-            bar.write(f"step {step}: val L1 {progress.val[LOSS_NAME]:.4f}, PSNR {progress.val['psnr']:.2f} dB, "
-                      f"SSIM {progress.val['ssim']:.4f}")
-            last_log = time.time()  # validation time is not training throughput
-        if save:
-            path = None
-            if main_process:
-                writer.flush()  # logs up to this step are on disk before the checkpoint that resumes after them
-                path = save_state(cfg, networks, progress, progress.elapsed + time.time() - started, ckpt_dir,
-                                  device, hardware)
-            if stop_requested and not last:
-                by = stop_request.signal or "a signal to another rank"
-                finish(bar, writer, stop_request, world_size, f"stopped by {by} at step {step}; checkpoint {path}; "
-                       "continue with resume=auto", EXIT_INTERRUPTED)
-
-    finish(bar, writer, stop_request, world_size)
-    if main_process:
-        return write_summary(cfg, progress, progress.elapsed + time.time() - started, world_size, hardware, run_dir,
-                             ckpt_dir, networks)
-    return None
+        books.after_step(values)
+    books.finish()
+    return books.summary() if main_process else None
 
 
 if __name__ == "__main__":
