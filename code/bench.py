@@ -13,6 +13,7 @@ Times are means over `bench_steps` steps after warm-up (a multiple of the 8 batc
 makes at once). Nothing here is asserted by a test.
 """
 import sys
+import tempfile
 
 import torch
 import torchvision
@@ -24,27 +25,18 @@ import system
 from batches import DeviceBatches, TrainSampler
 from dataset import SRDataset, list_images
 from models import build_model
-from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, training_flops
+from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, short_training, training_flops
 
 BF16_CHECK_STEPS = 300
 
 
-def bf16_check(cfg, device, steps=BF16_CHECK_STEPS):
+def bf16_check(cfg, device):
     """The safety check for bf16 autocast: the same short training (residual model, same seed and data)
     in fp32 and in bf16; returns {amp: final validation PSNR}. bf16 is worth using only if the two agree
     within 0.05 dB."""
-    import tempfile
-
-    import train
-
-    psnr = {}
     with tempfile.TemporaryDirectory() as folder:
-        for amp in ("off", "bf16"):
-            run = dict(cfg, run=f"bf16_check_{amp}", model="residual", amp=amp, max_steps=steps, val_every=steps,
-                       ckpt_every=steps, log_every=steps, runs_dir=folder, ckpt_dir=folder, device=str(device),
-                       resume="never", overwrite=True)
-            psnr[amp] = train.train(run)["final_val"]["psnr"]
-    return psnr
+        return {amp: short_training(dict(cfg, device=str(device)), folder, f"bf16_check_{amp}", BF16_CHECK_STEPS,
+                                    amp=amp)["val"]["psnr"] for amp in ("off", "bf16")}
 
 
 def synthetic(cfg):
@@ -99,6 +91,72 @@ def handout_loader(cfg, device):
                       num_workers=2, drop_last=True, pin_memory=device.type == "cuda")
 
 
+def pure_steps(cfg, device, steps, flops):
+    """Time the pure step in each variant on a synthetic batch; print them; returns ({name: seconds}, the
+    default's name). bf16 variants are skipped on CPUs without bf16 instructions, where they are emulated and
+    take many times as long as fp32 (amp=bf16 times them anyway)."""
+    bf16_fast = device.type == "cuda" or system.use_bf16(dict(cfg, amp="auto"), device) or cfg["amp"] == "bf16"
+    # (name, channels_last, fused Adam, bf16 autocast, torch.compile)
+    variants = [("NCHW fp32 (naive reference)", False, False, False, False),
+                ("channels_last fp32", True, False, False, False),
+                ("channels_last fp32 + fused Adam", True, True, False, False)]
+    if bf16_fast:
+        variants += [("NCHW bf16 autocast", False, False, True, False), ("channels_last bf16 autocast", True, False, True, False)]
+    else:
+        print("bf16 variants skipped: this CPU has no AMX or AVX512-BF16, so bf16 is emulated (pass amp=bf16 to time it)")
+    if device.type == "cuda":  # compiling takes minutes on a small CPU; where it pays off is the GPU
+        variants.append(("channels_last bf16 + torch.compile", True, False, True, True))
+    results = mean_step_seconds({name: make_trainer(cfg, device, channels_last, fused, synthetic(cfg), bf16, compiled)[1]
+                                 for name, channels_last, fused, bf16, compiled in variants}, steps, device)
+    naive = results["NCHW fp32 (naive reference)"]
+    if device.type == "cpu":
+        peak, derivation = cpu_peak_flops()
+        print(f"CPU fp32 FMA peak {peak / 1e9:.0f} GFLOP/s = {derivation} (bf16 instructions have a higher peak "
+              f"of their own, so bf16 rows can exceed 100%)")
+        for name, seconds in results.items():
+            print(f"  {name:<40} {seconds * 1000:7.1f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s  "
+                  f"{flops / seconds / peak:6.1%} of fp32 peak  {naive / seconds:4.2f}x naive", flush=True)
+    else:
+        card = torch.cuda.get_device_name(device)
+        peak = next((value for key, value in GPU_BF16_PEAK.items() if key in card), None)
+        print(f"{card}: dense bf16 peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}")
+        for name, seconds in results.items():
+            share = f"{flops / seconds / peak:6.1%} of bf16 peak" if peak else ""
+            print(f"  {name:<40} {seconds * 1000:7.2f} ms  {flops / seconds / 1e12:6.1f} TFLOP/s  {share}  "
+                  f"{cfg['batch_size'] / seconds:8.0f} patches/s  {naive / seconds:4.2f}x naive", flush=True)
+    layout, bf16 = system.channels_last_helps(cfg["channels_last"], device), system.use_bf16(cfg, device)
+    default = f"{'channels_last' if layout else 'NCHW'} {'bf16 autocast' if bf16 else 'fp32'}"
+    default = "NCHW fp32 (naive reference)" if default == "NCHW fp32" else default
+    print(f"default here: {default} (channels_last={cfg['channels_last']}, amp={cfg['amp']})")
+    return results, default
+
+
+def full_loops(cfg, device, steps, batches, default):
+    """Time the data streams alone and the full loop on each, against the pure default step; print P1 and the
+    comparison with the handout's pipeline. P1 first, while the DataLoader streams' workers sit idle with full
+    queues: the full loop of the default path and the pure step, timed in turns. Streams fed by workers are
+    then timed alone, since taking turns would let their workers fill the queue while another is timed."""
+    layout, bf16 = system.channels_last_helps(cfg["channels_last"], device), system.use_bf16(cfg, device)
+    ours = "ours, batched on the device" if system.batches_on_device(cfg, device) else "ours, DataLoader"
+    pure_name = f"pure step ({default})"
+    trainers = {name: make_trainer(cfg, device, layout, False, stream, bf16)[1] for name, stream in batches.items()}
+    trainers[pure_name] = make_trainer(cfg, device, layout, False, synthetic(cfg), bf16)[1]
+    in_turns = [pure_name, ours] if ours == "ours, batched on the device" else []
+    full = mean_step_seconds({name: trainers[name] for name in in_turns}, steps, device)
+    data_only = {name: mean_step_seconds({name: lambda b=stream: next(b)}, steps, device)[name]
+                 for name, stream in batches.items()}
+    full.update({name: mean_step_seconds({name: trainer}, steps, device)[name]
+                 for name, trainer in trainers.items() if name not in in_turns})
+    print("data alone, per batch: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in data_only.items())
+          + f" ({system.data_workers(cfg, device)} DataLoader workers for ours, 2 for the handout's)")
+    print("full training loop, per step: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in full.items()
+                                                       if name != pure_name))
+    print(f"P1  full loop ({ours}) / pure step throughput: {full[pure_name] / full[ours]:.3f} (target >= 0.95)")
+    print(f"our training loop over the literal handout pipeline: {full['handout'] / full[ours]:.2f}x "
+          f"(data alone {data_only['handout'] / data_only[ours]:.1f}x)")
+    return full, data_only
+
+
 def main(argv):
     cfg = config.from_argv(argv, ("bench", "data", "model", "training", "system"), training=True)
     malloc = "tuned" if system.tune_malloc(cfg) else "glibc default"
@@ -107,71 +165,17 @@ def main(argv):
     flops = training_flops(build_model(cfg), cfg["batch_size"], cfg["patch_size"])
     print(f"device {device}, {torch.get_num_threads()} threads, batch {cfg['batch_size']}, "
           f"{cfg['patch_size']}x{cfg['patch_size']} HR patches, {flops / 1e9:.1f} GFLOP per step, {steps} timed steps, "
-          f"malloc {malloc} (compare with malloc=default)")
-
+          f"malloc {malloc} (compare with malloc=default)", flush=True)
     # Data workers are started before any computation: forking a process whose OpenMP pool is busy can hang it.
     batches = {"ours, DataLoader": endless(ours_loader(cfg, device)), "handout": endless(handout_loader(cfg, device)),
                "ours, batched on the device": device_batches(cfg, device)}
     for stream in batches.values():
         next(stream)
-
-    # (name, channels_last, fused Adam, bf16 autocast, torch.compile)
-    variants = [("NCHW fp32 (naive reference)", False, False, False, False),
-                ("channels_last fp32", True, False, False, False),
-                ("channels_last fp32 + fused Adam", True, True, False, False),
-                ("NCHW bf16 autocast", False, False, True, False),
-                ("channels_last bf16 autocast", True, False, True, False)]
-    if device.type == "cuda":  # compiling on a 2-core CPU takes minutes; where it pays off is the GPU
-        variants.append(("channels_last bf16 + torch.compile", True, False, True, True))
-    results = mean_step_seconds({name: make_trainer(cfg, device, channels_last, fused, synthetic(cfg), bf16, compiled)[1]
-                                   for name, channels_last, fused, bf16, compiled in variants}, steps, device)
-    naive = results["NCHW fp32 (naive reference)"]
-    chosen_layout, chosen_bf16 = system.channels_last_helps(cfg["channels_last"], device), system.use_bf16(cfg, device)
-    default_name = f"{'channels_last' if chosen_layout else 'NCHW'} {'bf16 autocast' if chosen_bf16 else 'fp32'}"
-    default_name = "NCHW fp32 (naive reference)" if default_name == "NCHW fp32" else default_name
-    chosen = results[default_name]
-
-    if device.type == "cpu":
-        peak, derivation = cpu_peak_flops()
-        print(f"CPU fp32 FMA peak {peak / 1e9:.0f} GFLOP/s = {derivation} (bf16 on AMX tiles has a higher peak "
-              f"of its own, so bf16 rows can exceed 100%)")
-        for name, seconds in results.items():
-            print(f"  {name:<40} {seconds * 1000:7.1f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s  "
-                  f"{flops / seconds / peak:6.1%} of fp32 peak  {naive / seconds:4.2f}x naive")
-    else:
-        card = torch.cuda.get_device_name(device)
-        peak = next((value for key, value in GPU_BF16_PEAK.items() if key in card), None)
-        print(f"{card}: dense bf16 peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}")
-        for name, seconds in results.items():
-            share = f"{flops / seconds / peak:6.1%} of bf16 peak" if peak else ""
-            print(f"  {name:<40} {seconds * 1000:7.2f} ms  {flops / seconds / 1e12:6.1f} TFLOP/s  {share}  "
-                  f"{cfg['batch_size'] / seconds:8.0f} patches/s  {naive / seconds:4.2f}x naive")
-    print(f"default here: {default_name} (channels_last={cfg['channels_last']}, amp={cfg['amp']})")
-
-    # P1 first, while the DataLoader streams' workers sit idle with full queues: the full loop of the default
-    # path and the pure step, timed in turns. Streams fed by workers are then timed alone, one after the
-    # other, since taking turns would let their workers fill the queue while another stream is timed.
-    ours = "ours, batched on the device" if system.batches_on_device(cfg, device) else "ours, DataLoader"
-    pure_name = f"pure step ({default_name})"
-    trainers = {name: make_trainer(cfg, device, chosen_layout, False, stream, chosen_bf16)[1]
-                for name, stream in batches.items()}
-    trainers[pure_name] = make_trainer(cfg, device, chosen_layout, False, synthetic(cfg), chosen_bf16)[1]
-    in_turns = [pure_name, ours] if ours == "ours, batched on the device" else []
-    full = mean_step_seconds({name: trainers[name] for name in in_turns}, steps, device)
-    data_only = {name: mean_step_seconds({name: lambda b=stream: next(b)}, steps, device)[name]
-                 for name, stream in reversed(batches.items())}
-    full.update({name: mean_step_seconds({name: trainer}, steps, device)[name]
-                 for name, trainer in trainers.items() if name not in in_turns})
-    print("data alone, per batch: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in data_only.items())
-          + f" ({system.data_workers(cfg, device)} DataLoader workers for ours, 2 for the handout's)")
-    print("full training loop, per step: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in full.items()
-                                                       if name != pure_name))
-    print(f"P1  full loop ({ours}) / pure step throughput: {full[pure_name] / full[ours]:.3f} (target >= 0.95)")
-    print(f"P2  default pure step ({default_name}) over the naive NCHW fp32 step: {naive / chosen:.2f}x "
-          f"(target >= 1.3x)")
-    print(f"our training loop over the literal handout pipeline: {full['handout'] / full[ours]:.2f}x "
-          f"(data alone {data_only['handout'] / data_only[ours]:.1f}x)")
-    if results["channels_last bf16 autocast"] < results["channels_last fp32"] or cfg["amp"] == "bf16":
+    results, default = pure_steps(cfg, device, steps, flops)
+    print(f"P2  default pure step ({default}) over the naive NCHW fp32 step: "
+          f"{results['NCHW fp32 (naive reference)'] / results[default]:.2f}x (target >= 1.3x)", flush=True)
+    full, data_only = full_loops(cfg, device, steps, batches, default)
+    if "bf16" in default:
         psnr = bf16_check(cfg, device)
         print(f"bf16 check, {BF16_CHECK_STEPS} steps of the residual model on {cfg['data_dir']} -> {cfg['eval_dir']}: validation "
               f"PSNR fp32 {psnr['off']:.3f} dB, bf16 {psnr['bf16']:.3f} dB, difference {psnr['bf16'] - psnr['off']:+.3f} dB "

@@ -33,12 +33,11 @@ RUNS = [
     ("baseline", ["model=basic", "lr=1e-4", "max_steps=30000"]),
     # residual connection, same steps, seed and data order
     ("residual", ["model=residual", "lr=1e-4", "max_steps=30000"]),
-    # The fine-tuned runs below start from the residual run's model at step 20000 (kept as model_020000.pt
-    # when that run was extended), so that rerunning them from scratch gives the committed results.
+    # The fine-tuned runs below start from the residual run's model at step 20000 (model_020000.pt).
     # Task 6: the residual model fine-tuned as a GAN generator (L1 + relativistic adversarial loss)
     ("gan", ["model=residual", "gan=true", "init=checkpoints/residual/model_020000.pt", "lr=1e-4", "max_steps=5000"]),
     # the standard benchmark protocol's degradation (MATLAB bicubic), for the table against SRCNN/FSRCNN/VDSR:
-    # the residual model fine-tuned on it (20000 + 3000 steps in all), since a run from scratch costs 70 CPU minutes
+    # the residual model fine-tuned on it (20000 + 3000 steps in all)
     ("residual_matlab", ["model=residual", "degradation=bicubic_matlab", "init=checkpoints/residual/model_020000.pt",
                          "lr=1e-4", "max_steps=3000"]),
     # learning-rate sweep with the original model; the baseline's first 5000 steps are its lr=1e-4 reference

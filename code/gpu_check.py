@@ -27,7 +27,8 @@ import config
 import system
 from batches import DeviceBatches, TrainSampler
 from dataset import SRDataset
-from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, training_flops
+from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, short_training, training_command, \
+    training_flops
 
 CODE = os.path.dirname(os.path.abspath(__file__))
 # (timed steps, training steps, upscaled image size): the GPU version, and the small one a CPU can do in minutes
@@ -54,39 +55,20 @@ def throughput(cfg, device, steps):
     return times["pure"], times["full"], training_flops(model, cfg["batch_size"], cfg["patch_size"])
 
 
-def train_args(cfg, folder, run, steps, **changes):
-    settings = dict(run=run, runs_dir=folder, ckpt_dir=folder, model="residual", max_steps=steps, val_every=steps,
-                    ckpt_every=max(1, steps // 4), log_every=max(1, steps // 20), resume="auto", **changes)
-    keys = ("data_dir", "eval_dir", "device", "channels", "num_blocks", "batch_size", "patch_size", "seed")
-    return [sys.executable, os.path.join(CODE, "train.py"), *(f"{k}={cfg[k]}" for k in keys),
-            *(f"{k}={v}" for k, v in settings.items())]
-
-
-def train_run(args):
-    done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"error: {' '.join(args[2:])} failed: {done.stderr.strip().splitlines()[-1:]}")
-
-
-def weights(folder, run):
-    return torch.load(os.path.join(folder, run, "model.pt"), weights_only=True)
-
-
 def identical(a, b):
     return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def killed_then_resumed(cfg, folder, steps):
     """Start a run, SIGKILL it once its second checkpoint exists, continue it with resume=auto."""
-    args = train_args(cfg, folder, "killed", steps, amp=cfg["amp"])
+    args = training_command(cfg, folder, "killed", steps, amp=cfg["amp"])
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = os.path.join(folder, "killed", f"step{2 * max(1, steps // 4):06d}.pt")
     while not os.path.exists(marker) and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    train_run(args)
-    return weights(folder, "killed")
+    return short_training(cfg, folder, "killed", steps, amp=cfg["amp"])
 
 
 def upscale_photo(folder, checkpoint, size, device):
@@ -135,24 +117,21 @@ def main(argv):
     print(summary[-1], flush=True)
 
     with tempfile.TemporaryDirectory() as folder:
-        psnr = {}
-        for amp in ("off", "bf16"):
-            train_run(train_args(cfg, folder, f"amp_{amp}", train_steps, amp=amp))
-            psnr[amp] = weights(folder, f"amp_{amp}")["val"]["psnr"]
-        differ = not identical(weights(folder, "amp_off"), weights(folder, "amp_bf16"))
+        runs = {amp: short_training(cfg, folder, f"amp_{amp}", train_steps, amp=amp) for amp in ("off", "bf16")}
+        psnr = {amp: run["val"]["psnr"] for amp, run in runs.items()}
+        differ = not identical(runs["off"], runs["bf16"])
         summary.append(f"2 fp32 vs bf16 after {train_steps} steps: {psnr['off']:.4f} vs {psnr['bf16']:.4f} dB "
                        f"(difference {psnr['bf16'] - psnr['off']:+.4f} dB; weights {'differ' if differ else 'EQUAL'})")
         print(summary[-1], flush=True)
 
         # what users run: the default precision (amp=auto)
-        train_run(train_args(cfg, folder, "straight", train_steps, amp=cfg["amp"]))
-        train_run(train_args(cfg, folder, "again", train_steps, amp=cfg["amp"]))
-        same = identical(weights(folder, "straight"), weights(folder, "again"))
+        straight = short_training(cfg, folder, "straight", train_steps, amp=cfg["amp"])
+        same = identical(straight, short_training(cfg, folder, "again", train_steps, amp=cfg["amp"]))
         summary.append(f"3 two identical runs (amp={cfg['amp']}): {'bit-identical' if same else 'DIFFERENT'} weights")
         print(summary[-1], flush=True)
 
         resumed = killed_then_resumed(cfg, folder, train_steps)
-        same = identical(weights(folder, "straight"), resumed)
+        same = identical(straight, resumed)
         summary.append(f"4 SIGKILL after a checkpoint, then resume=auto: {'bit-identical' if same else 'DIFFERENT'} "
                        "to the uninterrupted run")
         print(summary[-1], flush=True)

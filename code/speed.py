@@ -1,6 +1,10 @@
-"""Timing helpers shared by bench.py and gpu_check.py: one optimisation step as the training loop runs it,
-its FLOPs, the hardware's peak, and fair timing of several step functions on a machine whose speed drifts."""
+"""Helpers shared by bench.py and gpu_check.py: one optimisation step as the training loop runs it, its FLOPs,
+the hardware's peak, fair timing of several step functions on a machine whose speed drifts, and short
+trainings run as users run them (code/train.py in a subprocess)."""
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -9,6 +13,7 @@ from torch import nn
 from models import build_model
 
 WARMUP = 3
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
 def training_flops(model, batch_size, patch_size):
@@ -77,3 +82,22 @@ def make_trainer(cfg, device, channels_last, fused, batches, bf16=False, compile
         loss.backward()
         optimizer.step()
     return model, step
+
+
+def training_command(cfg, folder, run, steps, **changes):
+    """`python code/train.py ...` for a short run of the residual model in `folder` (data, device and model size
+    from `cfg`), resumable, with 4 checkpoints and one validation at the end."""
+    settings = dict(run=run, runs_dir=folder, ckpt_dir=folder, model="residual", max_steps=steps, val_every=steps,
+                    ckpt_every=max(1, steps // 4), log_every=max(1, steps // 20), resume="auto", **changes)
+    keys = ("data_dir", "eval_dir", "device", "channels", "num_blocks", "batch_size", "patch_size", "seed")
+    return [sys.executable, TRAIN, *(f"{k}={cfg[k]}" for k in keys), *(f"{k}={v}" for k, v in settings.items())]
+
+
+def short_training(cfg, folder, run, steps, **changes):
+    """Run `training_command` to the end; returns the final model.pt's checkpoint dict."""
+    import torch
+
+    done = subprocess.run(training_command(cfg, folder, run, steps, **changes), capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"error: training run {run} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return torch.load(os.path.join(folder, run, "model.pt"), weights_only=True)

@@ -1,7 +1,9 @@
 import pytest
 
 import bench
+import system
 from models import BasicSRModel
+from speed import training_flops
 
 
 def test_training_flops_match_the_count_by_hand():
@@ -9,7 +11,7 @@ def test_training_flops_match_the_count_by_hand():
     inner = 2 * 9 * 64 * 64 * 16 * 4096
     outer = 2 * 9 * 3 * 64 * 16 * 4096
     expected = 2 * outer + 10 * 3 * inner + 3 * outer  # first layer: no input gradient
-    assert bench.training_flops(BasicSRModel(), 16, 64) == expected
+    assert training_flops(BasicSRModel(), 16, 64) == expected
     assert expected / 16 == pytest.approx(9.13e9, rel=0.01)  # the ~9.3 GFLOP per patch of the issue
 
 
@@ -25,3 +27,13 @@ def test_bench_runs_every_measurement(tiny_cfg, capsys, monkeypatch):
     assert {"ours, DataLoader", "handout", "ours, batched on the device"} < set(result["full"])
     assert [name for name in result["full"] if name.startswith("pure step (")]  # P1's reference, timed in turns
     assert len(result["pure"]) == 5
+
+
+def test_bf16_variants_are_skipped_where_the_cpu_has_no_bf16_instructions(tiny_cfg, capsys, monkeypatch):
+    monkeypatch.setattr(system, "cpu_has", lambda flag: False)  # an AVX2 laptop
+    args = [f"data_dir={tiny_cfg['data_dir']}", f"eval_dir={tiny_cfg['eval_dir']}", "num_blocks=1", "channels=8",
+            "patch_size=32", "batch_size=4", "bench_steps=1", "num_workers=0", "device=cpu"]
+    result = bench.main(args)
+    out = capsys.readouterr().out
+    assert "bf16 variants skipped" in out and "bf16 check" not in out
+    assert not [name for name in result["pure"] if "bf16" in name]
