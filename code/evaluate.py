@@ -16,7 +16,7 @@ import config
 import system
 from checkpoints import CheckpointError, load_model
 from dataset import DataError, SRDataset, imresize_matlab, list_images
-from metrics import evaluate, evaluate_standard, interpolate, markdown_table
+from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table
 
 
 def write_tables(out, title, rows):
@@ -26,7 +26,7 @@ def write_tables(out, title, rows):
         f.write(markdown_table(title, rows))
     with open(out + ".csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["method", "psnr_db", "ssim", "l1"])
+        writer.writerow(["method", "psnr_db", "ssim", LOSS_NAME])
         writer.writerows([name, f"{m['psnr']:.4f}", f"{m['ssim']:.5f}", f"{m['l1']:.5f}"] for name, m in rows)
     return out + ".md", out + ".csv"
 

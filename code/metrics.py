@@ -54,13 +54,13 @@ def evaluate(upscale, dataset, device, batch_pixels=2_000_000):
     for index in range(len(dataset)):
         low_res, high_res = dataset[index]
         by_shape.setdefault(tuple(high_res.shape), []).append((low_res, high_res))
-    totals = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "sharpness": 0.0}
+    totals = {LOSS_NAME: 0.0, "psnr": 0.0, "ssim": 0.0, "sharpness": 0.0}
     for shape, pairs in by_shape.items():
         batch_size = max(1, batch_pixels // (shape[-2] * shape[-1]))
         for start in range(0, len(pairs), batch_size):
             low_res, high_res = (torch.stack(t).to(device) for t in zip(*pairs[start:start + batch_size]))
             prediction = upscale(low_res)
-            totals["l1"] += (prediction - high_res).abs().flatten(1).mean(1).sum().item()
+            totals[LOSS_NAME] += (prediction - high_res).abs().flatten(1).mean(1).sum().item()
             prediction = prediction.clamp(0, 1)
             totals["psnr"] += psnr(prediction, high_res).sum().item()
             totals["ssim"] += ssim(prediction, high_res).sum().item()
@@ -83,7 +83,7 @@ def standard_scores(sr, hr, scale):
     sr_y, hr_y = (luma(image)[scale:-scale, scale:-scale] for image in (sr, hr))
     psnr_db = 10 * torch.log10(255 ** 2 / ((sr_y - hr_y) ** 2).mean())
     ssim_y = pytorch_msssim.ssim(sr_y[None, None].float(), hr_y[None, None].float(), data_range=255)
-    return {"l1": (sr_y - hr_y).abs().mean().item() / 255, "psnr": psnr_db.item(), "ssim": ssim_y.item()}
+    return {LOSS_NAME: (sr_y - hr_y).abs().mean().item() / 255, "psnr": psnr_db.item(), "ssim": ssim_y.item()}
 
 
 @torch.inference_mode()
@@ -92,7 +92,7 @@ def evaluate_standard(upscale, folder, scale, device):
     LR = MATLAB bicubic imresize of the HR image, rounded to 8 bits; outputs rounded to 8 bits; metrics
     on Y with the border shaved (`standard_scores`). A grayscale image goes through the model as three
     equal channels, and the mean of the output channels is compared with it."""
-    totals, paths = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0}, list_images(folder)
+    totals, paths = {LOSS_NAME: 0.0, "psnr": 0.0, "ssim": 0.0}, list_images(folder)
     for path in paths:
         hr = crop_to_multiple(decode_image(path, keep_gray=True), scale).double()
         low_res = degrade(hr / 255, scale, "bicubic_matlab").expand(3, -1, -1)

@@ -11,10 +11,12 @@ matplotlib.use("Agg")  # files only: works on cluster nodes and CI without a dis
 import matplotlib.pyplot as plt
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from metrics import LOSS_NAME
+
 # panels: (tags drawn in it, title)
-CURVES = ((("train/l1",), "train L1"), (("val/l1",), "validation L1"), (("val/psnr",), "validation PSNR (dB)"),
+CURVES = (((f"train/{LOSS_NAME}",), "train L1"), ((f"val/{LOSS_NAME}",), "validation L1"), (("val/psnr",), "validation PSNR (dB)"),
           (("val/ssim",), "validation SSIM"))
-GAN_CURVES = ((("train/l1",), "generator L1 (content)"), (("train/adv",), "generator adversarial loss"),
+GAN_CURVES = (((f"train/{LOSS_NAME}",), "generator L1 (content)"), (("train/adv",), "generator adversarial loss"),
               (("train/d_loss",), "discriminator loss"), (("train/d_real", "train/d_fake"), "D(real), D(fake)"),
               (("val/psnr",), "validation PSNR (dB)"), (("val/ssim",), "validation SSIM"),
               (("val/sharpness",), "validation sharpness (1 = HR)"))

@@ -27,12 +27,13 @@ import system
 from checkpoints import load_checkpoint, load_model, step_checkpoints
 from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, to_float
 from experiments import DATA_ROOT, RUNS
-from metrics import evaluate, evaluate_standard, interpolate, markdown_table
+from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table
 from models import self_ensemble
 from plots import plot_training_curves, read_scalars
 
 EVAL_SETS = ("Set5", "Set14", "BSD68")
 DOWNSCALING = ("bilinear", "bicubic", "nearest")  # how the LR input is made at test time
+SCALE = 2  # the runs of experiments.RUNS, and the published results below, are x2
 # Published x2 results of the standard protocol (Y channel, MATLAB bicubic LR, 2 px shaved border):
 # SRCNN (Dong et al. 2016, TPAMI), FSRCNN (Dong et al. 2016, ECCV), VDSR (Kim et al. 2016, CVPR).
 PUBLISHED = (("SRCNN (published)", {"Set5": (36.66, 0.9542), "Set14": (32.42, 0.9063)}),
@@ -82,7 +83,7 @@ class Run:
         self.train_config = read_json(os.path.join(self.run_dir, "config.json")) or {}
 
     def diverged_at(self):
-        steps, values = self.scalars.get("train/l1", ([], []))
+        steps, values = self.scalars.get(f"train/{LOSS_NAME}", ([], []))
         return steps[-1] if values and not math.isfinite(values[-1]) else None
 
     def load(self, device):
@@ -144,7 +145,7 @@ def runs_table(runs):
 
 def methods(runs, device):
     """(label, upscale) of the interpolation baselines, then of each run's model."""
-    return ([(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, 2, m)) for mode in ("bilinear", "bicubic")]
+    return ([(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, SCALE, m)) for mode in ("bilinear", "bicubic")]
             + [(run.label(payload), model) for run in runs for model, payload in [run.load(device)]])
 
 
@@ -157,7 +158,7 @@ class Scores:
 
     def dataset(self, set_name, degradation="bilinear"):
         if (set_name, degradation) not in self.datasets:
-            self.datasets[set_name, degradation] = SRDataset(os.path.join(DATA_ROOT, set_name), scale=2,
+            self.datasets[set_name, degradation] = SRDataset(os.path.join(DATA_ROOT, set_name), scale=SCALE,
                                                              degradation=degradation, train=False)
         return self.datasets[set_name, degradation]
 
@@ -189,7 +190,7 @@ def downscaling_table(runs, set_name, scores):
 def standard_table(runs, device):
     """x2 in the SR papers' protocol (evaluate.evaluate_standard) beside published results."""
     sets = ("Set5", "Set14")
-    rows = [("bicubic (MATLAB imresize)", lambda lr: imresize_matlab(lr, 2), "—")]
+    rows = [("bicubic (MATLAB imresize)", lambda lr: imresize_matlab(lr, SCALE), "—")]
     for run in runs:
         model, payload = run.load(device)
         trained = run.train_config["degradation"]
@@ -200,7 +201,7 @@ def standard_table(runs, device):
     lines = ["x2, standard protocol: LR by MATLAB bicubic imresize, 8-bit outputs, Y channel, 2 px border "
              "shaved", "", f"| method | trained on LR by | {header} |", "|---|---|" + "---:|" * len(sets)]
     for name, upscale, trained in rows:
-        cells = [evaluate_standard(upscale, os.path.join(DATA_ROOT, s), 2, device) for s in sets]
+        cells = [evaluate_standard(upscale, os.path.join(DATA_ROOT, s), SCALE, device) for s in sets]
         lines.append(f"| {name} | {trained} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f}" for m in cells) + " |")
     for name, values in PUBLISHED:
         lines.append(f"| {name} | bicubic | " + " | ".join(f"{values[s][0]:.2f} / {values[s][1]:.4f}" for s in sets) + " |")
@@ -223,7 +224,7 @@ def sharpness_table(runs, set_names, scores, extra=()):
 def plot_comparison(runs, out_path, title, max_step=None, labels=None):
     """Train L1 (log scale), validation PSNR and SSIM of several runs on shared axes; a diverged run
     is drawn up to its last finite value and marked with an x."""
-    panels = (("train/l1", "train L1", "log"), ("val/psnr", "validation PSNR (dB)", "linear"),
+    panels = ((f"train/{LOSS_NAME}", "train L1", "log"), ("val/psnr", "validation PSNR (dB)", "linear"),
               ("val/ssim", "validation SSIM", "linear"))
     figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
     for run in runs:
@@ -255,10 +256,10 @@ def plot_crops(runs, out_path, device):
     columns = 3 + len(models)
     figure, axes = plt.subplots(len(CROPS), columns, figsize=(2.1 * columns, 2.3 * len(CROPS)), squeeze=False)
     for row, (set_name, file_name, top, left, side) in enumerate(CROPS):
-        high_res = crop_to_multiple(to_float(decode_image(os.path.join(DATA_ROOT, set_name, file_name))), 2)
-        low_res = degrade(high_res, 2, "bilinear")[None].to(device)
-        images = [("LR (bilinear down)", low_res.repeat_interleave(2, -2).repeat_interleave(2, -1)),
-                  ("bicubic", interpolate(low_res, 2, "bicubic"))]
+        high_res = crop_to_multiple(to_float(decode_image(os.path.join(DATA_ROOT, set_name, file_name))), SCALE)
+        low_res = degrade(high_res, SCALE, "bilinear")[None].to(device)
+        images = [("LR (bilinear down)", low_res.repeat_interleave(SCALE, -2).repeat_interleave(SCALE, -1)),
+                  ("bicubic", interpolate(low_res, SCALE, "bicubic"))]
         images += [(name, model(low_res).clamp(0, 1)) for name, model in models]
         images.append(("HR", high_res[None]))
         for column, (name, image) in enumerate(images):
@@ -323,7 +324,7 @@ def build(cfg, out_dir, device, only=None):
     fp32_dir = os.path.join(cfg["runs_dir"], "baseline_fp32")  # the baseline's first steps in fp32, kept for this
     if "baseline" in by_name and os.path.isdir(fp32_dir):
         fp32 = Run("baseline_fp32", dict(RUNS)["baseline"], cfg)
-        last = fp32.scalars["train/l1"][0][-1]
+        last = fp32.scalars[f"train/{LOSS_NAME}"][0][-1]
         figure("precision", f"The baseline in fp32 (stopped at step {last}) and in bf16 autocast (the run above), "
                f"same seed and data", lambda path: plot_comparison(
                    [fp32, by_name["baseline"]], path, "fp32 vs bf16 autocast", max_step=last,
