@@ -19,7 +19,10 @@ SECTIONS = {
         "jitter": 0.2,  # ColorJitter brightness = contrast = saturation = hue
         "degradation": "bilinear",  # how LR images are made: bilinear | bicubic | nearest | bicubic_matlab
         "augment": "none",  # none | dihedral: each HR crop also randomly flipped and turned by 90 degrees
+    },
+    "input": {  # every reader of images
         "bad_files": "error",  # error | skip: what an unreadable or too small image in a data folder does
+        "max_pixels": 100_000_000,  # larger images are refused from their header, before decoding (memory)
     },
     "model": {
         "model": "basic",  # basic | residual (prediction + bilinear upsampling of the input)
@@ -72,7 +75,7 @@ CHOICES = {
     "data_on_device": ("auto", "on", "off"), "amp": ("auto", "off", "bf16"), "malloc": ("tuned", "default"),
     "protocol": ("rgb", "standard"),
 }
-POSITIVE = ("scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
+POSITIVE = ("max_pixels", "scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
             "log_every", "val_every", "ckpt_every", "lr", "tile", "bench_steps")
 
 

@@ -14,12 +14,15 @@ import sys
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.io import ImageReadMode
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+MAX_PIXELS = 100_000_000  # config key max_pixels: larger images are refused from their header, before decoding
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+Image.MAX_IMAGE_PIXELS = None  # the size limit is read_header's, with its own one-line message
 MIN_EVAL_SIZE = 11  # pixels of the LR image: SSIM's window
 INTERPOLATION = {
     "bilinear": transforms.InterpolationMode.BILINEAR,
@@ -33,48 +36,69 @@ class DataError(ValueError):
 
 
 def list_images(folder):
-    """Sorted image files of `folder`; hidden files and non-images (README, Thumbs.db) are ignored."""
+    """Sorted image files of `folder`; hidden files, folders and non-images (README, Thumbs.db) are ignored.
+    A broken link named like an image stays in the list, so that reading it says what is wrong."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
-    names = sorted(n for n in os.listdir(folder)
-                   if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
+                   and not os.path.isdir(os.path.join(folder, n)))
     if not names:
         raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return [os.path.join(folder, n) for n in names]
 
 
-def decode_image(path, keep_gray=False):
-    """Decode to a 3xHxW uint8 (uint16 for 16-bit files) tensor; 1xHxW for a grayscale file if keep_gray.
-
-    torchvision decodes PNG/JPEG (gray, palette, RGBA and CMYK become RGB); Pillow covers what
-    it cannot decode, such as BMP and TIFF.
-    """
+@contextlib.contextmanager
+def open_image(path, max_pixels=MAX_PIXELS):
+    """Pillow's lazy view of an image file, its size checked against `max_pixels` from the header alone (a
+    small file can claim a huge image: a decompression bomb). Nothing is decoded yet."""
     try:
-        image = torchvision.io.read_image(path, ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        image = _read_with_pillow(path)
-    return image[:1] if keep_gray and _is_gray(path) else image
+        with Image.open(path) as pil:
+            width, height = pil.size
+            if width * height > max_pixels:
+                raise DataError(f"{path}: {width}x{height} px ({width * height / 1e6:.0f} megapixels) is above "
+                                f"max_pixels={max_pixels}; raise max_pixels to read it")
+            yield pil
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot read image ({str(err).strip() or type(err).__name__})") from None
 
 
-def _is_gray(path):
-    with Image.open(path) as pil:
-        return pil.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
+def decode_image(path, keep_gray=False, max_pixels=MAX_PIXELS):
+    """Decode to a 3xHxW uint8 (uint16 for 16-bit and float files) tensor, the right way up (EXIF orientation
+    applied, as viewers show it); 1xHxW for a grayscale file if keep_gray. Of an animated image, the first frame.
+
+    torchvision decodes PNG and JPEG (gray, palette, RGBA and CMYK become RGB); Pillow the rest.
+    """
+    with open_image(path, max_pixels) as pil:
+        gray = pil.mode in GRAY_MODES
+        if pil.format in ("PNG", "JPEG") and not getattr(pil, "is_animated", False):
+            try:
+                image = torchvision.io.read_image(path, ImageReadMode.RGB, apply_exif_orientation=True)
+            except (RuntimeError, ValueError):  # what torchvision cannot decode, Pillow may
+                image = _decode_with_pillow(pil)
+        else:
+            image = _decode_with_pillow(pil)
+    return image[:1] if keep_gray and gray else image
+
+
+def _decode_with_pillow(pil):
+    pil.seek(0)  # an animation's first frame
+    pil = ImageOps.exif_transpose(pil)
+    if pil.mode == "F":  # 32-bit float, e.g. a TIFF: values must be in [0, 1]
+        array = np.asarray(pil, dtype=np.float32)
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError(f"float image with values in [{array.min():g}, {array.max():g}], expected [0, 1]")
+        array = np.rint(array * 65535).astype(np.uint16)
+        return torch.from_numpy(array)[None].expand(3, -1, -1).contiguous()
+    if pil.mode.startswith("I"):  # 16/32-bit integer grayscale
+        array = np.asarray(pil, dtype=np.int32).clip(0, 65535).astype(np.uint16)
+        return torch.from_numpy(array)[None].expand(3, -1, -1).contiguous()
+    return torch.from_numpy(np.asarray(pil.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
 def to_float(image):
     return transforms.functional.convert_image_dtype(image, torch.float32)
-
-
-def _read_with_pillow(path):
-    try:
-        with Image.open(path) as pil:
-            if pil.mode.startswith("I"):  # 16/32-bit grayscale
-                array = np.asarray(pil, dtype=np.int32).clip(0, 65535).astype(np.uint16)
-                return torch.from_numpy(array)[None].expand(3, -1, -1).contiguous()
-            array = np.asarray(pil.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot read image ({err})") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def degrade(hr, scale=2, method="bilinear"):
@@ -167,7 +191,7 @@ class SRDataset(Dataset):
     """
 
     def __init__(self, folder, patch_size=64, scale=2, jitter=0.2, degradation="bilinear", train=True,
-                 bad_files="error", augment="none"):
+                 bad_files="error", augment="none", max_pixels=MAX_PIXELS):
         self.scale, self.degradation, self.train, self.augment = scale, degradation, train, augment
         # crop while still 8-bit, so only the patch is converted to float
         steps = [transforms.RandomCrop(patch_size), transforms.ConvertImageDtype(torch.float32)]
@@ -175,32 +199,17 @@ class SRDataset(Dataset):
             steps.append(transforms.ColorJitter(jitter, jitter, jitter, jitter))
         self.transform = transforms.Compose(steps)
         # whole eval images must still leave SSIM's 11x11 window room after downscaling
-        minimum = patch_size if train else MIN_EVAL_SIZE * scale
-        self.files, self.images = [], []
-        for path in list_images(folder):
-            try:
-                image = decode_image(path)
-                if min(image.shape[-2:]) < minimum:
-                    raise DataError(f"{path}: {image.shape[-1]}x{image.shape[-2]} px is smaller than "
-                                    f"{'patch_size=' if train else ''}{minimum}")
-            except DataError as err:
-                if bad_files != "skip":
-                    raise DataError(f"{err} (bad_files=skip leaves such files out)") from None
-                print(f"warning: skipped {err}", file=sys.stderr)
-                continue
-            self.files.append(path)
-            self.images.append(image)
-        if not self.files:
-            raise DataError(f"{folder}: no usable image")
+        self.files, self.images = read_folder(folder, patch_size if train else MIN_EVAL_SIZE * scale,
+                                              "training" if train else "evaluation", scale, bad_files, max_pixels)
 
     @classmethod
     def from_config(cls, cfg, train=True):
         """The training set (data_dir) or the validation set (eval_dir) that a config describes."""
         if train:
             return cls(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
-                       bad_files=cfg["bad_files"], augment=cfg["augment"])
+                       bad_files=cfg["bad_files"], augment=cfg["augment"], max_pixels=cfg["max_pixels"])
         return cls(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False,
-                   bad_files=cfg["bad_files"])
+                   bad_files=cfg["bad_files"], max_pixels=cfg["max_pixels"])
 
     def __len__(self):
         return len(self.files)
@@ -226,6 +235,31 @@ def dihedral(images, k):
     return images.flip(-1) if k >= 4 else images
 
 
+def read_folder(folder, minimum, purpose, scale=2, bad_files="error", max_pixels=MAX_PIXELS, keep_gray=False):
+    """([path], [decoded image]) of every usable image of `folder`, at least `minimum` px on each side.
+    bad_files="error" stops at the first unusable file; "skip" leaves it out with a one-line warning."""
+    files, images = [], []
+    for path in list_images(folder):
+        try:
+            image = decode_image(path, keep_gray, max_pixels)
+            if min(image.shape[-2:]) < minimum:
+                need = (f"the {minimum}x{minimum} px training crop (patch_size={minimum})" if purpose == "training" else
+                        f"{minimum}x{minimum} px for {purpose} (SSIM's {MIN_EVAL_SIZE}x{MIN_EVAL_SIZE} window on the "
+                        f"x{scale} LR image)")
+                raise DataError(f"{path}: {image.shape[-1]}x{image.shape[-2]} px is too small: it needs at least "
+                                f"{need}; remove it")
+        except DataError as err:
+            if bad_files != "skip":
+                raise DataError(f"{err} (bad_files=skip leaves such files out)") from None
+            print(f"warning: skipped {err}", file=sys.stderr)
+            continue
+        files.append(path)
+        images.append(image)
+    if not files:
+        raise DataError(f"{folder}: no usable image")
+    return files, images
+
+
 @contextlib.contextmanager
 def seeded(seed):
     """Transforms draw from torch's global CPU generator: seed it for one sample only, then restore it."""
@@ -242,7 +276,7 @@ def main(argv):
     """The handout's check: one shuffled mini-batch from a DataLoader, its first pair saved as PNG."""
     import config
 
-    cfg = config.from_argv(argv, ("data", "run"))
+    cfg = config.from_argv(argv, ("data", "input", "run"))
     try:
         train_dataset = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"],
                                   cfg["degradation"])

@@ -15,8 +15,9 @@ import sys
 import config
 import system
 from checkpoints import CheckpointError, load_model
-from dataset import DataError, SRDataset, imresize_matlab, list_images
-from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table
+from models import bounded
+from dataset import DataError, SRDataset, imresize_matlab
+from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
 
 
 def write_tables(out, title, rows):
@@ -38,7 +39,7 @@ def checkpoint_paths(cfg):
 
 
 def main(argv):
-    cfg = config.from_argv(argv, ("checkpoint", "evaluate", "data", "run", "system"))
+    cfg = config.from_argv(argv, ("checkpoint", "evaluate", "data", "input", "run", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = system.pick_device(cfg["device"])
     standard = cfg["protocol"] == "standard"
@@ -49,9 +50,11 @@ def main(argv):
                 raise CheckpointError(f"{path}: trained for scale {payload['config']['scale']}, "
                                       f"evaluating scale={cfg['scale']}")
         if standard:
-            count = len(list_images(cfg["eval_dir"]))
+            images = standard_set(cfg["eval_dir"], cfg["scale"], cfg["bad_files"], cfg["max_pixels"])
+            count = len(images)
         else:
-            dataset = SRDataset(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False)
+            dataset = SRDataset(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False,
+                                bad_files=cfg["bad_files"], max_pixels=cfg["max_pixels"])
             count = len(dataset)
     except (CheckpointError, DataError) as err:
         raise SystemExit(f"error: {err}") from None
@@ -61,7 +64,7 @@ def main(argv):
 
     if standard:
         def score(upscale):
-            return evaluate_standard(upscale, cfg["eval_dir"], cfg["scale"], device)
+            return evaluate_standard(upscale, images, cfg["scale"], device)
         rows = [("bicubic (MATLAB imresize)", score(lambda lr: imresize_matlab(lr, cfg["scale"])))]
     else:
         def score(upscale):
@@ -69,7 +72,7 @@ def main(argv):
         rows = [(f"{mode} upsampling", score(lambda lr, m=mode: interpolate(lr, cfg["scale"], m)))
                 for mode in ("bilinear", "bicubic")]
     for path, model, payload in models:
-        rows.append((f"{payload['run']} ({payload['config']['model']}, step {payload['step']})", score(model)))
+        rows.append((f"{payload['run']} ({payload['config']['model']}, step {payload['step']})", score(bounded(model))))
 
     eval_name = os.path.basename(os.path.normpath(cfg["eval_dir"]))
     if standard:

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataset import crop_to_multiple, decode_image, degrade, list_images
+from dataset import MAX_PIXELS, MIN_EVAL_SIZE, crop_to_multiple, degrade, read_folder
 
 # The training loss (the handout's L1) and the name it is logged under (train/l1, val/l1) and plotted by.
 LOSS_NAME = "l1"
+PSNR_CAP = 100.0  # dB: the PSNR of an image identical to its reference (tables count such images)
 
 
 def loss_function(prediction, target):
@@ -17,9 +18,10 @@ def loss_function(prediction, target):
 
 
 def psnr(prediction, target):
-    """Per-image PSNR in dB for images in [0, 1]: -10 log10(MSE)."""
+    """Per-image PSNR in dB for images in [0, 1]: -10 log10(MSE), at most PSNR_CAP (identical images would
+    give infinity, and one such image would make a whole table's average infinite)."""
     mse = nn.MSELoss(reduction="none")(prediction, target).flatten(1).mean(1)
-    return -10 * torch.log10(mse)
+    return -10 * torch.log10(mse.clamp_min(10 ** (-PSNR_CAP / 10)))
 
 
 def ssim(prediction, target):
@@ -50,22 +52,27 @@ def evaluate(upscale, dataset, device, batch_pixels=2_000_000):
     the memory (BSD68's 68 images have two shapes); every metric is still taken per image, then averaged over the images. L1 is taken on
     the raw output (as the training loss is); PSNR, SSIM and sharpness on the output clamped to [0, 1].
     """
-    by_shape = {}
-    for index in range(len(dataset)):
-        low_res, high_res = dataset[index]
-        by_shape.setdefault(tuple(high_res.shape), []).append((low_res, high_res))
+    by_shape = {}  # image indices by HR shape, in order; pairs are made a batch at a time (bounded memory)
+    for index, image in enumerate(dataset.images):
+        height, width = (side // dataset.scale * dataset.scale for side in image.shape[-2:])
+        by_shape.setdefault((height, width), []).append(index)
     totals = {LOSS_NAME: 0.0, "psnr": 0.0, "ssim": 0.0, "sharpness": 0.0}
-    for shape, pairs in by_shape.items():
-        batch_size = max(1, batch_pixels // (shape[-2] * shape[-1]))
-        for start in range(0, len(pairs), batch_size):
-            low_res, high_res = (torch.stack(t).to(device) for t in zip(*pairs[start:start + batch_size]))
+    identical = 0
+    for (height, width), indices in by_shape.items():
+        batch_size = max(1, batch_pixels // (height * width))
+        for start in range(0, len(indices), batch_size):
+            pairs = [dataset[index] for index in indices[start:start + batch_size]]
+            low_res, high_res = (torch.stack(t).to(device) for t in zip(*pairs))
             prediction = upscale(low_res)
             totals[LOSS_NAME] += (prediction - high_res).abs().flatten(1).mean(1).sum().item()
             prediction = prediction.clamp(0, 1)
-            totals["psnr"] += psnr(prediction, high_res).sum().item()
+            scores = psnr(prediction, high_res)
+            identical += int((scores >= PSNR_CAP - 1e-3).sum())
+            totals["psnr"] += scores.sum().item()
             totals["ssim"] += ssim(prediction, high_res).sum().item()
             totals["sharpness"] += sharpness(prediction, high_res).sum().item()
-    return {name: total / len(dataset) for name, total in totals.items()}
+    means = {name: total / len(dataset) for name, total in totals.items()}
+    return {**means, "identical": identical} if identical else means
 
 
 def luma(image):
@@ -81,30 +88,41 @@ def standard_scores(sr, hr, scale):
     """PSNR and SSIM of the standard SR protocol: 8-bit images (CxHxW in [0, 255]), Y channel, `scale`
     pixels shaved from each border, SSIM with the 11x11 Gaussian window (sigma 1.5) on Y in [0, 255]."""
     sr_y, hr_y = (luma(image)[scale:-scale, scale:-scale] for image in (sr, hr))
-    psnr_db = 10 * torch.log10(255 ** 2 / ((sr_y - hr_y) ** 2).mean())
+    psnr_db = 10 * torch.log10(255 ** 2 / ((sr_y - hr_y) ** 2).mean().clamp_min(255 ** 2 * 10 ** (-PSNR_CAP / 10)))
     ssim_y = pytorch_msssim.ssim(sr_y[None, None].float(), hr_y[None, None].float(), data_range=255)
     return {LOSS_NAME: (sr_y - hr_y).abs().mean().item() / 255, "psnr": psnr_db.item(), "ssim": ssim_y.item()}
 
 
+def standard_set(folder, scale, bad_files="error", max_pixels=MAX_PIXELS):
+    """The HR images of `folder` for `evaluate_standard`: 8-bit (or 16-bit), gray kept gray, read once."""
+    return read_folder(folder, MIN_EVAL_SIZE * scale, "evaluation", scale, bad_files, max_pixels, keep_gray=True)[1]
+
+
 @torch.inference_mode()
-def evaluate_standard(upscale, folder, scale, device):
-    """The benchmark protocol of the SR literature (SRCNN, VDSR, EDSR tables) on every image of `folder`:
+def evaluate_standard(upscale, images, scale, device):
+    """The benchmark protocol of the SR literature (SRCNN, VDSR, EDSR tables) on `images` (`standard_set`):
     LR = MATLAB bicubic imresize of the HR image, rounded to 8 bits; outputs rounded to 8 bits; metrics
     on Y with the border shaved (`standard_scores`). A grayscale image goes through the model as three
     equal channels, and the mean of the output channels is compared with it."""
-    totals, paths = {LOSS_NAME: 0.0, "psnr": 0.0, "ssim": 0.0}, list_images(folder)
-    for path in paths:
-        hr = crop_to_multiple(decode_image(path, keep_gray=True), scale).double()
+    totals, identical = {LOSS_NAME: 0.0, "psnr": 0.0, "ssim": 0.0}, 0
+    for image in images:
+        hr = crop_to_multiple(image, scale).double()
         low_res = degrade(hr / 255, scale, "bicubic_matlab").expand(3, -1, -1)
         sr = upscale(low_res[None].float().to(device))[0].double().cpu().clamp(0, 1).mul(255).round()
         if hr.shape[0] == 1:
             sr = sr.mean(0, keepdim=True).round()
-        for name, value in standard_scores(sr, hr, scale).items():
+        scores = standard_scores(sr, hr, scale)
+        identical += scores["psnr"] >= PSNR_CAP - 1e-3
+        for name, value in scores.items():
             totals[name] += value
-    return {name: total / len(paths) for name, total in totals.items()}
+    means = {name: total / len(images) for name, total in totals.items()}
+    return {**means, "identical": identical} if identical else means
 
 
 def markdown_table(title, rows):
     lines = [title, "", "| method | PSNR (dB) | SSIM |", "|---|---:|---:|"]
-    lines += [f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} |" for name, m in rows]
+    lines += [f"| {name} | {m['psnr']:.2f}{'*' if m.get('identical') else ''} | {m['ssim']:.4f} |" for name, m in rows]
+    if any(m.get("identical") for _, m in rows):
+        lines += ["", f"\\* includes images identical to HR, counted as {PSNR_CAP:.0f} dB: "
+                  + ", ".join(f"{name} {m['identical']}" for name, m in rows if m.get("identical"))]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ The checkpoint format that stores them is in checkpoints.py.
 import math
 import sys
 
+import torch
 from torch import nn
 
 # The config keys that define an architecture; a checkpoint stores them so it can rebuild its model.
@@ -79,6 +80,42 @@ def self_ensemble(upscale):
                 total = total + (out.flip(-1) if flip else out)
         return total / 8
     return ensembled
+
+
+def _spans(length, tile, margin):
+    """(start, end) of each tile's core and of the window around it that the model sees."""
+    for start in range(0, length, tile):
+        end = min(start + tile, length)
+        yield start, end, max(0, start - margin), min(length, end + margin)
+
+
+@torch.no_grad()
+def upscale_tiled(model, low_res, scale, tile, margin, progress=None, out_device=None):
+    """model(low_res) for an Nx3xHxW batch, computed in tiles of `tile` LR px a side, each seen with `margin` px
+    of context (the result equals the whole image's when the margin covers the receptive field); returns a float
+    Nx3x(sH)x(sW) tensor on `out_device` (default: the input's; the CPU keeps a huge output off a GPU)."""
+    height, width = low_res.shape[-2:]
+    output = torch.empty(low_res.shape[0], 3, height * scale, width * scale, device=out_device or low_res.device)
+    for top, bottom, window_top, window_bottom in _spans(height, tile, margin):
+        for left, right, window_left, window_right in _spans(width, tile, margin):
+            window = low_res[..., window_top:window_bottom, window_left:window_right]
+            result = model(window).to(output.device)
+            y0, x0 = (top - window_top) * scale, (left - window_left) * scale
+            output[..., top * scale:bottom * scale, left * scale:right * scale] = \
+                result[..., y0:y0 + (bottom - top) * scale, x0:x0 + (right - left) * scale]
+            if progress is not None:
+                progress.update(1)
+    return output
+
+
+def bounded(model, tile=256):
+    """`model` as a function whose memory does not grow with the image: inputs larger than `tile` LR px a side
+    go through in tiles with the receptive field as overlap (the same result); smaller ones at once."""
+    def upscale(low_res):
+        if max(low_res.shape[-2:]) <= tile:
+            return model(low_res)
+        return upscale_tiled(model, low_res, model.scale, tile, model.receptive_margin())
+    return upscale
 
 
 def count_parameters(model):

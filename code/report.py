@@ -27,7 +27,7 @@ import system
 from checkpoints import load_checkpoint, load_model, step_checkpoints
 from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, to_float
 from experiments import DATA_ROOT, RUNS
-from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table
+from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
 from models import self_ensemble
 from plots import plot_training_curves, read_scalars
 
@@ -201,7 +201,7 @@ def standard_table(runs, device):
     lines = ["x2, standard protocol: LR by MATLAB bicubic imresize, 8-bit outputs, Y channel, 2 px border "
              "shaved", "", f"| method | trained on LR by | {header} |", "|---|---|" + "---:|" * len(sets)]
     for name, upscale, trained in rows:
-        cells = [evaluate_standard(upscale, os.path.join(DATA_ROOT, s), SCALE, device) for s in sets]
+        cells = [evaluate_standard(upscale, standard_set(os.path.join(DATA_ROOT, s), SCALE), SCALE, device) for s in sets]
         lines.append(f"| {name} | {trained} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f}" for m in cells) + " |")
     for name, values in PUBLISHED:
         lines.append(f"| {name} | bicubic | " + " | ".join(f"{values[s][0]:.2f} / {values[s][1]:.4f}" for s in sets) + " |")

@@ -45,7 +45,7 @@ from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, CheckpointError, load_m
     newest_good_state, save_checkpoint, step_checkpoints
 from dataset import DataError, SRDataset
 from metrics import LOSS_NAME, evaluate, interpolate, loss_function
-from models import MODEL_KEYS, Discriminator, build_model
+from models import MODEL_KEYS, Discriminator, bounded, build_model
 from plots import plot_training_curves
 
 # Keys that change what a run computes: resuming with any of them different is refused.
@@ -406,7 +406,7 @@ class Bookkeeper:
         """Validation metrics of the final weights, logged with preview crops; the best so far is kept."""
         cfg, progress, model = self.cfg, self.progress, self.networks.final
         model.eval()
-        progress.val = evaluate(model, self.val_set, self.device)
+        progress.val = evaluate(bounded(model), self.val_set, self.device)
         for name, value in progress.val.items():
             self.writer.add_scalar(f"val/{name}", value, progress.step)
         for index, image in enumerate(preview(model, self.val_set, self.device)):
@@ -527,4 +527,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(config.from_argv(sys.argv[1:], ("run", "data", "model", "training", "gan", "system")))
+    train(config.from_argv(sys.argv[1:], ("run", "data", "input", "model", "training", "gan", "system")))

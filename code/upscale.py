@@ -14,68 +14,49 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import config
 import system
-from dataset import IMAGE_EXTENSIONS, DataError, decode_image, list_images, to_float
+from dataset import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, decode_image, list_images, open_image, to_float
 from checkpoints import CheckpointError, load_model
-from models import self_ensemble
+from models import self_ensemble, upscale_tiled
 
 
-def _spans(length, tile, margin):
-    """(start, end) of each tile's core and of the window around it that the model sees."""
-    for start in range(0, length, tile):
-        end = min(start + tile, length)
-        yield start, end, max(0, start - margin), min(length, end + margin)
-
-
-@torch.no_grad()
-def upscale_tiled(model, low_res, scale, tile, margin, progress=None):
-    """model(low_res) for a 1x3xHxW image, computed tile by tile; returns a float 1x3x(sH)x(sW) tensor."""
-    height, width = low_res.shape[-2:]
-    output = torch.empty(1, 3, height * scale, width * scale)
-    for top, bottom, window_top, window_bottom in _spans(height, tile, margin):
-        for left, right, window_left, window_right in _spans(width, tile, margin):
-            window = low_res[..., window_top:window_bottom, window_left:window_right]
-            result = model(window).cpu()
-            y0, x0 = (top - window_top) * scale, (left - window_left) * scale
-            output[..., top * scale:bottom * scale, left * scale:right * scale] = \
-                result[..., y0:y0 + (bottom - top) * scale, x0:x0 + (right - left) * scale]
-            if progress is not None:
-                progress.update(1)
-    return output
-
-
-def read_alpha(path):
-    """The alpha channel as a 1xHxW float tensor in [0, 1], or None."""
-    with Image.open(path) as pil:
+def read_extras(path, scale, max_pixels):
+    """What of the input the PNG keeps besides the pixels: the alpha channel (a 1xHxW float tensor in [0, 1],
+    the right way up, or None) and the save options for the ICC colour profile and the resolution (DPI x scale,
+    so that the printed size stays the same)."""
+    with open_image(path, max_pixels) as pil:
+        options = {"icc_profile": pil.info["icc_profile"]} if pil.info.get("icc_profile") else {}
+        if "dpi" in pil.info:
+            options["dpi"] = tuple(float(d) * scale for d in pil.info["dpi"])
         if pil.mode not in ("RGBA", "LA", "PA") and not (pil.mode == "P" and "transparency" in pil.info):
-            return None
-        alpha = np.asarray(pil.convert("RGBA"))[..., 3]
-    return torch.from_numpy(alpha.copy())[None].float() / 255
+            return None, options
+        alpha = np.asarray(ImageOps.exif_transpose(pil).convert("RGBA"))[..., 3]
+    return torch.from_numpy(alpha.copy())[None].float() / 255, options
 
 
-def upscale_file(model, path, out_path, scale, tile, margin, ensemble, device):
-    image = decode_image(path, keep_gray=True)
+def upscale_file(model, path, out_path, scale, tile, margin, ensemble, device, max_pixels=MAX_PIXELS):
+    image = decode_image(path, keep_gray=True, max_pixels=max_pixels)
     gray = image.shape[0] == 1
     low_res = to_float(image.expand(3, -1, -1))[None].to(device)
     tiles = len(range(0, low_res.shape[-2], tile)) * len(range(0, low_res.shape[-1], tile)) * (8 if ensemble else 1)
     with tqdm(total=tiles, unit="tile", desc=os.path.basename(path), leave=False) as progress:
         def upscale(x):
-            return upscale_tiled(model, x, scale, tile, margin, progress)
+            return upscale_tiled(model, x, scale, tile, margin, progress, out_device="cpu")
         output = (self_ensemble(upscale) if ensemble else upscale)(low_res)[0]
     output = output.clamp_(0, 1).mul_(255).round_().byte()  # in place: the float image may be gigabytes
     channels = [output.float().mean(0, keepdim=True).round().byte()] if gray else [output]
-    alpha = read_alpha(path)
+    alpha, options = read_extras(path, scale, max_pixels)
     if alpha is not None:
         alpha = F.interpolate(alpha[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
         channels.append(alpha.mul_(255).round_().byte())
     pixels = torch.cat(channels).permute(1, 2, 0).numpy()
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode=mode).save(out_path)
+    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode=mode).save(out_path, **options)
     return out_path
 
 
@@ -93,7 +74,7 @@ def plan(input_path, output):
 
 
 def main(argv):
-    cfg = config.from_argv(argv, ("checkpoint", "upscale", "system"))
+    cfg = config.from_argv(argv, ("checkpoint", "upscale", "input", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = system.pick_device(cfg["device"])
     if not cfg["checkpoint"] or not cfg["input"]:
@@ -109,7 +90,9 @@ def main(argv):
     margin = cfg["overlap"] or model.receptive_margin()
     for path, out_path in tqdm(jobs, unit="image", disable=len(jobs) == 1):
         try:
-            print(f"wrote {upscale_file(model, path, out_path, scale, cfg['tile'], margin, cfg['ensemble'], device)}")
+            written = upscale_file(model, path, out_path, scale, cfg["tile"], margin, cfg["ensemble"], device,
+                                   cfg["max_pixels"])
+            print(f"wrote {written}")
         except DataError as err:
             raise SystemExit(f"error: {err}") from None
     return [out for _, out in jobs]

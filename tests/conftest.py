@@ -58,3 +58,43 @@ def shared_folder(name):
     if not os.path.isdir(path):
         pytest.skip(f"{path} not present (standard data lives beside the repo, not in it)")
     return path
+
+
+def write_bomb_png(path, side=30000, zeros=4 << 20):
+    """A PNG whose header says side x side RGB pixels (30000 x 30000: 2.7 GB decoded), followed by a few MB of
+    zlib-compressed zeros: a decompression bomb. Nothing in the tests may decode it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * zeros))
+                + chunk(b"IEND", b""))
+    return str(path)
+
+
+def write_exif_rotated_jpeg(path, pixels):
+    """`pixels` (HxWx3) stored turned by 90 degrees with EXIF orientation 6, as phones store portrait photos:
+    a viewer shows `pixels` again."""
+    image = Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90)  # stored sideways
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(path, exif=exif, quality=95)
+    return str(path)
+
+
+def run_script(script, args, timeout=600):
+    """(exit status, stderr, peak resident MB) of `python code/<script> args...`, measured for that process alone."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen([sys.executable, os.path.join(CODE, script), *args], stdout=subprocess.DEVNULL,
+                                   stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        return process.returncode, errors.read().decode(), usage.ru_maxrss / 1024

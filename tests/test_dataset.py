@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import dataset
-from conftest import photo_crops, shared_folder, write_folder
+from conftest import photo_crops, shared_folder, write_bomb_png, write_exif_rotated_jpeg, write_folder
 from batches import DeviceBatches, TrainSampler, hue_shift, jitter_batch
 from dataset import DataError, SRDataset, decode_image, degrade, to_float
 
@@ -138,7 +138,8 @@ def test_unreadable_image_names_the_file(tmp_path):
 
 def test_images_smaller_than_the_crop_stop_or_are_skipped_by_policy(tmp_path, capsys):
     folder = write_folder(tmp_path / "d", [photo_crops(80, 1)[0], photo_crops(20, 1)[0]])
-    with pytest.raises(DataError, match="img01.png: 20x20 px is smaller than patch_size=32"):
+    message = r"img01.png: 20x20 px is too small: it needs at least the 32x32 px training crop \(patch_size=32\)"
+    with pytest.raises(DataError, match=message):
         SRDataset(folder, patch_size=32)
     ds = SRDataset(folder, patch_size=32, bad_files="skip")
     assert [os.path.basename(p) for p in ds.files] == ["img00.png"]
@@ -189,10 +190,28 @@ def make_bad_input_corpus(folder):
     for junk in (".DS_Store", "Thumbs.db", "README.txt"):
         with open(path(junk), "w") as f:
             f.write("junk")
+    Image.fromarray(rgb).save(path("picture.webp"), lossless=True)
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(path("animated.gif"), save_all=True, append_images=frames[1:], duration=100, loop=0)
+    write_exif_rotated_jpeg(path("phone.jpg"), rgb)
+    Image.fromarray(rgb[..., 1].astype(np.float32) / 255, mode="F").save(path("float.tiff"))
+    Image.fromarray(rgb[..., 1].astype(np.float32), mode="F").save(path("float_0_255.tiff"))  # not in [0, 1]
+    Image.fromarray(rgb[..., 2].astype(np.uint16) * 257).save(path("deep16.tiff"))
+    Image.fromarray(rgb[:1, :1]).save(path("tiny1x1.png"))
+    Image.fromarray(rgb[:2, :2]).save(path("tiny2x2.png"))
+    os.mkdir(path("folder.png"))  # a directory with an image's name: not an image, ignored
+    os.symlink("loop.png", path("loop.png"))  # a link to itself
+    for name in ("with space.png", "größe.png", "-dash.png"):
+        Image.fromarray(rgb).save(path(name))
+    write_bomb_png(path("zz_bomb.png"))
     return {"good.png": "rgb", "gray.png": "rgb", "rgba.png": "rgb", "palette.png": "rgb", "deep16.png": "rgb",
-            "cmyk.jpg": "rgb", "picture.bmp": "rgb", "picture.tiff": "rgb", "small.png": "smaller than patch_size=32",
+            "cmyk.jpg": "rgb", "picture.bmp": "rgb", "picture.tiff": "rgb", "small.png": "patch_size=32",
             "empty.png": "cannot read image", "truncated.png": "cannot read image",
-            "text.png": "cannot read image"}
+            "text.png": "cannot read image", "picture.webp": "rgb", "animated.gif": "rgb", "phone.jpg": "rgb",
+            "float.tiff": "rgb", "float_0_255.tiff": "expected [0, 1]", "deep16.tiff": "rgb",
+            "tiny1x1.png": "1x1 px is too small", "tiny2x2.png": "2x2 px is too small",
+            "loop.png": "cannot read image", "with space.png": "rgb", "größe.png": "rgb", "-dash.png": "rgb",
+            "zz_bomb.png": "30000x30000 px (900 megapixels) is above max_pixels=100000000"}
 
 
 def test_bad_input_corpus_every_file_is_converted_or_named(tmp_path, capsys):
@@ -209,7 +228,7 @@ def test_bad_input_corpus_every_file_is_converted_or_named(tmp_path, capsys):
         else:
             lines = [w for w in warnings if f"{name}:" in w]
             assert len(lines) == 1 and outcome in lines[0] and lines[0].startswith("warning: skipped "), name
-    assert len(warnings) == 4  # junk files are not even looked at
+    assert len(warnings) == 9  # junk files and the folder named folder.png are not even looked at
 
 
 def test_bad_files_error_policy_stops_at_the_first_bad_file(tmp_path):
@@ -334,3 +353,36 @@ def test_dihedral_augment_turns_or_mirrors_the_same_crop_and_keeps_the_stream(ti
         seen.add(matches[0])
         assert torch.equal(low_res, degrade(high_res, 2, "bilinear"))  # LR made from the turned crop
     assert seen == set(range(8))
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """EXIF orientation applied (a phone's portrait photo), float and 16-bit TIFF to the right values, an
+    animated GIF's first frame: the same pixels as the plain PNG of the same picture."""
+    rgb = photo_crops(80, 1)[0][:, :48]  # 80 tall, 48 wide: the orientation shows in the shape
+    write_exif_rotated_jpeg(tmp_path / "phone.jpg", rgb)
+    phone = decode_image(str(tmp_path / "phone.jpg"))
+    assert phone.shape == (3, 80, 48)
+    assert (phone.float() - torch.from_numpy(rgb).permute(2, 0, 1).float()).abs().mean() < 4  # JPEG is lossy
+    Image.fromarray(rgb[..., 1].astype(np.float32) / 255, mode="F").save(tmp_path / "float.tiff")
+    expected = torch.from_numpy(rgb[..., 1]).float() / 255
+    torch.testing.assert_close(to_float(decode_image(str(tmp_path / "float.tiff")))[0], expected, atol=1e-4, rtol=0)
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(tmp_path / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    first = decode_image(str(tmp_path / "animated.gif"))
+    assert first.shape == (3, 80, 48)
+    palette = torch.from_numpy(np.array(Image.open(tmp_path / "animated.gif").convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(first, palette)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
+    path = write_bomb_png(tmp_path / "bomb.png")
+    assert os.path.getsize(path) < 100_000
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded")
+    monkeypatch.setattr(dataset.torchvision.io, "read_image", no_decoding)
+    monkeypatch.setattr(dataset, "_decode_with_pillow", no_decoding)
+    with pytest.raises(DataError, match=r"bomb.png: 30000x30000 px \(900 megapixels\) is above max_pixels=100000000"):
+        decode_image(path)
+    with pytest.raises(DataError, match="above max_pixels=1000"):
+        decode_image(str(tmp_path / "bomb.png"), max_pixels=1000)

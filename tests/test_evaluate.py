@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import evaluate
+import metrics
 from checkpoints import save_checkpoint
 from models import build_model
 
@@ -66,3 +67,52 @@ def test_standard_protocol_table_rows(tiny_cfg, tmp_path):
     assert "standard protocol" in (tmp_path / "std.md").read_text()
 
 
+
+
+@pytest.mark.parametrize("protocol", ["rgb", "standard"])
+def test_a_decompression_bomb_gives_one_line_and_little_memory_or_is_skipped(tiny_cfg, tmp_path, protocol):
+    import shutil
+
+    from conftest import run_script, write_bomb_png
+
+    folder = tmp_path / "eval"
+    shutil.copytree(tiny_cfg["eval_dir"], folder)
+    bomb = write_bomb_png(folder / "bomb.png")
+    args = [f"eval_dir={folder}", f"protocol={protocol}", f"out={tmp_path / 'table'}", "device=cpu",
+            f"ckpt_dir={tmp_path / 'none'}"]
+    status, err, peak_mb = run_script("evaluate.py", args)
+    assert status == 1 and err.strip().splitlines()[-1] == (
+        f"error: {bomb}: 30000x30000 px (900 megapixels) is above max_pixels=100000000; raise max_pixels to read it "
+        "(bad_files=skip leaves such files out)")
+    assert peak_mb < 1500
+    status, err, _ = run_script("evaluate.py", [*args, "bad_files=skip"])
+    assert status == 0 and f"warning: skipped {bomb}" in err
+    assert "(2 images)" in (tmp_path / "table.md").read_text()
+
+
+def test_identical_images_are_counted_not_averaged_as_infinity():
+    image = torch.rand(1, 3, 16, 16)
+    assert metrics.psnr(image, image).item() == pytest.approx(metrics.PSNR_CAP, abs=1e-3)
+    table = evaluate.markdown_table("t", [("copy", {"psnr": 100.0, "ssim": 1.0, "identical": 2}),
+                                          ("model", {"psnr": 30.0, "ssim": 0.9})])
+    assert "| copy | 100.00* | 1.0000 |" in table and "counted as 100 dB: copy 2" in table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["rgb", "standard"])
+def test_evaluation_memory_is_bounded_whatever_the_image_size(tiny_cfg, tmp_path, protocol):
+    """A 2400x1800 photo through the full-size model: evaluated whole, its activations alone would need over
+    4 GB; in tiles, the process stays under 2 GB."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import photo_crops, run_script
+
+    folder = tmp_path / "large"
+    folder.mkdir()
+    Image.fromarray(np.tile(photo_crops(600, 1)[0], (3, 4, 1))).save(folder / "large.png")
+    path = checkpoint(dict(tiny_cfg, num_blocks=10, channels=64, model="residual"), tmp_path)
+    status, err, peak_mb = run_script("evaluate.py", [f"checkpoint={path}", f"eval_dir={folder}", f"protocol={protocol}",
+                                                      f"out={tmp_path / 'table'}", "device=cpu"])
+    assert status == 0, err[-2000:]
+    assert peak_mb < 2000, peak_mb

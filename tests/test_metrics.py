@@ -40,7 +40,8 @@ def test_evaluate_averages_over_images(tiny_data):
 @pytest.mark.parametrize("name, scale", list(PUBLISHED_BICUBIC))
 def test_standard_protocol_reproduces_the_published_bicubic_baselines(name, scale):
     folder = shared_folder(name)
-    result = metrics.evaluate_standard(lambda lr: imresize_matlab(lr, scale), folder, scale, "cpu")
+    images = metrics.standard_set(folder, scale)
+    result = metrics.evaluate_standard(lambda lr: imresize_matlab(lr, scale), images, scale, "cpu")
     psnr_db, ssim = PUBLISHED_BICUBIC[(name, scale)]
     assert result["psnr"] == pytest.approx(psnr_db, abs=0.02)
     assert result["ssim"] == pytest.approx(ssim, abs=0.002)

@@ -336,3 +336,18 @@ def test_a_scheduled_run_cannot_be_extended_silently(tiny_cfg):
         train.train(dict(cfg, max_steps=20, resume="auto"))
     train.train(dict(tiny_cfg, run="constant", max_steps=12))  # a constant learning rate can be extended
     assert train.train(dict(tiny_cfg, run="constant", max_steps=14, resume="auto"))["steps"] == 14
+
+
+def test_a_decompression_bomb_in_the_data_folder_gives_one_line_and_little_memory(tiny_cfg, tmp_path):
+    import shutil
+
+    from conftest import run_script, write_bomb_png
+
+    folder = tmp_path / "train"
+    shutil.copytree(tiny_cfg["data_dir"], folder)
+    bomb = write_bomb_png(folder / "bomb.png")
+    status, err, peak_mb = run_script("train.py", cli_args(dict(tiny_cfg, data_dir=str(folder), run="bomb"))[2:])
+    assert status == 1 and err.strip().splitlines()[-1] == (
+        f"data error: {bomb}: 30000x30000 px (900 megapixels) is above max_pixels=100000000; raise max_pixels to "
+        "read it (bad_files=skip leaves such files out)")
+    assert peak_mb < 1500

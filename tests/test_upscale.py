@@ -8,7 +8,7 @@ from PIL import Image
 import upscale
 from conftest import photo_crops
 from checkpoints import load_model, save_checkpoint
-from models import build_model, self_ensemble
+from models import build_model, self_ensemble, upscale_tiled
 
 
 @pytest.fixture
@@ -27,9 +27,9 @@ def test_tiled_output_equals_whole_image_output_when_the_overlap_covers_the_rece
     whole = model(low_res)
     margin = model.receptive_margin()
     assert margin == 3  # (3 + 2 convolutions + the upsampling) / 2, rounded up
-    tiled = upscale.upscale_tiled(model, low_res, 2, tile=16, margin=margin)
+    tiled = upscale_tiled(model, low_res, 2, tile=16, margin=margin)
     assert (tiled - whole).abs().max() < 1e-5
-    too_small = upscale.upscale_tiled(model, low_res, 2, tile=16, margin=1)
+    too_small = upscale_tiled(model, low_res, 2, tile=16, margin=1)
     assert (too_small - whole).abs().max() > 1e-3  # the check can fail: without context the seams differ
 
 
@@ -72,3 +72,50 @@ def test_bad_inputs_and_checkpoints_are_one_line_errors(model_path, tmp_path):
         upscale.main([f"checkpoint={tmp_path / 'broken.png'}", f"input={tmp_path / 'broken.png'}"])
     with pytest.raises(SystemExit, match="give checkpoint=PATH and input="):
         upscale.main([])
+
+
+def test_a_decompression_bomb_gives_one_line_and_little_memory(model_path, tmp_path):
+    from conftest import run_script, write_bomb_png
+
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    status, err, peak_mb = run_script("upscale.py", [f"checkpoint={model_path}", f"input={bomb}", "device=cpu"])
+    assert status == 1 and err.strip() == (f"error: {bomb}: 30000x30000 px (900 megapixels) is above "
+                                          "max_pixels=100000000; raise max_pixels to read it")
+    assert peak_mb < 1500
+
+
+def test_a_phone_photo_comes_out_the_right_way_up_with_its_colour_profile(model_path, tmp_path):
+    from PIL import ImageCms
+
+    from conftest import write_exif_rotated_jpeg
+
+    pixels = photo_crops(80, 1)[0][:60, :36]  # shown 36 wide and 60 tall
+    path = write_exif_rotated_jpeg(tmp_path / "phone.jpg", pixels)
+    with Image.open(path) as stored:
+        assert stored.size == (60, 36)  # sideways on disk
+        profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+        stored.save(tmp_path / "phone_icc.jpg", exif=stored.getexif(), icc_profile=profile, dpi=(72, 72))
+    out = upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'phone_icc.jpg'}", "device=cpu"])[0]
+    with Image.open(out) as result:
+        assert result.size == (72, 120)
+        assert result.info.get("icc_profile") == profile
+        assert result.info["dpi"] == pytest.approx((144, 144), abs=0.01)
+
+
+def test_every_file_of_the_bad_input_corpus_is_upscaled_or_refused_in_one_line(model_path, tmp_path):
+    from test_dataset import make_bad_input_corpus
+
+    expected = make_bad_input_corpus(tmp_path / "corpus")
+    for name, outcome in expected.items():
+        source = tmp_path / "corpus" / name
+        try:
+            out = upscale.main([f"checkpoint={model_path}", f"input={source}", f"output={tmp_path / 'out.png'}",
+                                "device=cpu"])[0]
+        except SystemExit as refused:
+            message = str(refused.code)
+            assert outcome != "rgb" and "\n" not in message and message.startswith("error: "), (name, message)
+            continue
+        with Image.open(out) as result:
+            shown = upscale.decode_image(str(source))  # as a viewer shows it
+            assert result.size == (2 * shown.shape[-1], 2 * shown.shape[-2]), name
+        assert outcome == "rgb" or "too small" in outcome or "patch_size" in outcome, name  # any size works
