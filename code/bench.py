@@ -171,6 +171,9 @@ def main(argv):
                "ours, batched on the device": device_batches(cfg, device)}
     for stream in batches.values():
         next(stream)
+    first = mean_step_seconds({"naive": make_trainer(cfg, device, False, False, synthetic(cfg))[1]}, 1, device)["naive"]
+    print(f"first figure: a naive NCHW fp32 step takes {first * 1000:.0f} ms here; the full measurement takes about "
+          f"{first * (steps + 3) * 10 / 60:.0f} min", flush=True)
     results, default = pure_steps(cfg, device, steps, flops)
     print(f"P2  default pure step ({default}) over the naive NCHW fp32 step: "
           f"{results['NCHW fp32 (naive reference)'] / results[default]:.2f}x (target >= 1.3x)", flush=True)

@@ -1,7 +1,9 @@
-"""Task 1: SRDataset, which makes (low-res, high-res) pairs from a folder of ordinary images.
+"""Task 1: SRDataset, which makes (low-res, high-res) pairs from a folder of ordinary images, and the image
+reading every script shares (`decode_image`: size checked from the header first, EXIF orientation applied).
 
-The HR image is a random 64x64 crop with colour jitter; the LR image is made from that jittered
-crop by `degrade`, the one place where the degradation lives, so LR and HR always correspond.
+The HR image is a random 64x64 crop with colour jitter (and optionally one of the 8 flips/rotations); the
+LR image is made from it by `degrade`, the one place where the degradation lives, so LR and HR always
+correspond. batches.py makes the same samples a whole batch at a time.
 
     python code/dataset.py [data_dir=...]   # the handout's data-loader check
 """
