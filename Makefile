@@ -46,7 +46,8 @@ train: venv
 evaluate: venv
 	$(PY) code/evaluate.py $(ARGS)
 
-# Task 5's runs on ../shared/data (code/experiments.py): trains what is missing, continues what stopped.
+# Task 5/6's runs, the final model and its ablation on ../shared/data (code/experiments.py): trains what is
+# missing, continues what stopped. On a GPU: make experiments ARGS=device=cuda
 experiments: venv
 	$(PY) code/experiments.py $(ARGS)
 

@@ -1,7 +1,9 @@
-"""Task 5's training runs as a plain list: train what is missing, continue what stopped, skip what is done.
+"""Task 5's and Task 6's training runs, the final model and its ablation, as a plain list: train what is missing,
+continue what stopped, skip what is done.
 
     python code/experiments.py                      # every run below (make experiments)
     python code/experiments.py baseline residual    # only these
+    python code/experiments.py final ablate_handout ablate_no_jitter ablate_dihedral ablate_cosine ablate_ema
     python code/experiments.py device=cuda num_workers=8   # key=value goes to every run
 
 Each run is `code/train.py run=<name> <COMMON> <its settings> resume=auto`, so an interrupted
