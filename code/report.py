@@ -188,7 +188,7 @@ def downscaling_table(runs, set_name, scores):
 
 
 def standard_table(runs, device):
-    """x2 in the SR papers' protocol (evaluate.evaluate_standard) beside published results."""
+    """x2 in the SR papers' protocol (metrics.evaluate_standard) beside published results."""
     sets = ("Set5", "Set14")
     rows = [("bicubic (MATLAB imresize)", lambda lr: imresize_matlab(lr, SCALE), "—")]
     for run in runs:
@@ -209,7 +209,7 @@ def standard_table(runs, device):
 
 
 def sharpness_table(runs, set_names, scores, extra=()):
-    """PSNR, SSIM and sharpness (gradient energy relative to HR, evaluate.sharpness) side by side: what
+    """PSNR, SSIM and sharpness (gradient energy relative to HR, metrics.sharpness) side by side: what
     pixel metrics reward against how much detail the output has. `extra`: more (label, upscale) rows."""
     header = " | ".join(f"{s} PSNR / SSIM / sharpness" for s in set_names)
     lines = ["x2, LR by bilinear downscaling; sharpness = gradient energy of the output / that of HR (1 = as much "

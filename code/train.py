@@ -254,7 +254,9 @@ def training_step(model, networks, low_res, high_res, autocast):
 
 def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight):
     """Task 6: a generator step (L1 content + adversarial loss, the discriminator frozen), then a discriminator
-    step (HR patches real, the detached predictions fake). Returns the values logged as GAN_LOGGED."""
+    step (HR patches real, the detached predictions fake). Returns the values logged as GAN_LOGGED; d_real and
+    d_fake are D's mean probabilities as its loss reads them (relative to the other side for the relativistic
+    loss), so 0.5 / 0.5 means D cannot tell them apart."""
     networks.optimizer.zero_grad(set_to_none=True)
     discriminator = networks.discriminator
     with autocast:
@@ -274,6 +276,8 @@ def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight):
         d_loss = discriminator_loss(real_logits, fake_logits, kind)
     d_loss.backward()
     networks.d_optimizer.step()
+    if kind == "relativistic":  # what D is trained to output: how much more real than the average of the other side
+        real_logits, fake_logits = real_logits - fake_logits.mean(), fake_logits - real_logits.mean()
     return torch.stack([loss, adversarial, d_loss, torch.sigmoid(real_logits).mean(),
                         torch.sigmoid(fake_logits).mean()]).detach()
 
