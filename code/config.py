@@ -10,9 +10,7 @@ import os
 
 # The keys by section; each script's --help lists the sections it uses (any key is accepted everywhere).
 SECTIONS = {
-    "run": {  # outputs go to runs/<run>/ (TensorBoard, plots) and checkpoints/<run>/
-        "run": "demo", "runs_dir": "runs", "ckpt_dir": "checkpoints",
-    },
+    "run": {"run": "demo", "runs_dir": "runs", "ckpt_dir": "checkpoints"},  # outputs: runs/<run>/, checkpoints/<run>/
     "data": {  # any folder of images; the defaults are built from skimage.data by code/prepare_data.py
         "data_dir": "data/train", "eval_dir": "data/eval", "scale": 2,
         "patch_size": 64,  # side of the HR training crop
@@ -24,10 +22,7 @@ SECTIONS = {
         "bad_files": "error",  # error | skip: what an unreadable or too small image in a data folder does
         "max_pixels": 100_000_000,  # larger images are refused from their header, before decoding (memory)
     },
-    "model": {
-        "model": "basic",  # basic | residual (prediction + bilinear upsampling of the input)
-        "num_blocks": 10, "channels": 64,
-    },
+    "model": {"model": "basic", "num_blocks": 10, "channels": 64},  # model: basic | residual (+ bilinear upsampling)
     "training": {
         "batch_size": 16, "lr": 1e-4, "max_steps": 20000, "seed": 0,
         "lr_schedule": "constant",  # constant | cosine: warm-up, then cosine decay from lr to lr_min at max_steps
@@ -39,8 +34,7 @@ SECTIONS = {
         "overwrite": False,  # allow starting over in an existing run folder
     },
     "gan": {  # Task 6: gan=true trains the model as a GAN generator
-        "gan": False,
-        "init": "",  # checkpoint whose weights start the model, e.g. checkpoints/residual/model.pt
+        "gan": False, "init": "",  # init: checkpoint whose weights start the model, e.g. checkpoints/residual/model.pt
         "adv_weight": 0.01,  # weight of the adversarial loss beside the L1 content loss (weight 1)
         "gan_loss": "relativistic",  # relativistic (ESRGAN's RaGAN) | standard (SRGAN's BCE)
     },
