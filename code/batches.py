@@ -83,7 +83,7 @@ class DeviceBatches:
     The images are copied to the device once, as one flat uint8 buffer; per batch only each sample's random
     parameters travel (SampleParameters). Cropping is one gather, the jitter four batched passes, the LR
     `degrade` one call. `batches_per_chunk` batches are made in one go, since per batch the dispatch of a few
-    hundred small tensor ops costs more than their arithmetic. workers=1 draws the parameters in a worker
+    hundred small tensor ops costs more than their arithmetic. workers > 0 draws the parameters in one worker
     process (for a GPU, which should not wait for Python); 0 draws them here (a CPU, whose cores are busy).
     """
 
@@ -93,7 +93,8 @@ class DeviceBatches:
         self.scale, self.degradation, self.jitter, self.augment = scale, degradation, jitter > 0, augment
         parameters = SampleParameters([tuple(image.shape) for image in images], sampler,
                                       batch_size * batches_per_chunk, patch_size, jitter, augment)
-        self.chunks = iter(DataLoader(parameters, batch_size=None, num_workers=min(workers, 1),
+        # one worker: the stream is sequential, and more workers would each draw all of it
+        self.chunks = iter(DataLoader(parameters, batch_size=None, num_workers=1,
                                       pin_memory=self.device.type == "cuda",
                                       worker_init_fn=system.ignore_stop_signals)) if workers else iter(parameters)
         self.pixels = torch.cat([image.flatten() for image in images]).to(self.device)

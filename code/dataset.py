@@ -24,7 +24,7 @@ from torchvision.io import ImageReadMode
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 MAX_PIXELS = 100_000_000  # config key max_pixels: larger images are refused from their header, before decoding
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-Image.MAX_IMAGE_PIXELS = None  # the size limit is read_header's, with its own one-line message
+Image.MAX_IMAGE_PIXELS = None  # the size limit is open_image's, with its own one-line message
 MIN_EVAL_SIZE = 11  # pixels of the LR image: SSIM's window
 INTERPOLATION = {
     "bilinear": transforms.InterpolationMode.BILINEAR,
@@ -280,8 +280,7 @@ def main(argv):
 
     cfg = config.from_argv(argv, ("data", "input", "run"))
     try:
-        train_dataset = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"],
-                                  cfg["degradation"])
+        train_dataset = SRDataset.from_config(cfg)
     except DataError as err:
         raise SystemExit(f"data error: {err}") from None
     torch.manual_seed(cfg["seed"])

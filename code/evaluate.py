@@ -53,8 +53,7 @@ def main(argv):
             images = standard_set(cfg["eval_dir"], cfg["scale"], cfg["bad_files"], cfg["max_pixels"])
             count = len(images)
         else:
-            dataset = SRDataset(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False,
-                                bad_files=cfg["bad_files"], max_pixels=cfg["max_pixels"])
+            dataset = SRDataset.from_config(cfg, train=False)
             count = len(dataset)
     except (CheckpointError, DataError) as err:
         raise SystemExit(f"error: {err}") from None

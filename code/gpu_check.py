@@ -27,8 +27,8 @@ import config
 import system
 from batches import DeviceBatches, TrainSampler
 from dataset import SRDataset
-from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, short_training, training_command, \
-    training_flops
+from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, run_measured, short_training, \
+    training_command, training_flops
 
 CODE = os.path.dirname(os.path.abspath(__file__))
 # (timed steps, training steps, upscaled image size): the GPU version, and the small one a CPU can do in minutes
@@ -41,9 +41,8 @@ def throughput(cfg, device, steps):
     data = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
                      bad_files="skip")
     stream = DeviceBatches.from_config(cfg, data.images, TrainSampler(len(data), cfg["seed"]), device,
-                                       workers=min(1, system.data_workers(cfg, device)))
+                                       workers=system.data_workers(cfg, device))
     fixed = next(stream)
-    fixed = tuple(t.to(device) for t in fixed)
 
     def same_batch():
         while True:
@@ -80,17 +79,13 @@ def upscale_photo(folder, checkpoint, size, device):
     path = os.path.join(folder, "photo.png")
     Image.fromarray(tiles[:size[1], :size[0]]).save(path)
     started = time.time()
-    with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen([sys.executable, os.path.join(CODE, "upscale.py"), f"checkpoint={checkpoint}",
-                                    f"input={path}", f"device={device}"], stdout=subprocess.DEVNULL, stderr=errors)
-        _, status, usage = os.wait4(process.pid, 0)  # the resource usage of this child alone
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode:
-            errors.seek(0)
-            raise SystemExit(f"error: upscale.py failed: {errors.read().decode().strip().splitlines()[-1:]}")
+    status, errors, peak_mb = run_measured([sys.executable, os.path.join(CODE, "upscale.py"),
+                                            f"checkpoint={checkpoint}", f"input={path}", f"device={device}"])
+    if status:
+        raise SystemExit(f"error: upscale.py failed: {errors.strip().splitlines()[-1:]}")
     with Image.open(os.path.join(folder, "photo_x2.png")) as out:
         assert out.size == (2 * size[0], 2 * size[1]), out.size
-    return time.time() - started, usage.ru_maxrss / 1024
+    return time.time() - started, peak_mb
 
 
 def main(argv):

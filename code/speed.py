@@ -5,11 +5,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 from torch import nn
 
+from metrics import loss_function
 from models import build_model
 
 WARMUP = 3
@@ -69,7 +71,6 @@ def make_trainer(cfg, device, channels_last, fused, batches, bf16=False, compile
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(cfg).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=fused or None)
-    loss_function = nn.L1Loss()
     forward = torch.compile(model) if compile_model else model
 
     def step():
@@ -95,9 +96,16 @@ def training_command(cfg, folder, run, steps, **changes):
 
 def short_training(cfg, folder, run, steps, **changes):
     """Run `training_command` to the end; returns the final model.pt's checkpoint dict."""
-    import torch
-
     done = subprocess.run(training_command(cfg, folder, run, steps, **changes), capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"error: training run {run} failed: {done.stderr.strip().splitlines()[-1:]}")
     return torch.load(os.path.join(folder, run, "model.pt"), weights_only=True)
+
+
+def run_measured(command):
+    """(exit status, stderr, peak resident MB) of a command, the memory measured for that process alone."""
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        errors.seek(0)
+        return os.waitstatus_to_exitcode(status), errors.read().decode(), usage.ru_maxrss / 1024

@@ -235,7 +235,7 @@ def training_batches(cfg, train_set, samples, rank, world_size, device):
                            batch_size=cfg["batch_size"])
     workers = system.data_workers(cfg, device)
     if system.batches_on_device(cfg, device):
-        return DeviceBatches.from_config(cfg, train_set.images, sampler, device, workers=min(1, workers))
+        return DeviceBatches.from_config(cfg, train_set.images, sampler, device, workers=workers)
     return iter(DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=workers,
                            pin_memory=device.type == "cuda", worker_init_fn=system.ignore_stop_signals))
 
@@ -276,8 +276,8 @@ def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight):
         d_loss = discriminator_loss(real_logits, fake_logits, kind)
     d_loss.backward()
     networks.d_optimizer.step()
-    if kind == "relativistic":  # what D is trained to output: how much more real than the average of the other side
-        real_logits, fake_logits = real_logits - fake_logits.mean(), fake_logits - real_logits.mean()
+    if kind == "relativistic":  # what D's loss reads: how much more real than the average of the other side
+        real_logits, fake_logits = relativistic(real_logits, fake_logits)
     return torch.stack([loss, adversarial, d_loss, torch.sigmoid(real_logits).mean(),
                         torch.sigmoid(fake_logits).mean()]).detach()
 
@@ -285,19 +285,25 @@ def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight):
 GAN_LOGGED = (LOSS_NAME, "adv", "d_loss", "d_real", "d_fake")
 
 
+def relativistic(real_logits, fake_logits):
+    """ESRGAN's relativistic average logits: each side relative to the mean of the other."""
+    return real_logits - fake_logits.mean(), fake_logits - real_logits.mean()
+
+
 def generator_loss(real_logits, fake_logits, kind):
     """Adversarial loss of the generator. standard: -log D(fake) (SRGAN). relativistic (ESRGAN's RaGAN):
     fakes should look more real than the average real image, and reals less real than the average fake."""
     if kind == "standard":
         return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
-    return (F.binary_cross_entropy_with_logits(real_logits - fake_logits.mean(), torch.zeros_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits - real_logits.mean(), torch.ones_like(fake_logits))) / 2
+    real_relative, fake_relative = relativistic(real_logits, fake_logits)
+    return (F.binary_cross_entropy_with_logits(real_relative, torch.zeros_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_relative, torch.ones_like(fake_logits))) / 2
 
 
 def discriminator_loss(real_logits, fake_logits, kind):
     """The discriminator's side of `generator_loss`: real HR patches -> 1, predictions -> 0."""
     if kind == "relativistic":
-        real_logits, fake_logits = real_logits - fake_logits.mean(), fake_logits - real_logits.mean()
+        real_logits, fake_logits = relativistic(real_logits, fake_logits)
     return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))) / 2
 

@@ -86,15 +86,8 @@ def write_exif_rotated_jpeg(path, pixels):
     return str(path)
 
 
-def run_script(script, args, timeout=600):
+def run_script(script, args):
     """(exit status, stderr, peak resident MB) of `python code/<script> args...`, measured for that process alone."""
-    import subprocess
-    import tempfile
+    from speed import run_measured
 
-    with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen([sys.executable, os.path.join(CODE, script), *args], stdout=subprocess.DEVNULL,
-                                   stderr=errors)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        errors.seek(0)
-        return process.returncode, errors.read().decode(), usage.ru_maxrss / 1024
+    return run_measured([sys.executable, os.path.join(CODE, script), *args])
