@@ -15,7 +15,7 @@ SECTIONS = {
         "data_dir": "data/train", "eval_dir": "data/eval", "scale": 2,
         "patch_size": 64,  # side of the HR training crop
         "jitter": 0.2,  # ColorJitter brightness = contrast = saturation = hue
-        "degradation": "bilinear",  # how LR images are made: bilinear | bicubic | nearest | bicubic_matlab
+        "degradation": "bilinear",  # how LR is made: bilinear | bicubic | nearest | nearest_centred | bicubic_matlab
         "augment": "none",  # none | dihedral: each HR crop also randomly flipped and turned by 90 degrees
     },
     "input": {  # every reader of images
@@ -63,7 +63,7 @@ SECTIONS = {
 DEFAULTS = {key: value for section in SECTIONS.values() for key, value in section.items()}
 
 CHOICES = {
-    "degradation": ("bilinear", "bicubic", "nearest", "bicubic_matlab"), "augment": ("none", "dihedral"),
+    "degradation": ("bilinear", "bicubic", "nearest", "nearest_centred", "bicubic_matlab"), "augment": ("none", "dihedral"),
     "bad_files": ("error", "skip"), "model": ("basic", "residual"), "lr_schedule": ("constant", "cosine"),
     "resume": ("never", "auto"), "gan_loss": ("relativistic", "standard"), "channels_last": ("auto", "on", "off"),
     "data_on_device": ("auto", "on", "off"), "amp": ("auto", "off", "bf16"), "malloc": ("tuned", "default"),

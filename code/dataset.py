@@ -111,10 +111,15 @@ def degrade(hr, scale=2, method="bilinear"):
 
     bilinear / bicubic / nearest: torchvision's Resize (antialiased). bicubic_matlab: MATLAB's
     `imresize`, the degradation of the published SR benchmarks, rounded to 8 bits as they are.
+    nearest_centred: a point sample like nearest, but at the centre of each scale x scale block (cubic
+    interpolation, no antialiasing) instead of its top-left pixel: aliased like nearest, yet aligned with
+    the other methods, so the two separate what aliasing and what nearest's half-pixel shift cost.
     """
     if method == "bicubic_matlab":
         return imresize_matlab(hr, 1 / scale).mul(255).round().clamp(0, 255).div(255).to(hr.dtype)
     height, width = hr.shape[-2] // scale, hr.shape[-1] // scale
+    if method == "nearest_centred":
+        return transforms.functional.resize(hr, [height, width], INTERPOLATION["bicubic"], antialias=False).clamp(0, 1)
     return transforms.functional.resize(hr, [height, width], INTERPOLATION[method], antialias=True)
 
 

@@ -1,24 +1,26 @@
-"""The report: every table and figure of README.md / README.pdf, made from the committed checkpoints and logs.
+"""The report: README.pdf (and README.md's key-results block), made from the committed checkpoints and logs.
 
-    python code/report.py               # make report: evaluate, plot, fill README.md, render README.pdf
+    python code/report.py               # make report: evaluate, plot, fill the template, render README.pdf
     python code/report.py device=cuda   # the same on a GPU (the numbers can differ in the last digits)
-    python code/report.py pdf           # make pdf: only render README.md (after editing its prose)
+    python code/report.py pdf           # make pdf: render again after editing code/report.md's prose
 
 Each run of code/experiments.py contributes its final checkpoints/<run>/model.pt, or while it is still
 training its newest step*.pt (labelled "in progress"), and its TensorBoard scalars in runs/<run>/.
-Outputs go to runs/report/ (tables as .md, figures as .png); README.md's blocks between
-`<!-- report:NAME -->` and `<!-- /report:NAME -->` are replaced by them, then README.md is rendered
-to README.pdf. Nothing in those blocks is typed by hand, and a rerun writes the same bytes.
+`build` computes every table, figure and number the prose quotes; code/report.md is the prose, with
+`{{name}}` where they go. Outputs: runs/report/ (figures, tables, report.json with every block and value,
+report.md as filled), README.md's `<!-- report:NAME -->` blocks, README.pdf. A rerun writes the same bytes.
 """
 import json
 import math
 import os
 import re
+import statistics
 import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches
 import matplotlib.pyplot as plt
 import torch
 
@@ -26,35 +28,33 @@ import config
 import system
 from checkpoints import load_checkpoint, load_model, step_checkpoints
 from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, to_float
-from experiments import DATA_ROOT, RUNS
-from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
-from models import self_ensemble
-from plots import plot_training_curves, read_scalars
+from experiments import ABLATION, DATA_ROOT, RUNS
+from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, psnr, standard_set
+from models import Discriminator, count_parameters, self_ensemble
+from plots import read_scalars
 
-EVAL_SETS = ("Set5", "Set14", "BSD68")
-DOWNSCALING = ("bilinear", "bicubic", "nearest")  # how the LR input is made at test time
+EVAL_SETS = ("Set5", "Set14", "BSD68")  # Set5 validates (model selection); Set14 and BSD68 are the test sets
+DOWNSCALING = ("bilinear", "bicubic", "nearest", "nearest_centred")  # how the LR input is made at test time
 SCALE = 2  # the runs of experiments.RUNS, and the published results below, are x2
-# Published x2 results of the standard protocol (Y channel, MATLAB bicubic LR, 2 px shaved border):
-# SRCNN (Dong et al. 2016, TPAMI), FSRCNN (Dong et al. 2016, ECCV), VDSR (Kim et al. 2016, CVPR).
-PUBLISHED = (("SRCNN (published)", {"Set5": (36.66, 0.9542), "Set14": (32.42, 0.9063)}),
-             ("FSRCNN (published)", {"Set5": (37.00, 0.9558), "Set14": (32.63, 0.9088)}),
-             ("VDSR (published)", {"Set5": (37.53, 0.9587), "Set14": (33.03, 0.9124)}))
-# Crops for the visual comparison: (eval set, image, top, left, side) in HR pixels.
-CROPS = (("Set14", "comic.png", 40, 60, 96), ("Set14", "zebra.png", 80, 300, 96), ("Set5", "butterfly.png", 90, 100, 96))
+LAST = 10  # a run's level: mean and standard deviation of its last 10 validations (5,000 steps at val_every=500)
+SWEEP_LAST = 5  # the 5,000-step sweep: its validations from step 3,000 on
 PLATEAU_FRACTION, PLATEAU_DB = 0.2, 0.05
+# Published x2 results of the standard protocol (Y channel, MATLAB bicubic LR, 2 px shaved border): name,
+# parameters, training images, {set: (PSNR, SSIM)}. SRCNN 9-5-5 (Dong et al. 2016, TPAMI), FSRCNN (Dong et
+# al. 2016, ECCV), VDSR (Kim et al. 2016, CVPR); none reports BSD68, a denoising subset of BSD300.
+PUBLISHED = (("SRCNN", "57k", "ImageNet (395k)", {"Set5": (36.66, 0.9542), "Set14": (32.42, 0.9063)}),
+             ("FSRCNN", "12k", "T91 + General-100 (191)", {"Set5": (37.00, 0.9558), "Set14": (32.63, 0.9088)}),
+             ("VDSR", "665k", "T91 + BSD200 (291)", {"Set5": (37.53, 0.9587), "Set14": (33.03, 0.9124)}))
+# Crops of the visual comparisons: (eval set, image, top, left, side) in HR pixels.
+CROPS = {"comic": ("Set14", "comic.png", 40, 60, 96), "zebra": ("Set14", "zebra.png", 70, 300, 64),
+         "butterfly": ("Set5", "butterfly.png", 90, 100, 96)}
+NAMES = {"baseline": "baseline (BasicSRModel)", "residual": "residual model", "gan": "GAN (residual generator)",
+         "final": "final model", "residual_matlab": "residual_matlab (fine-tuned)"}
+FIGURE_WIDTH = 7.2  # inches: the PDF's text width (A4 less 0.5 in borders), so fonts print at their own size
+plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "savefig.dpi": 150})
 MARKER = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->\n)(.*?)(<!-- /report:(?P=name) -->)", re.S)
-
-
-def plateau(steps, values, fraction=PLATEAU_FRACTION, tolerance=PLATEAU_DB):
-    """The convergence criterion: (gain, met), where gain is the best validation PSNR over the last
-    `fraction` of the steps minus the best one before them; met when gain < `tolerance` dB."""
-    cut = steps[-1] * (1 - fraction)
-    before = [v for s, v in zip(steps, values) if s <= cut]
-    after = [v for s, v in zip(steps, values) if s > cut]
-    if not before or not after:
-        return math.nan, False
-    gain = max(after) - max(before)
-    return gain, gain < tolerance
+PLACEHOLDER = re.compile(r"\{\{([\w-]+)\}\}")
+TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.md")
 
 
 def read_json(path):
@@ -62,6 +62,34 @@ def read_json(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def mean_sd(values):
+    """(mean, sample standard deviation) of a list; sd 0 for a single value, both NaN for none."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def pm(values, digits=2):
+    if not values:  # e.g. a run that diverged before its first validation
+        return "—"
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def plateau(steps, values, fraction=PLATEAU_FRACTION, tolerance=PLATEAU_DB):
+    """The convergence criterion: (gain, se, met). gain = mean validation PSNR over the last `fraction` of the
+    steps minus the mean over the `fraction` before it; se its standard error (from the scatter within each
+    window). Met when the curve rose by less than `tolerance` dB or by less than two standard errors."""
+    last = steps[-1]
+    recent = [v for s, v in zip(steps, values) if s > last * (1 - fraction)]
+    before = [v for s, v in zip(steps, values) if last * (1 - 2 * fraction) < s <= last * (1 - fraction)]
+    if len(recent) < 2 or len(before) < 2:
+        return math.nan, math.nan, False
+    gain = statistics.fmean(recent) - statistics.fmean(before)
+    se = math.sqrt(statistics.variance(recent) / len(recent) + statistics.variance(before) / len(before))
+    return gain, se, gain < tolerance or gain < 2 * se
 
 
 class Run:
@@ -81,77 +109,46 @@ class Run:
         self.scalars = read_scalars(self.run_dir) if os.path.isdir(self.run_dir) else {}
         self.summary = read_json(os.path.join(self.run_dir, "summary.json")) or {}
         self.train_config = read_json(os.path.join(self.run_dir, "config.json")) or {}
+        self.step = load_checkpoint(self.checkpoint)["step"] if self.checkpoint else None
+
+    def series(self, tag, max_step=None):
+        steps, values = self.scalars.get(tag, ([], []))
+        kept = [(s, v) for s, v in zip(steps, values) if max_step is None or s <= max_step]
+        return [s for s, _ in kept], [v for _, v in kept]
+
+    def last(self, tag="val/psnr", count=LAST, max_step=None):
+        """The last `count` logged values of `tag` up to `max_step`: what a run's level is averaged over."""
+        return self.series(tag, max_step)[1][-count:]
 
     def diverged_at(self):
-        steps, values = self.scalars.get(f"train/{LOSS_NAME}", ([], []))
+        steps, values = self.series(f"train/{LOSS_NAME}")
         return steps[-1] if values and not math.isfinite(values[-1]) else None
 
     def load(self, device):
-        return load_model(self.checkpoint, device)
+        return load_model(self.checkpoint, device)[0]
 
-    def status(self, step):
+    def status(self):
         if self.diverged_at() is not None:
-            last = f"step {step}" if step is not None else "none"
+            last = f"step {self.step}" if self.step is not None else "none"
             return f"diverged at step {self.diverged_at()}; last finite checkpoint: {last}"
-        if step is None:  # started, logging, but not yet at its first checkpoint
+        if self.step is None:  # started, logging, but not yet at its first checkpoint
             return "in progress: no checkpoint yet"
-        if step < self.planned:
-            return f"in progress: step {step} of {self.planned}"
-        return "done"
+        return f"in progress: step {self.step} of {self.planned}" if self.step < self.planned else "done"
 
-    def label(self, payload):
-        text = f"{self.name} ({payload['config']['model']}, step {payload['step']})"
-        return text if payload["step"] >= self.planned else f"{text} [{self.status(payload['step'])}]"
+    def label(self):
+        name = NAMES.get(self.name, self.name)
+        return name if self.step is None or self.step >= self.planned else f"{name} [{self.status()}]"
 
 
 def available_runs(cfg):
-    """The runs of experiments.RUNS that have logs or a checkpoint (a run that diverged before its
-    first checkpoint has only logs: it appears in the plots and the runs table, not in evaluations)."""
+    """{name: Run} of the runs of experiments.RUNS that have logs or a checkpoint (a run that diverged
+    before its first checkpoint has only logs: it appears in the plots and the runs table)."""
     runs = [Run(name, settings, cfg) for name, settings in RUNS]
-    return [run for run in runs if run.checkpoint is not None or run.scalars]
-
-
-def with_models(runs):
-    return [run for run in runs if run.checkpoint is not None]
-
-
-def runs_table(runs):
-    """Steps, wall time, hardware, validation PSNR and the plateau criterion of every run."""
-    lines = ["| run | model | lr | steps | wall time | hardware | final val PSNR (dB) | best val PSNR (dB) "
-             "| gain over the last 20% (dB) | status |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
-    for run in runs:
-        payload = load_checkpoint(run.checkpoint) if run.checkpoint else {"step": None, "config": {}}
-        train_config = run.train_config
-        elapsed = run.summary.get("wall_time_s", payload.get("elapsed"))
-        hardware = run.summary.get("hardware", payload.get("hardware", "not recorded"))
-        steps, psnrs = run.scalars.get("val/psnr", ([], []))
-        # a fine-tune's best is near its start by design: the criterion only means something from scratch
-        fine_tune = bool(run.init)
-        gain, met = plateau(steps, psnrs) if steps and not fine_tune else (math.nan, False)
-        status = run.status(payload["step"])
-        if status == "done" and not fine_tune:
-            status = f"done; plateau {'met' if met else 'not met'} (< {PLATEAU_DB} dB)"
-        gain_cell = "—" if math.isnan(gain) else f"{gain:+.3f}"
-        psnr_cells = f"{psnrs[-1]:.2f} | {max(psnrs):.2f} | {gain_cell}" if psnrs else "— | — | —"
-        wall = "—" if elapsed is None else f"{elapsed / 3600:.2f} h"
-        model = train_config["model"]
-        if fine_tune:  # its steps and wall time come on top of those of its init
-            model += f" (init: {run.init})"
-        lines.append(f"| {run.name} | {model} | {train_config['lr']:g} "
-                     f"| {'—' if payload['step'] is None else payload['step']} | {wall} "
-                     f"| {hardware} | {psnr_cells} | {status} |")
-    return "\n".join(lines) + "\n"
-
-
-def methods(runs, device):
-    """(label, upscale) of the interpolation baselines, then of each run's model."""
-    return ([(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, SCALE, m)) for mode in ("bilinear", "bicubic")]
-            + [(run.label(payload), model) for run in runs for model, payload in [run.load(device)]])
+    return {run.name: run for run in runs if run.checkpoint is not None or run.scalars}
 
 
 class Scores:
-    """evaluate() of each (method, set, degradation) once per report: the tables share many cells
-    (Set14 and BSD68 with bilinear LR appear in three of them)."""
+    """evaluate() of each (method, set, degradation) once per report: the tables share many cells."""
 
     def __init__(self, device):
         self.device, self.results, self.datasets = device, {}, {}
@@ -169,187 +166,464 @@ class Scores:
         return self.results[name, set_name, degradation]
 
 
-def eval_table(runs, set_name, degradation, scores):
-    """The Task 4 table (RGB in [0, 1]) on one evaluation set, LR made by `degradation`."""
-    rows = [(name, scores(name, upscale, set_name, degradation)) for name, upscale in methods(runs, scores.device)]
-    return markdown_table(f"x2 on {set_name} ({len(scores.dataset(set_name, degradation))} images), LR by "
-                          f"{degradation} downscaling, RGB in [0, 1]", rows)
+def interpolations():
+    return [(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, SCALE, m)) for mode in ("bilinear", "bicubic")]
 
 
-def downscaling_table(runs, set_name, scores):
-    """PSNR/SSIM with LR inputs made by other downscaling than the bilinear one of training."""
-    header = " | ".join(f"LR by {d}" for d in DOWNSCALING)
-    lines = [f"x2 on {set_name}, PSNR (dB) / SSIM by how the LR input was made (training used bilinear)", "",
-             f"| method | {header} |", "|---|" + "---:|" * len(DOWNSCALING)]
-    for name, upscale in methods(runs, scores.device):
-        cells = [scores(name, upscale, set_name, d) for d in DOWNSCALING]
-        lines.append(f"| {name} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f}" for m in cells) + " |")
-    return "\n".join(lines) + "\n"
+def methods(runs, device):
+    """(label, upscale) of the interpolation baselines, then of each run's model."""
+    return interpolations() + [(run.label(), run.load(device)) for run in runs if run.checkpoint]
 
 
-def standard_table(runs, device):
-    """x2 in the SR papers' protocol (metrics.evaluate_standard) beside published results."""
-    sets = ("Set5", "Set14")
-    rows = [("bicubic (MATLAB imresize)", lambda lr: imresize_matlab(lr, SCALE), "—")]
-    for run in runs:
-        model, payload = run.load(device)
-        trained = run.train_config["degradation"]
-        rows.append((run.label(payload), model, trained))
-        if trained == "bicubic_matlab":
-            rows.append((run.label(payload) + " + x8 self-ensemble", self_ensemble(model), trained))
-    header = " | ".join(f"{s} PSNR / SSIM" for s in sets)
-    lines = ["x2, standard protocol: LR by MATLAB bicubic imresize, 8-bit outputs, Y channel, 2 px border "
-             "shaved", "", f"| method | trained on LR by | {header} |", "|---|---|" + "---:|" * len(sets)]
-    for name, upscale, trained in rows:
-        cells = [evaluate_standard(upscale, standard_set(os.path.join(DATA_ROOT, s), SCALE), SCALE, device) for s in sets]
-        lines.append(f"| {name} | {trained} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f}" for m in cells) + " |")
-    for name, values in PUBLISHED:
-        lines.append(f"| {name} | bicubic | " + " | ".join(f"{values[s][0]:.2f} / {values[s][1]:.4f}" for s in sets) + " |")
-    return "\n".join(lines) + "\n"
+def table(header, align, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-def sharpness_table(runs, set_names, scores, extra=()):
-    """PSNR, SSIM and sharpness (gradient energy relative to HR, metrics.sharpness) side by side: what
-    pixel metrics reward against how much detail the output has. `extra`: more (label, upscale) rows."""
-    header = " | ".join(f"{s} PSNR / SSIM / sharpness" for s in set_names)
-    lines = ["x2, LR by bilinear downscaling; sharpness = gradient energy of the output / that of HR (1 = as much "
-             "detail as HR)", "", f"| method | {header} |", "|---|" + "---:|" * len(set_names)]
-    for name, upscale in [*methods(runs, scores.device), *extra]:
-        cells = [scores(name, upscale, s) for s in set_names]
-        lines.append(f"| {name} | " + " | ".join(f"{m['psnr']:.2f} / {m['ssim']:.4f} / {m['sharpness']:.3f}"
-                                                 for m in cells) + " |")
-    return "\n".join(lines) + "\n"
+def cell(metrics, keys=("psnr", "ssim")):
+    return " / ".join(f"{metrics[k]:.2f}" if k == "psnr" else f"{metrics[k]:.3f}" if k == "sharpness"
+                      else f"{metrics[k]:.4f}" for k in keys)
 
 
-def plot_comparison(runs, out_path, title, max_step=None, labels=None):
-    """Train L1 (log scale), validation PSNR and SSIM of several runs on shared axes; a diverged run
-    is drawn up to its last finite value and marked with an x."""
-    panels = ((f"train/{LOSS_NAME}", "train L1", "log"), ("val/psnr", "validation PSNR (dB)", "linear"),
-              ("val/ssim", "validation SSIM", "linear"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
-    for run in runs:
-        label = (labels or {}).get(run.name, run.name)
-        for axis, (tag, _, _) in zip(axes, panels):
-            steps, values = run.scalars.get(tag, ([], []))
-            points = [(s, v) for s, v in zip(steps, values) if max_step is None or s <= max_step]
-            finite = [(s, v) for s, v in points if math.isfinite(v)]
-            if not finite:
-                continue
-            line, = axis.plot(*zip(*finite), label=label, linewidth=1, marker="." if len(finite) < 30 else None)
-            if len(finite) < len(points):  # diverged after the last finite point
-                axis.plot(*finite[-1], marker="x", color=line.get_color(), markersize=8)
-    for axis, (_, name, yscale) in zip(axes, panels):
-        axis.set(title=name, xlabel="step", yscale=yscale)
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(out_path, dpi=100, metadata={"Software": None})
-    plt.close(figure)
-    return out_path
-
-
-@torch.inference_mode()
-def plot_crops(runs, out_path, device):
-    """Zoomed crops, one row per image: LR (pixels enlarged), bicubic upsampling, each model, HR."""
-    models = [(run.name, run.load(device)[0]) for run in runs]
-    columns = 3 + len(models)
-    figure, axes = plt.subplots(len(CROPS), columns, figsize=(2.1 * columns, 2.3 * len(CROPS)), squeeze=False)
-    for row, (set_name, file_name, top, left, side) in enumerate(CROPS):
-        high_res = crop_to_multiple(to_float(decode_image(os.path.join(DATA_ROOT, set_name, file_name))), SCALE)
-        low_res = degrade(high_res, SCALE, "bilinear")[None].to(device)
-        images = [("LR (bilinear down)", low_res.repeat_interleave(SCALE, -2).repeat_interleave(SCALE, -1)),
-                  ("bicubic", interpolate(low_res, SCALE, "bicubic"))]
-        images += [(name, model(low_res).clamp(0, 1)) for name, model in models]
-        images.append(("HR", high_res[None]))
-        for column, (name, image) in enumerate(images):
-            crop = image[0, :, top:top + side, left:left + side].mul(255).round().byte().permute(1, 2, 0).cpu()
-            axis = axes[row, column]
-            axis.imshow(crop.numpy(), interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            axis.set_title(name, fontsize=8)
-        axes[row, 0].set_ylabel(f"{set_name}/{file_name}", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out_path, dpi=100, metadata={"Software": None})
-    plt.close(figure)
-    return out_path
-
-
-def image_block(path, caption):
-    return f"![{caption}]({path})\n\n*{caption}*\n"
-
-
-def start_of(fine_tunes, cfg, device):
-    """(label, model) of the checkpoints the fine-tunes started from: the run they came from may have
-    trained on since (the residual run went on from 20000 to 30000 steps after gan started from it)."""
+def runs_table(runs):
+    """Steps, wall time, hardware, level of the validation PSNR and the plateau criterion of every run."""
     rows = []
-    for run in fine_tunes:
-        path = os.path.join(cfg["ckpt_dir"], run.init)
-        if run.init and os.path.isfile(path):
-            model, payload = load_model(path, device)
-            rows.append((f"{run.init} ({payload['config']['model']}, step {payload['step']}; {run.name}'s start)", model))
+    for run in runs:
+        steps, psnrs = run.series("val/psnr")
+        fine_tune = bool(run.init)
+        long_run = not fine_tune and run.planned > 5000  # a verdict for the long runs only
+        gain, se, met = plateau(steps, psnrs) if steps and long_run else (math.nan, math.nan, False)
+        status = run.status()
+        if status == "done" and not math.isnan(gain):
+            status = "plateau" if met else "still rising"
+        elapsed = run.summary.get("wall_time_s")
+        if elapsed is None and run.checkpoint:
+            elapsed = load_checkpoint(run.checkpoint).get("elapsed")
+        hardware = run.summary.get("hardware") or (load_checkpoint(run.checkpoint).get("hardware", "—")
+                                                   if run.checkpoint else "—")
+        model = run.train_config.get("model", "—") + (f" from {run.init}" if fine_tune else "")
+        count = min(len(psnrs), LAST if run.planned > 5000 else SWEEP_LAST)
+        rows.append([run.name, model, f"{run.train_config.get('lr', math.nan):g}", "—" if run.step is None else
+                     f"{run.step:,}", "—" if elapsed is None else f"{elapsed / 3600:.2f} h", short_hardware(hardware),
+                     f"{pm(psnrs[-count:])} (last {count})" if psnrs else "—",
+                     "—" if math.isnan(gain) else f"{gain:+.2f} ± {se:.2f}", status])
+    return table(["run", "model", "lr", "steps", "wall time", "hardware", "val PSNR (dB)", "gain, last 20% (dB)",
+                  "status"], ["---", "---", "---:", "---:", "---:", "---", "---:", "---:", "---"], rows)
+
+
+def short_hardware(text):
+    return text.replace("Intel(R) Xeon(R) Processor", "Xeon").replace(", 2 threads", "").replace(" autocast", "")
+
+
+def key_table(runs, scores):
+    """Table 1: the models against interpolation on every set, the handout's protocol (RGB, bilinear LR)."""
+    rows = [[name] + [cell(scores(name, upscale, s)) for s in EVAL_SETS]
+            for name, upscale in methods(runs, scores.device)]
+    return table(["method", "Set5 (validation)", "Set14 (test)", "BSD68 (test)"], ["---", "---:", "---:", "---:"],
+                 rows)
+
+
+def gap_table(baseline, residual, scores):
+    """Baseline vs residual: Set5 averaged over the last validations, the test sets at the final checkpoints."""
+    level = [baseline.last(), residual.last()]
+    gap = [r - b for b, r in zip(*level)]
+    first = baseline.series("val/psnr")[0][-len(level[0])]
+    rows = [[f"Set5 validation, mean ± sd of steps {first:,}–{baseline.step:,}", pm(level[0]), pm(level[1]), pm(gap)],
+            [f"Set5 validation, range over the same steps", f"{min(level[0]):.2f}–{max(level[0]):.2f}",
+             f"{min(level[1]):.2f}–{max(level[1]):.2f}", f"{min(gap):.2f}–{max(gap):.2f}"]]
+    for set_name in EVAL_SETS[1:]:
+        cells = [scores(run.label(), run.load(scores.device), set_name)["psnr"] for run in (baseline, residual)]
+        rows.append([f"{set_name} test, step {baseline.step:,} only", f"{cells[0]:.2f}", f"{cells[1]:.2f}",
+                     f"{cells[1] - cells[0]:+.2f}"])
+    return table(["PSNR (dB)", "baseline", "residual", "residual − baseline"], ["---", "---:", "---:", "---:"], rows)
+
+
+def sweep_runs(runs):
+    return [runs[n] for n, _ in RUNS if n.startswith("lr_") and n in runs]
+
+
+def sweep_table(runs):
+    """Each learning rate's validation PSNR over its last 5 validations and its final training L1."""
+    rows = []
+    for run in [*sweep_runs(runs), runs.get("baseline")]:
+        if run is None:
+            continue
+        lr = run.train_config["lr"]
+        psnrs = run.last(count=SWEEP_LAST, max_step=5000)
+        losses = run.last(f"train/{LOSS_NAME}", count=10, max_step=5000)
+        note = "the baseline's first 5,000 steps" if run.name == "baseline" else run.status()
+        finite = losses and all(math.isfinite(v) for v in losses)
+        rows.append((lr, [f"{lr:g}", pm(psnrs), spread(psnrs), f"{statistics.fmean(losses):.4f}" if finite else "not finite",
+                          note]))
+    return table(["lr", "val PSNR, steps 3,000–5,000 (dB)", "range", "train L1, last 500 steps", "run"],
+                 ["---:", "---:", "---:", "---:", "---"], [row for _, row in sorted(rows, reverse=True)])
+
+
+def downscaling_table(runs, scores):
+    """PSNR / SSIM with LR inputs made by other downscaling than the bilinear one of training."""
+    rows = []
+    for set_name in EVAL_SETS:
+        for name, upscale in methods(runs, scores.device):
+            rows.append([set_name, name] + [cell(scores(name, upscale, set_name, d)) for d in DOWNSCALING])
+    return table(["set", "method"] + [f"LR by {d.replace('_', ' ')}" for d in DOWNSCALING],
+                 ["---", "---"] + ["---:"] * len(DOWNSCALING), rows)
+
+
+def gan_table(gan, start, residual, scores):
+    """PSNR, SSIM and sharpness (metrics.sharpness) of the GAN against the checkpoint it started from."""
+    rows = []
+    for name, run, upscale, max_step in [("bicubic upsampling", None, interpolations()[1][1], None),
+                                         (f"{start[0]} (GAN's start)", residual, start[1], start[2]),
+                                         (gan.label(), gan, gan.load(scores.device), None)]:
+        if run is None:
+            val = "—"
+        else:
+            psnrs, sharps = run.last(max_step=max_step), run.last("val/sharpness", max_step=max_step)
+            val = f"{pm(psnrs)} / {pm(sharps, 3)}"
+        rows.append([name, val] + [cell(scores(name, upscale, s), ("psnr", "ssim", "sharpness")) for s in EVAL_SETS[1:]])
+    return table(["method", "Set5 val PSNR / sharpness, last 10", "Set14 PSNR / SSIM / sharpness",
+                  "BSD68 PSNR / SSIM / sharpness"], ["---", "---:", "---:", "---:"], rows)
+
+
+def standard_rows(runs, device):
+    """(label, parameters, training data, upscale) of the standard-protocol table."""
+    rows = [("bicubic (MATLAB imresize)", "—", "—", lambda lr: imresize_matlab(lr, SCALE))]
+    for name in ("residual_matlab", "final"):
+        if name in runs and runs[name].checkpoint:
+            model = runs[name].load(device)
+            params = f"{count_parameters(model) / 1000:.0f}k"
+            rows.append((f"{runs[name].label()}, single model", params, "T91 (91)", model))
+            if name == "final":
+                rows.append((f"{runs[name].label()}, x8 self-ensemble", params, "T91 (91)", self_ensemble(model)))
     return rows
 
 
+def standard_table(runs, device):
+    """x2 in the SR papers' protocol (metrics.evaluate_standard) beside published results; also returns the
+    scores as {(label, set): metrics} for the prose."""
+    scores, rows = {}, []
+    for label, params, data, upscale in standard_rows(runs, device):
+        cells = []
+        for set_name in EVAL_SETS:
+            scores[label, set_name] = evaluate_standard(upscale, standard_set(os.path.join(DATA_ROOT, set_name), SCALE),
+                                                        SCALE, device)
+            cells.append(cell(scores[label, set_name]))
+        rows.append([label, params, data, *cells])
+    for name, params, data, values in PUBLISHED:
+        rows.append([f"{name} (published), single model", params, data,
+                     *[f"{values[s][0]:.2f} / {values[s][1]:.4f}" if s in values else "—" for s in EVAL_SETS]])
+    return table(["method", "parameters", "training images", "Set5", "Set14", "BSD68"],
+                 ["---", "---:", "---", "---:", "---:", "---:"], rows), scores
+
+
+def ablation_table(runs, device):
+    """The ablation runs at equal steps: validation level and the standard protocol on the test sets."""
+    present = [(name, runs[name]) for name, _ in ABLATION if name in runs and runs[name].checkpoint]
+    if not present:
+        return "*The ablation runs (`python code/experiments.py ablate_handout ...`) have not been trained yet.*\n"
+    rows = []
+    for name, run in present:
+        model = run.load(device)
+        cells = [cell(evaluate_standard(model, standard_set(os.path.join(DATA_ROOT, s), SCALE), SCALE, device))
+                 for s in EVAL_SETS[1:]]
+        rows.append([f"{name} [{run.status()}]" if run.status() != "done" else name, pm(run.last(count=3)), *cells])
+    return table(["run", "Set5 val PSNR, last 3 (RGB)", "Set14 standard", "BSD68 standard"],
+                 ["---", "---:", "---:", "---:"], rows)
+
+
+def plot_curves(runs, out_path, panels, max_step=None, labels=None, references=None, rows=1):
+    """Logged scalars of several runs on shared axes, one panel per (tag, title, log y); `references`:
+    {tag: [(label, value)]} drawn as dashed horizontal lines (e.g. bicubic upsampling on the validation set)."""
+    columns = -(-len(panels) // rows)
+    figure, axes = plt.subplots(rows, columns, figsize=(FIGURE_WIDTH, 2.3 * rows), squeeze=False)
+    for axis, (tag, title, log) in zip(axes.flat, panels):
+        for run in runs:
+            steps, values = run.series(tag, max_step)
+            finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+            if finite:
+                axis.plot(*zip(*finite), label=(labels or {}).get(run.name, run.name), linewidth=1,
+                          marker="." if len(finite) < 30 else None)
+        lines = [axis.axhline(value, color="gray", linestyle=style, linewidth=1, label=label)
+                 for (label, value), style in zip((references or {}).get(tag, []), ("--", ":", "-."))]
+        axis.set(title=title, xlabel="step", yscale="log" if log else "linear")
+        axis.grid(alpha=0.3)
+        if axis is axes.flat[0] and len(runs) > 1 or lines:  # the runs' legend once, references where drawn
+            axis.legend(handles=None if axis is axes.flat[0] and len(runs) > 1 else lines)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(out_path, metadata={"Software": None})
+    plt.close(figure)
+    return out_path
+
+
+def high_res(crop_name):
+    set_name, file_name = CROPS[crop_name][:2]
+    return crop_to_multiple(to_float(decode_image(os.path.join(DATA_ROOT, set_name, file_name))), SCALE)
+
+
+@torch.inference_mode()
+def plot_crops(crop_name, panels, out_path, device, thumbnail=True):
+    """One crop of an image, three to a row, large: a thumbnail with the crop boxed (when `thumbnail`), then
+    each panel (label, degradation, upscale), its PSNR against the HR crop printed under it; upscale None = HR,
+    "lr" = the LR input with its pixels enlarged."""
+    set_name, file_name, top, left, side = CROPS[crop_name]
+    hr = high_res(crop_name)
+    reference = hr[:, top:top + side, left:left + side]
+    cells = len(panels) + thumbnail
+    rows = -(-cells // 3)
+    figure, axes = plt.subplots(rows, 3, figsize=(FIGURE_WIDTH, (FIGURE_WIDTH / 3 + 0.45) * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    if thumbnail:
+        axes[0, 0].imshow(hr.permute(1, 2, 0).numpy())
+        axes[0, 0].add_patch(matplotlib.patches.Rectangle((left, top), side, side, fill=False, color="red", linewidth=1.5))
+        axes[0, 0].set_title(f"{set_name}/{file_name}, {side}x{side} crop", fontsize=8)
+    for axis, (label, degradation, upscale) in zip(list(axes.flat)[thumbnail:], panels):
+        low_res = degrade(hr, SCALE, degradation)[None].to(device)
+        if upscale is None:
+            image = hr[None]
+        elif upscale == "lr":
+            image = low_res.repeat_interleave(SCALE, -2).repeat_interleave(SCALE, -1)
+        else:
+            image = upscale(low_res).clamp(0, 1)
+        crop = image[0, :, top:top + side, left:left + side].float().cpu()
+        axis.imshow(crop.mul(255).round().byte().permute(1, 2, 0).numpy(), interpolation="nearest")
+        axis.set_title(label, fontsize=8)
+        if upscale is not None:
+            axis.text(0.5, -0.02, f"PSNR of the crop {psnr(crop[None], reference[None]).item():.2f} dB", fontsize=8,
+                      ha="center", va="top", transform=axis.transAxes)
+    figure.tight_layout(pad=0.2, h_pad=0.8)
+    figure.savefig(out_path, metadata={"Software": None})
+    plt.close(figure)
+    return out_path
+
+
+def figure_block(path, caption):
+    return f"![{caption}]({path})\n\n*{caption}*\n"
+
+
+def fine_tune_start(run, cfg, device):
+    """(label, model, step) of the checkpoint a fine-tune started from (the residual run has trained on since)."""
+    path = os.path.join(cfg["ckpt_dir"], run.init)
+    model, payload = load_model(path, device)
+    return f"residual, step {payload['step']:,}", model, payload["step"]
+
+
+def spread(values, digits=2):
+    """'a–b' of a few numbers, or the one number when they agree to `digits`."""
+    if not values:
+        return "—"
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low}–{high}"
+
+
+def baseline_values(runs, scores):
+    """The numbers the Task 5 prose quotes about the baseline, the residual model and convergence."""
+    values = {}
+    for name in ("baseline", "residual"):
+        run = runs[name]
+        gain, se, met = plateau(*run.series("val/psnr"))
+        values.update({f"{name}_level": pm(run.last()), f"{name}_gain": f"{gain:+.2f} ± {se:.2f}",
+                       f"{name}_plateau": "met" if met else "not met", f"{name}_final_val": f"{run.last()[-1]:.2f}",
+                       f"{name}_steps": f"{run.step:,}", f"{name}_start_val": f"{run.series('val/psnr')[1][0]:.2f}"})
+        for set_name in EVAL_SETS[1:]:
+            values[f"{name}_{set_name}"] = f"{scores(run.label(), run.load(scores.device), set_name)['psnr']:.2f}"
+    gaps = [r - b for b, r in zip(runs["baseline"].last(), runs["residual"].last())]
+    values["gap_set5"] = pm(gaps)
+    values["gap_set5_range"] = spread(gaps)
+    values["gap_tests"] = spread([float(values[f"residual_{s}"]) - float(values[f"baseline_{s}"]) for s in EVAL_SETS[1:]])
+    level = statistics.fmean(runs["baseline"].last())
+    values["baseline_final_below_level"] = f"{level - runs['baseline'].last()[-1]:.2f}"
+    steps, psnrs = runs["baseline"].series("val/psnr")
+    recent = [v for s, v in zip(steps, psnrs) if s >= steps[-1] - 10000]
+    values["baseline_jump"] = f"{max(abs(b - a) for a, b in zip(recent, recent[1:])):.2f}"
+    values["gap_set5_min"] = f"{min(gaps):.2f}"
+    values["parameters"] = f"{count_parameters(runs['residual'].load(scores.device)):,}"
+    values["bicubic_set5"] = f"{scores('bicubic upsampling', interpolations()[1][1], 'Set5')['psnr']:.2f}"
+    values["bilinear_set5"] = f"{scores('bilinear upsampling', interpolations()[0][1], 'Set5')['psnr']:.2f}"
+    return values
+
+
+def sweep_values(runs):
+    values = {}
+    for run in [*sweep_runs(runs), runs["baseline"]]:
+        key = "lr_1e-4" if run.name == "baseline" else run.name
+        psnrs = run.last(count=SWEEP_LAST, max_step=5000)
+        values[key] = pm(psnrs)
+        values[f"{key}_range"] = spread(psnrs)
+        values[f"{key}_sd"] = f"{mean_sd(psnrs)[1]:.2f}"
+    if "lr_1e-3" in runs:
+        means = [mean_sd(run.last(count=SWEEP_LAST, max_step=5000))[0] for run in (runs["baseline"], runs["lr_1e-3"])]
+        values["lr_gap"] = f"{means[0] - means[1]:.2f}"
+    if "lr_1e-2" in runs:
+        values["lr_1e-2_peak_loss"] = f"{max(runs['lr_1e-2'].series(f'train/{LOSS_NAME}')[1]):.0f}"
+    return values
+
+
+def downscaling_values(runs, scores):
+    """How much each model loses on other LR inputs: to bicubic, to nearest, and nearest's loss split into its
+    half-pixel shift (nearest -> nearest_centred) and aliasing (nearest_centred -> bilinear)."""
+    values = {}
+    for name, upscale in methods(runs, scores.device)[2:]:
+        key = name.split(" ")[0]
+        db = {(s, d): scores(name, upscale, s, d)["psnr"] for s in EVAL_SETS for d in DOWNSCALING}
+        for label, (good, bad) in {"bicubic": ("bilinear", "bicubic"), "nearest": ("bilinear", "nearest"),
+                                   "shift": ("nearest_centred", "nearest"),
+                                   "alias": ("bilinear", "nearest_centred")}.items():
+            values[f"{key}_loss_{label}"] = spread([db[s, good] - db[s, bad] for s in EVAL_SETS], 1)
+    for mode, upscale in interpolations():
+        key = mode.split(" ")[0]
+        db = {(s, d): scores(mode, upscale, s, d)["psnr"] for s in EVAL_SETS for d in DOWNSCALING}
+        values[f"{key}_gain_bicubic"] = spread([db[s, "bicubic"] - db[s, "bilinear"] for s in EVAL_SETS], 1)
+        values[f"{key}_shift"] = spread([db[s, "nearest_centred"] - db[s, "nearest"] for s in EVAL_SETS], 1)
+    return values
+
+
+def gan_values(gan, start, residual, scores):
+    values = {"gan_steps": f"{gan.step:,}", "gan_start_step": f"{start[2]:,}",
+              "adv_weight": f"{gan.train_config['adv_weight']:g}",
+              "discriminator_parameters": f"{count_parameters(Discriminator()):,}"}
+    for set_name in EVAL_SETS[1:]:
+        before = scores(f"{start[0]} (GAN's start)", start[1], set_name)
+        after = scores(gan.label(), gan.load(scores.device), set_name)
+        values[f"gan_cost_{set_name}"] = f"{before['psnr'] - after['psnr']:.2f}"
+        values[f"gan_sharp_{set_name}"] = f"{after['sharpness']:.3f} against {before['sharpness']:.3f}"
+    values["gan_val"] = pm(gan.last())
+    values["gan_val_range"] = spread(gan.last())
+    values["gan_val_sharp"] = pm(gan.last("val/sharpness"), 3)
+    values["gan_start_val"] = pm(residual.last(max_step=start[2]))
+    values["gan_start_val_sharp"] = pm(residual.last("val/sharpness", max_step=start[2]), 3)
+    d_loss = gan.series("train/d_loss")[1]
+    values["gan_d_loss"] = spread(d_loss[len(d_loss) // 2:])
+    return values
+
+
+def final_values(runs, standard):
+    final = runs["final"]
+    values = {"final_step": f"{final.step:,}", "final_planned": f"{final.planned:,}", "final_status": final.status()}
+    gain, se, met = plateau(*final.series("val/psnr"))
+    values["final_gain"] = f"{gain:+.2f} ± {se:.2f}"
+    values["final_trend"] = "flat" if met else "still rising"
+    payload = load_checkpoint(final.checkpoint)
+    values["final_hours"] = f"{final.summary.get('wall_time_s', payload.get('elapsed', 0)) / 3600:.1f}"
+    values["final_hardware"] = final.summary.get("hardware", payload.get("hardware", "not recorded"))
+    for name, _, _, published in PUBLISHED:
+        values[name] = " / ".join(f"{published[s][0]:.2f}" for s in ("Set5", "Set14"))
+    values["final_val"] = f"{final.last()[-1]:.2f}"
+    for set_name in EVAL_SETS:
+        for kind in ("single model", "x8 self-ensemble"):
+            metrics = standard[f"{final.label()}, {kind}", set_name]
+            values[f"final_{set_name}_{kind.split()[0]}"] = f"{metrics['psnr']:.2f}"
+        if set_name in PUBLISHED[1][3]:
+            margin = standard[f"{final.label()}, single model", set_name]["psnr"] - PUBLISHED[1][3][set_name][0]
+            values[f"final_vs_fsrcnn_{set_name}"] = f"{margin:+.2f}"
+    return values
+
+
 def build(cfg, out_dir, device, only=None):
-    """Write every table (.md) and figure (.png) of the report to `out_dir`; returns {block name: markdown}.
-    `only` (a set of block names) limits the work, for tests."""
+    """Write every table (.md) and figure (.png) of the report to `out_dir`; returns ({block: markdown},
+    {value name: text}). `only` (a set of block names) limits the work, for tests."""
     runs = available_runs(cfg)
-    by_name = {run.name: run for run in runs}
-    evaluated = with_models(runs)
     scores = Scores(device)
     os.makedirs(out_dir, exist_ok=True)
-    blocks = {}
+    blocks, values = {}, {}
 
     def want(name):
         return only is None or name in only
 
-    def table(name, make):
+    def add_table(name, make):
         if want(name):
             blocks[name] = make()
             with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
                 f.write(blocks[name])
 
-    def figure(name, caption, make):
+    def add_figure(name, caption, make):
         if want(name):
             path = os.path.join(out_dir, f"{name}.png")
             make(path)
-            blocks[name] = image_block(path, caption)
+            blocks[name] = figure_block(os.path.relpath(path), caption)
 
-    table("runs", lambda: runs_table(runs))
-    if "baseline" in by_name:
-        figure("baseline-curves", "Baseline (BasicSRModel, lr 1e-4): train L1, validation L1, PSNR and SSIM on Set5",
-               lambda path: plot_training_curves(by_name["baseline"].run_dir, path))
-    fp32_dir = os.path.join(cfg["runs_dir"], "baseline_fp32")  # the baseline's first steps in fp32, kept for this
-    if "baseline" in by_name and os.path.isdir(fp32_dir):
-        fp32 = Run("baseline_fp32", dict(RUNS)["baseline"], cfg)
-        last = fp32.scalars[f"train/{LOSS_NAME}"][0][-1]
-        figure("precision", f"The baseline in fp32 (stopped at step {last}) and in bf16 autocast (the run above), "
-               f"same seed and data", lambda path: plot_comparison(
-                   [fp32, by_name["baseline"]], path, "fp32 vs bf16 autocast", max_step=last,
-                   labels={"baseline_fp32": "fp32", "baseline": "bf16 autocast"}))
-    pair = [by_name[n] for n in ("baseline", "residual") if n in by_name]
-    figure("residual-curves", "Baseline vs residual model, same seed and data order",
-           lambda path: plot_comparison(pair, path, "baseline vs residual"))
-    sweep = [by_name[n] for n, _ in RUNS if n.startswith("lr_") and n in by_name]
-    figure("lr-sweep", "Learning-rate sweep of BasicSRModel; lr 1e-4 is the baseline's first 5000 steps; "
-           "x = diverged", lambda path: plot_comparison(
-               sweep + pair[:1], path, "learning-rate sweep", max_step=5000, labels={"baseline": "lr_1e-4 (baseline)"}))
-    for set_name in EVAL_SETS:
-        table(f"eval-{set_name}", lambda s=set_name: eval_table(evaluated, s, "bilinear", scores))
-    table("downscaling", lambda: downscaling_table(with_models(pair), "Set14", scores))
-    table("standard", lambda: standard_table([r for r in evaluated if not r.name.startswith("lr_")], device))
-    gan = [by_name["gan"]] if "gan" in by_name else []
-    if gan:
-        figure("gan-curves", "GAN run: generator L1 and adversarial loss, discriminator loss and outputs, validation",
-               lambda path: plot_training_curves(gan[0].run_dir, path))
-    elif want("gan-curves"):
-        blocks["gan-curves"] = "*No GAN run yet: `python code/experiments.py gan` once the residual run has finished.*\n"
-    table("gan", lambda: sharpness_table(with_models(pair + gan), ("Set14", "BSD68"), scores, start_of(gan, cfg, device)))
-    figure("crops", "Zoomed crops (x2): LR input, bicubic upsampling, the models, HR",
-           lambda path: plot_crops(with_models(pair + gan), path, device))
-    return blocks
+    pair = [runs[n] for n in ("baseline", "residual") if n in runs]
+    tested = [runs[n] for n in ("baseline", "residual", "gan") if n in runs and runs[n].checkpoint]
+    add_table("runs", lambda: runs_table(list(runs.values())))
+    add_table("key-results", lambda: key_table(tested, scores))
+    reference = {"val/psnr": [("bicubic upsampling", scores("bicubic upsampling", interpolations()[1][1], "Set5")["psnr"])]}
+    loss_panels = [(f"train/{LOSS_NAME}", "train L1 (log scale)", True), (f"val/{LOSS_NAME}", "validation L1 (Set5)", True),
+                   ("val/psnr", "validation PSNR on Set5 (dB)", False), ("val/ssim", "validation SSIM on Set5", False)]
+    add_figure("curves", "Figure 1: training curves of the baseline (the handout's Figure 3) and of the residual "
+               "model, same seed and data order; dashed: bicubic upsampling on Set5",
+               lambda path: plot_curves(pair, path, loss_panels, references=reference, rows=2))
+    if len(pair) == 2:
+        add_table("gap", lambda: gap_table(*pair, scores))
+        values.update(baseline_values(runs, scores) if want("gap") else {})
+        add_figure("crops", "Figure 2: a crop of comic (Set14, test), LR made by bilinear downscaling; PSNR of each crop",
+                   lambda path: plot_crops("comic", [(label, "bilinear", up) for label, up in
+                                                     [("bilinear", interpolations()[0][1]), ("bicubic", interpolations()[1][1]),
+                                                      ("baseline", pair[0].load(device)), ("residual", pair[1].load(device)),
+                                                      ("HR", None)]], path, device))
+    sweep = sweep_runs(runs)
+    if sweep and pair:
+        add_figure("lr-sweep", "Figure 3: learning-rate sweep of the BasicSRModel, 5,000 steps, same seed; lr 1e-4 "
+                   "is the baseline's first 5,000 steps; dashed: bicubic upsampling",
+                   lambda path: plot_curves(sorted([*sweep, pair[0]], key=lambda r: -r.train_config["lr"]), path, [loss_panels[0], *loss_panels[2:]], max_step=5000,
+                                            labels={"baseline": "lr_1e-4"}, references=reference))
+        add_table("sweep", lambda: sweep_table(runs))
+        values.update(sweep_values(runs))
+        add_figure("lr-crops", "Figure 4: the sweep's models at step 5,000 on the crop of Figure 2",
+                   lambda path: plot_crops("comic", [(run.name, "bilinear", run.load(device)) for run in sweep
+                                                     if run.checkpoint]
+                                           + [("bicubic", "bilinear", interpolations()[1][1]), ("HR", "bilinear", None)],
+                                           path, device, thumbnail=False))
+    if pair:
+        add_table("downscaling", lambda: downscaling_table(pair, scores))
+        values.update(downscaling_values(pair, scores) if want("downscaling") else {})
+        residual = pair[-1]
+        add_figure("downscaling-crops", f"Figure 5: the {residual.name} model on LR inputs made four ways "
+                   "(it was trained on bilinear); a crop of butterfly (Set5)",
+                   lambda path: plot_crops("butterfly", [("LR by nearest (enlarged)", "nearest", "lr")] +
+                                           [(f"{residual.name}, LR by {d.replace('_', ' ')}", d, residual.load(device))
+                                            for d in DOWNSCALING] + [("HR", "bilinear", None)], path, device,
+                                           thumbnail=False))
+    if "gan" in runs and "residual" in runs and runs["gan"].checkpoint:
+        gan, start = runs["gan"], fine_tune_start(runs["gan"], cfg, device)
+        gan_panels = [(f"train/{LOSS_NAME}", "generator L1 (log scale)", True), ("train/adv", "generator adversarial loss", False),
+                      ("train/d_loss", "discriminator loss", False), ("val/psnr", "validation PSNR on Set5 (dB)", False),
+                      ("val/ssim", "validation SSIM on Set5", False), ("val/sharpness", "validation sharpness (1 = HR)", False)]
+        add_figure("gan-curves", "Figure 6: the GAN run (the residual model fine-tuned with L1 + 0.01 x relativistic "
+                   "adversarial loss)", lambda path: plot_curves([gan], path, gan_panels, rows=2))
+        add_table("gan", lambda: gan_table(gan, start, runs["residual"], scores))
+        values.update(gan_values(gan, start, runs["residual"], scores) if want("gan") else {})
+        add_figure("gan-crops", "Figure 7: the GAN against the model it started from, a crop of zebra (Set14, test)",
+                   lambda path: plot_crops("zebra", [("bicubic", "bilinear", interpolations()[1][1]),
+                                                     (f"{start[0]} (GAN's start)", "bilinear", start[1]),
+                                                     ("GAN", "bilinear", gan.load(device)), ("HR", "bilinear", None)],
+                                           path, device))
+    if want("standard"):
+        blocks["standard"], standard = standard_table(runs, device)
+        with open(os.path.join(out_dir, "standard.md"), "w") as f:
+            f.write(blocks["standard"])
+        if "final" in runs and runs["final"].checkpoint:
+            values.update(final_values(runs, standard))
+    add_table("ablation", lambda: ablation_table(runs, device))
+    if "final" in runs:
+        final_runs = [runs[n] for n in ("final", *dict(ABLATION)) if n in runs]
+        matlab_bicubic = scores("bicubic upsampling", interpolations()[1][1], "Set5", "bicubic_matlab")["psnr"]
+        add_figure("final-curves", "Figure 8: the final model's training (validation: RGB, LR by MATLAB bicubic, "
+                   "the weights' moving average); dashed: bicubic upsampling", lambda path: plot_curves(
+                       final_runs, path, [loss_panels[0], ("val/psnr", "validation PSNR on Set5 (dB)", False),
+                                          ("train/lr", "learning rate", True)],
+                       references={"val/psnr": [("bicubic upsampling", matlab_bicubic)]}))
+    return blocks, values
+
+
+def fill(text, blocks, values):
+    """The template with each `{{name}}` replaced by its block or value; an unknown name is an error."""
+    content = {**values, **blocks}
+    missing = sorted(set(PLACEHOLDER.findall(text)) - set(content))
+    if missing:
+        raise SystemExit(f"error: {TEMPLATE} quotes {{{{{missing[0]}}}}}, which the report did not compute")
+    return PLACEHOLDER.sub(lambda match: content[match.group(1)].rstrip("\n"), text)
 
 
 def fill_markers(text, blocks):
@@ -360,24 +634,42 @@ def fill_markers(text, blocks):
     return MARKER.sub(replace, text)
 
 
-def render_pdf(markdown_path, pdf_path):
-    """README.md -> README.pdf with markdown-pdf (PyMuPDF); fixed metadata so a rerun gives the same file."""
+def render_pdf(markdown_path, pdf_path, root="."):
+    """Markdown -> PDF with markdown-pdf (PyMuPDF); fixed metadata so a rerun gives the same file."""
     from markdown_pdf import MarkdownPdf, Section
 
-    css = ("body {font-size: 10pt;} table {border-collapse: collapse; font-size: 8pt;} "
-           "th, td {border: 1px solid #999; padding: 2px 4px;} img {width: 100%;} "
-           "pre, code {font-size: 7.5pt;}")
+    css = ("body {font-size: 9.5pt;} h1 {font-size: 16pt;} h2 {font-size: 12.5pt;} h3 {font-size: 10.5pt;} "
+           "table {border-collapse: collapse; font-size: 8pt;} th, td {border: 1px solid #999; padding: 1px 3px;} "
+           "img {width: 100%;} pre, code {font-size: 8pt;}")
     pdf = MarkdownPdf(toc_level=2, optimize=True)
     pdf.meta.update({"creationDate": "", "modDate": "", "title": "x2 single-image super-resolution"})
     with open(markdown_path) as f:
-        pdf.add_section(Section(f.read(), root=os.path.dirname(os.path.abspath(markdown_path))), user_css=css)
+        pdf.add_section(Section(f.read(), root=root), user_css=css)
     pdf.save(pdf_path)
     return pdf_path
 
 
+def publish(out_dir, blocks, values):
+    """The template filled into runs/report/report.md, rendered to README.pdf; README.md's key-results block."""
+    with open(TEMPLATE) as f:
+        filled = fill(f.read(), blocks, values)
+    markdown = os.path.join(out_dir, "report.md")
+    with open(markdown, "w") as f:
+        f.write(filled)
+    with open("README.md") as f:
+        readme = f.read()
+    with open("README.md", "w") as f:
+        f.write(fill_markers(readme, {name: blocks[name] for name in ("key-results",) if name in blocks}))
+    return render_pdf(markdown, "README.pdf")
+
+
 def main(argv):
-    if argv == ["pdf"]:  # after editing README.md's prose: render it again without evaluating anything
-        print(render_pdf("README.md", "README.pdf"))
+    out_dir = os.path.join("runs", "report")
+    if argv == ["pdf"]:  # after editing code/report.md's prose: render again from the saved blocks and values
+        saved = read_json(os.path.join(out_dir, "report.json"))
+        if saved is None:
+            raise SystemExit(f"error: {out_dir}/report.json: no such file; run `make report` first")
+        print(publish(out_dir, saved["blocks"], saved["values"]))
         return
     cfg = config.from_argv(argv, ("report", "run", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
@@ -386,15 +678,11 @@ def main(argv):
         if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):
             raise SystemExit(f"error: {DATA_ROOT}/{set_name}: no such folder; the report evaluates on the standard sets")
     out_dir = cfg["report_dir"] or os.path.join(cfg["runs_dir"], "report")
-    blocks = build(cfg, out_dir, device)
-    with open("README.md") as f:
-        text = f.read()
-    missing = [name for name in blocks if f"<!-- report:{name} -->" not in text]
-    if missing:
-        raise SystemExit(f"error: README.md has no <!-- report:{missing[0]} --> block for the generated {missing[0]}")
-    with open("README.md", "w") as f:
-        f.write(fill_markers(text, blocks))
-    print(f"wrote {len(blocks)} blocks to {out_dir} and README.md; {render_pdf('README.md', 'README.pdf')}")
+    blocks, values = build(cfg, out_dir, device)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump({"blocks": blocks, "values": values}, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    print(f"wrote {len(blocks)} blocks and {len(values)} values to {out_dir}; {publish(out_dir, blocks, values)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Upscale your own images x2 with a trained checkpoint.
+"""Upscale your own images x2 with a trained checkpoint; by default the final model (FINAL_MODEL).
 
+    python code/upscale.py input=photo.jpg                  # photo_x2.png, with checkpoints/final/model.pt
     python code/upscale.py checkpoint=checkpoints/residual/model.pt input=photo.jpg output=photo_x2.png
-    python code/upscale.py checkpoint=... input=folder/ output=out_folder/ ensemble=true
+    python code/upscale.py input=folder/ output=out_folder/ ensemble=true
 
 Any image the dataset reader accepts (PNG, JPEG, BMP, TIFF, ...; gray, palette, RGBA, 16-bit) is written
 as an 8-bit PNG: gray stays gray, and an alpha channel is upscaled bilinearly and kept. Large images go
@@ -22,6 +23,9 @@ import system
 from dataset import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, decode_image, list_images, open_image, to_float
 from checkpoints import CheckpointError, load_model
 from models import self_ensemble, upscale_tiled
+
+# the default checkpoint: the final model of README.pdf section 4, wherever the script is started from
+FINAL_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "final", "model.pt")
 
 
 def read_extras(path, scale, max_pixels):
@@ -77,10 +81,14 @@ def main(argv):
     cfg = config.from_argv(argv, ("checkpoint", "upscale", "input", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = system.pick_device(cfg["device"])
-    if not cfg["checkpoint"] or not cfg["input"]:
-        raise SystemExit("error: give checkpoint=PATH and input=IMAGE_OR_FOLDER (and optionally output=PATH)")
+    if not cfg["input"]:
+        raise SystemExit("error: give input=IMAGE_OR_FOLDER (and optionally output=PATH, checkpoint=PATH)")
+    checkpoint = cfg["checkpoint"] or FINAL_MODEL
+    if not cfg["checkpoint"] and not os.path.isfile(FINAL_MODEL):
+        raise SystemExit(f"error: {FINAL_MODEL}: no such file yet (it is written when `python code/experiments.py "
+                         "final` has finished); give checkpoint=PATH, e.g. checkpoints/residual_matlab/model.pt")
     try:
-        model, payload = load_model(cfg["checkpoint"], device)
+        model, payload = load_model(checkpoint, device)
         if system.channels_last_helps(cfg["channels_last"], device):
             model = model.to(memory_format=torch.channels_last)
         jobs = plan(cfg["input"], cfg["output"])

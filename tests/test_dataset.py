@@ -72,9 +72,17 @@ def test_eval_mode_returns_whole_images_cropped_to_the_scale(tmp_path):
     assert torch.equal(SRDataset(folder, train=False)[0][0], low_res)
 
 
-@pytest.mark.parametrize("method", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("method", ["bilinear", "bicubic", "nearest", "nearest_centred"])
 def test_degrade_halves_each_side(method):
     assert degrade(torch.rand(2, 3, 10, 14), 2, method).shape == (2, 3, 5, 7)
+
+
+def test_nearest_takes_the_top_left_pixel_and_nearest_centred_samples_the_block_centre():
+    ramp = torch.arange(8.0).repeat(8, 1)[None] / 8  # brightness rising to the right, 1/8 a pixel
+    assert torch.equal(degrade(ramp, 2, "nearest")[0, 0], torch.tensor([0.0, 2, 4, 6]) / 8)  # half a pixel left
+    centred = degrade(ramp, 2, "nearest_centred")[0, 0]
+    torch.testing.assert_close(centred[1:3], torch.tensor([2.5, 4.5]) / 8)  # a linear ramp: exactly the centre
+    torch.testing.assert_close(centred[1:3], degrade(ramp, 2, "bilinear")[0, 0, 1:3])  # where bilinear samples
 
 
 def make_odd_formats(folder):

@@ -1,7 +1,7 @@
+import json
 import math
 import os
 import re
-import shutil
 
 import pytest
 import torch
@@ -14,14 +14,23 @@ from conftest import shared_folder
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_plateau_compares_the_best_psnr_of_the_last_fifth_with_the_best_before_it():
+def test_plateau_compares_the_mean_of_the_last_fifth_with_the_fifth_before_it():
     steps = list(range(500, 10001, 500))
     rising = [20 + 0.1 * i for i in range(len(steps))]
-    gain, met = report.plateau(steps, rising)
-    assert gain == pytest.approx(rising[-1] - rising[15]) and not met  # cut at step 8000 = index 15
-    flat_but_noisy = [30.0 + (0.5 if i % 2 else 0.0) for i in range(len(steps))]
-    assert report.plateau(steps, flat_but_noisy) == (0.0, True)
-    assert report.plateau([500], [30.0]) == (pytest.approx(math.nan, nan_ok=True), False)
+    gain, se, met = report.plateau(steps, rising)
+    assert gain == pytest.approx(0.4) and se == pytest.approx(math.sqrt(2 * 0.1 ** 2 * 5 / 3 / 4)) and not met
+    noisy_but_flat = [30.0 + (0.5 if i % 2 else 0.0) for i in range(len(steps))]
+    assert report.plateau(steps, noisy_but_flat)[::2] == (0.0, True)
+    noisy_and_rising_a_little = [v + 0.02 * i for i, v in enumerate(noisy_but_flat)]  # 0.08 dB within 2 se
+    gain, se, met = report.plateau(steps, noisy_and_rising_a_little)
+    assert gain == pytest.approx(0.08) and gain < 2 * se and met
+    assert math.isnan(report.plateau([500], [30.0])[0])
+
+
+def test_fill_replaces_every_placeholder_and_refuses_an_unknown_one():
+    assert report.fill("a {{x}} b\n{{t}}\n", {"t": "| table |\n"}, {"x": "1.00"}) == "a 1.00 b\n| table |\n"
+    with pytest.raises(SystemExit, match=r"quotes \{\{y\}\}, which the report did not compute"):
+        report.fill("{{x}} {{y}}", {}, {"x": "1"})
 
 
 def test_fill_markers_replaces_only_the_named_blocks_and_keeps_the_text_around():
@@ -49,7 +58,7 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
                      "max_steps=2"])]
     monkeypatch.setattr(report, "RUNS", runs)
     monkeypatch.setattr(report, "DATA_ROOT", str(root))
-    monkeypatch.setattr(report, "CROPS", (("Set5", "img00.png", 4, 4, 24),))
+    monkeypatch.setattr(report, "CROPS", {name: ("Set5", "img00.png", 4, 4, 24) for name in report.CROPS})
     where = [f"data_dir={root / 'T91'}", f"eval_dir={root / 'Set5'}", f"runs_dir={tiny_cfg['runs_dir']}",
              f"ckpt_dir={tiny_cfg['ckpt_dir']}", "num_workers=0", "device=cpu"]
     for name, settings in runs:
@@ -62,31 +71,35 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
             train.train(cfg)
     # the report's own view of the baseline must be a step checkpoint: drop the final model.pt
     os.remove(os.path.join(tiny_cfg["ckpt_dir"], "baseline", "model.pt"))
-    shutil.rmtree(os.path.join(tiny_cfg["ckpt_dir"], "lr_1e-3"))  # logging, but before its first checkpoint
+    for leftover in os.listdir(os.path.join(tiny_cfg["ckpt_dir"], "lr_1e-3")):  # logging, before its first checkpoint
+        os.remove(os.path.join(tiny_cfg["ckpt_dir"], "lr_1e-3", leftover))
     return config.parse_overrides(where)
 
 
 def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(tiny_experiments, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    blocks = report.build(tiny_experiments, str(first), torch.device("cpu"))
+    blocks, values = report.build(tiny_experiments, str(first), torch.device("cpu"))
     report.build(tiny_experiments, str(second), torch.device("cpu"))
     names = sorted(os.listdir(first))
-    assert names == sorted(os.listdir(second)) and len(names) == 12
+    assert names == sorted(os.listdir(second)) and len(names) == 15
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     runs = blocks["runs"]
     assert re.search(r"\| baseline \| basic \| 0\.001 \| 4 \|.*\| in progress: step 4 of 6 \|", runs)
-    assert re.search(r"\| residual \| residual \| 0\.001 \| 4 \|.*\| done; plateau (met|not met)", runs)
+    assert re.search(r"\| residual \| residual \| 0\.001 \| 4 \|.*\| done \|", runs)  # short runs get no verdict
     assert "| lr_1e-2 |" in runs and re.search(r"diverged at step \d; last finite checkpoint: none", runs)
     assert re.search(r"\| lr_1e-3 \| basic \| 0\.001 \| — \|.*\| in progress: no checkpoint yet \|", runs)
-    assert re.search(r"\| gan \| residual \(init: residual/model\.pt\) \| 0\.001 \| 2 \|.*\| — \| done \|", runs)  # no plateau
-    assert "lr_1e-3" not in blocks["eval-Set5"]
-    assert "baseline (basic, step 4) [in progress: step 4 of 6]" in blocks["eval-Set5"]
-    assert "residual (residual, step 4) |" in blocks["eval-BSD68"]
-    assert "VDSR (published)" in blocks["standard"] and "baseline" in blocks["downscaling"]
-    assert blocks["gan-curves"].startswith("![GAN run") and "| gan (residual, step 2) |" in blocks["gan"]
-    assert "| residual/model.pt (residual, step 4; gan's start) |" in blocks["gan"]
-    assert blocks["crops"].startswith("![Zoomed crops") and str(first / "crops.png") in blocks["crops"]
+    assert re.search(r"\| gan \| residual from residual/model\.pt \| 0\.001 \| 2 \|.*\| done \|", runs)
+    assert "baseline (BasicSRModel) [in progress: step 4 of 6] |" in blocks["key-results"]
+    assert re.search(r"\| bicubic upsampling \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \|",
+                     blocks["key-results"])
+    assert "VDSR (published), single model | 665k |" in blocks["standard"]
+    assert blocks["ablation"].startswith("*The ablation runs")
+    assert "| BSD68 | residual model | " in blocks["downscaling"] and "LR by nearest centred" in blocks["downscaling"]
+    assert "| residual, step 4 (GAN's start) |" in blocks["gan"]
+    assert blocks["crops"].startswith("![Figure 2") and blocks["gan-crops"].startswith("![Figure 7")
+    assert values["gap_set5"].count("±") == 1 and math.isfinite(float(values["gan_cost_Set14"]))
+    assert math.isfinite(float(values["residual_loss_shift"]))
 
 
 def test_render_pdf_is_reproducible_and_holds_the_tables(tmp_path):
@@ -100,23 +113,34 @@ def test_render_pdf_is_reproducible_and_holds_the_tables(tmp_path):
     assert "bicubic upsampling" in text and "30.79" in text
 
 
-def committed_blocks():
-    with open(os.path.join(REPO, "README.md")) as f:
-        return {m.group("name"): m.group(3) for m in report.MARKER.finditer(f.read())}
+def committed_report():
+    with open(os.path.join(REPO, "runs", "report", "report.json")) as f:
+        return json.load(f)
 
 
-def test_readme_blocks_are_the_committed_report_files():
-    blocks = committed_blocks()
-    assert {"runs", "eval-Set5", "eval-Set14", "eval-BSD68", "downscaling", "standard", "crops"} <= set(blocks)
-    for name, body in blocks.items():
+def test_the_committed_report_is_the_template_filled_with_the_committed_blocks_and_values():
+    saved = committed_report()
+    with open(report.TEMPLATE) as f:
+        filled = report.fill(f.read(), saved["blocks"], saved["values"])
+    with open(os.path.join(REPO, "runs", "report", "report.md")) as f:
+        assert f.read() == filled
+    for name, body in saved["blocks"].items():
         table = os.path.join(REPO, "runs", "report", f"{name}.md")
-        if os.path.isfile(table):
+        if body.startswith("!["):
+            assert os.path.isfile(os.path.join(REPO, re.match(r"!\[[^]]*\]\(([^)]+)\)", body).group(1))), name
+        else:
             assert open(table).read() == body, name
-        elif body.startswith("!["):
-            image = re.match(r"!\[[^]]*\]\(([^)]+)\)", body).group(1)
-            assert os.path.isfile(os.path.join(REPO, image)), image
-        else:  # a run that does not exist yet says so
-            assert body.startswith("*No "), name
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = {m.group("name"): m.group(3) for m in report.MARKER.finditer(f.read())}
+    assert readme == {"key-results": saved["blocks"]["key-results"]}
+
+
+def test_the_committed_pdf_has_at_most_10_pages_and_the_key_results_on_page_1():
+    pymupdf = pytest.importorskip("pymupdf")
+    pdf = pymupdf.open(os.path.join(REPO, "README.pdf"))
+    assert pdf.page_count <= 10
+    first_row = committed_report()["blocks"]["key-results"].split("\n")[2].split(" | ")[0].strip("| ")
+    assert "Table 1" in pdf[0].get_text() and first_row in pdf[0].get_text()
 
 
 def regenerate(tmp_path, only):
@@ -137,8 +161,8 @@ def assert_same_as_committed(tmp_path, names):
         assert open(tmp_path / name, "rb").read() == open(committed, "rb").read(), f"{name} differs from the committed one"
 
 
-def test_committed_plots_and_set5_table_are_reproduced_from_the_committed_checkpoints_and_logs(tmp_path):
-    names = regenerate(tmp_path, {"runs", "eval-Set5", "baseline-curves", "residual-curves", "lr-sweep"})
+def test_committed_plots_and_tables_are_reproduced_from_the_committed_checkpoints_and_logs(tmp_path):
+    names = regenerate(tmp_path, {"runs", "curves", "lr-sweep", "sweep", "crops"})
     assert len(names) == 5
     assert_same_as_committed(tmp_path, names)
 
@@ -147,7 +171,7 @@ def test_committed_plots_and_set5_table_are_reproduced_from_the_committed_checkp
 def test_the_whole_committed_report_is_reproduced(tmp_path):
     shared_folder("BSD68")
     names = regenerate(tmp_path, None)
-    assert names == sorted(os.listdir(os.path.join(REPO, "runs", "report")))
+    assert names == sorted(set(os.listdir(os.path.join(REPO, "runs", "report"))) - {"report.json", "report.md"})
     assert_same_as_committed(tmp_path, names)
 
 
@@ -155,3 +179,9 @@ def test_report_needs_the_standard_sets_and_says_so_in_one_line(monkeypatch, tmp
     monkeypatch.setattr(report, "DATA_ROOT", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match=r"nowhere/T91: no such folder; the report evaluates on the standard sets"):
         report.main([])
+
+
+def test_make_pdf_without_a_report_says_what_to_run(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"report\.json: no such file; run `make report` first"):
+        report.main(["pdf"])

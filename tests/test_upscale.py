@@ -70,8 +70,18 @@ def test_bad_inputs_and_checkpoints_are_one_line_errors(model_path, tmp_path):
         upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'missing.png'}"])
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
         upscale.main([f"checkpoint={tmp_path / 'broken.png'}", f"input={tmp_path / 'broken.png'}"])
-    with pytest.raises(SystemExit, match="give checkpoint=PATH and input="):
+    with pytest.raises(SystemExit, match="give input=IMAGE_OR_FOLDER"):
         upscale.main([])
+
+
+def test_the_default_checkpoint_is_the_final_model(model_path, tmp_path, monkeypatch):
+    Image.fromarray(photo_crops(20, 1)[0]).save(tmp_path / "small.png")
+    monkeypatch.setattr(upscale, "FINAL_MODEL", str(tmp_path / "final" / "model.pt"))
+    with pytest.raises(SystemExit, match=r"final/model.pt: no such file yet \(it is written when"):
+        upscale.main([f"input={tmp_path / 'small.png'}"])
+    monkeypatch.setattr(upscale, "FINAL_MODEL", str(model_path))
+    [written] = upscale.main([f"input={tmp_path / 'small.png'}"])
+    assert Image.open(written).size == (40, 40)
 
 
 def test_a_decompression_bomb_gives_one_line_and_little_memory(model_path, tmp_path):
