@@ -42,18 +42,19 @@ PLATEAU_FRACTION, PLATEAU_DB = 0.2, 0.05
 # Published x2 results of the standard protocol (Y channel, MATLAB bicubic LR, 2 px shaved border): name,
 # parameters, training images, {set: (PSNR, SSIM)}. SRCNN 9-5-5 (Dong et al. 2016, TPAMI), FSRCNN (Dong et
 # al. 2016, ECCV), VDSR (Kim et al. 2016, CVPR); none reports BSD68, a denoising subset of BSD300.
-PUBLISHED = (("SRCNN", "57k", "ImageNet (395k)", {"Set5": (36.66, 0.9542), "Set14": (32.42, 0.9063)}),
-             ("FSRCNN", "12k", "T91 + General-100 (191)", {"Set5": (37.00, 0.9558), "Set14": (32.63, 0.9088)}),
-             ("VDSR", "665k", "T91 + BSD200 (291)", {"Set5": (37.53, 0.9587), "Set14": (33.03, 0.9124)}))
+PUBLISHED = (("SRCNN", "57k", "395k", {"Set5": (36.66, 0.9542), "Set14": (32.42, 0.9063)}),  # ImageNet
+             ("FSRCNN", "12k", "191", {"Set5": (37.00, 0.9558), "Set14": (32.63, 0.9088)}),  # T91 + General-100
+             ("VDSR", "665k", "291", {"Set5": (37.53, 0.9587), "Set14": (33.03, 0.9124)}))  # T91 + BSD200
 # Crops of the visual comparisons: (eval set, image, top, left, side) in HR pixels.
 CROPS = {"comic": ("Set14", "comic.png", 40, 60, 96), "zebra": ("Set14", "zebra.png", 70, 300, 64),
          "butterfly": ("Set5", "butterfly.png", 90, 100, 96)}
 NAMES = {"baseline": "baseline (BasicSRModel)", "residual": "residual model", "gan": "GAN (residual generator)",
          "final": "final model", "residual_matlab": "residual_matlab (fine-tuned)"}
 FIGURE_WIDTH = 7.2  # inches: the PDF's text width (A4 less 0.5 in borders), so fonts print at their own size
-plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "savefig.dpi": 150})
+plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 8, "savefig.dpi": 150})
 MARKER = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->\n)(.*?)(<!-- /report:(?P=name) -->)", re.S)
 PLACEHOLDER = re.compile(r"\{\{([\w-]+)\}\}")
+NEW_PAGE = "<!-- new page -->"  # in the template: the PDF starts a new page there
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.md")
 
 
@@ -137,7 +138,11 @@ class Run:
 
     def label(self):
         name = NAMES.get(self.name, self.name)
-        return name if self.step is None or self.step >= self.planned else f"{name} [{self.status()}]"
+        if self.step is None or self.step >= self.planned:
+            return name
+        if self.diverged_at() is not None:
+            return f"{name} [{self.status()}]"
+        return f"{name} [step {self.step:,} of {self.planned:,}]"  # still training
 
 
 def available_runs(cfg):
@@ -205,9 +210,10 @@ def runs_table(runs):
         count = min(len(psnrs), LAST if run.planned > 5000 else SWEEP_LAST)
         rows.append([run.name, model, f"{run.train_config.get('lr', math.nan):g}", "—" if run.step is None else
                      f"{run.step:,}", "—" if elapsed is None else f"{elapsed / 3600:.2f} h", short_hardware(hardware),
-                     f"{pm(psnrs[-count:])} (last {count})" if psnrs else "—",
+                     pm(psnrs[-count:]),
                      "—" if math.isnan(gain) else f"{gain:+.2f} ± {se:.2f}", status])
-    return table(["run", "model", "lr", "steps", "wall time", "hardware", "val PSNR (dB)", "gain, last 20% (dB)",
+    return table(["run", "model", "lr", "steps", "wall time", "hardware", "val PSNR (dB)",
+                  "gain, last 20% (dB)",
                   "status"], ["---", "---", "---:", "---:", "---:", "---", "---:", "---:", "---"], rows)
 
 
@@ -255,7 +261,7 @@ def sweep_table(runs):
         finite = losses and all(math.isfinite(v) for v in losses)
         rows.append((lr, [f"{lr:g}", pm(psnrs), spread(psnrs), f"{statistics.fmean(losses):.4f}" if finite else "not finite",
                           note]))
-    return table(["lr", "val PSNR, steps 3,000–5,000 (dB)", "range", "train L1, last 500 steps", "run"],
+    return table(["lr", "val PSNR, steps 3,000–5,000 (dB)", "range", "train L1, last 500 steps", "note"],
                  ["---:", "---:", "---:", "---:", "---"], [row for _, row in sorted(rows, reverse=True)])
 
 
@@ -286,34 +292,34 @@ def gan_table(gan, start, residual, scores):
 
 
 def standard_rows(runs, device):
-    """(label, parameters, training data, upscale) of the standard-protocol table."""
-    rows = [("bicubic (MATLAB imresize)", "—", "—", lambda lr: imresize_matlab(lr, SCALE))]
+    """(method, kind, parameters, training images, upscale) of the standard-protocol table."""
+    rows = [("bicubic (MATLAB imresize)", "—", "—", "—", lambda lr: imresize_matlab(lr, SCALE))]
     for name in ("residual_matlab", "final"):
         if name in runs and runs[name].checkpoint:
             model = runs[name].load(device)
             params = f"{count_parameters(model) / 1000:.0f}k"
-            rows.append((f"{runs[name].label()}, single model", params, "T91 (91)", model))
+            rows.append((runs[name].label(), "single model", params, "91", model))
             if name == "final":
-                rows.append((f"{runs[name].label()}, x8 self-ensemble", params, "T91 (91)", self_ensemble(model)))
+                rows.append((runs[name].label(), "x8 self-ensemble", params, "91", self_ensemble(model)))
     return rows
 
 
 def standard_table(runs, device):
     """x2 in the SR papers' protocol (metrics.evaluate_standard) beside published results; also returns the
-    scores as {(label, set): metrics} for the prose."""
+    scores as {("<method>, <kind>", set): metrics} for the prose."""
     scores, rows = {}, []
-    for label, params, data, upscale in standard_rows(runs, device):
+    for label, kind, params, data, upscale in standard_rows(runs, device):
         cells = []
         for set_name in EVAL_SETS:
-            scores[label, set_name] = evaluate_standard(upscale, standard_set(os.path.join(DATA_ROOT, set_name), SCALE),
-                                                        SCALE, device)
-            cells.append(cell(scores[label, set_name]))
-        rows.append([label, params, data, *cells])
+            scores[f"{label}, {kind}", set_name] = evaluate_standard(
+                upscale, standard_set(os.path.join(DATA_ROOT, set_name), SCALE), SCALE, device)
+            cells.append(cell(scores[f"{label}, {kind}", set_name]))
+        rows.append([label, kind, params, data, *cells])
     for name, params, data, values in PUBLISHED:
-        rows.append([f"{name} (published), single model", params, data,
+        rows.append([f"{name} (published)", "single model", params, data,
                      *[f"{values[s][0]:.2f} / {values[s][1]:.4f}" if s in values else "—" for s in EVAL_SETS]])
-    return table(["method", "parameters", "training images", "Set5", "Set14", "BSD68"],
-                 ["---", "---:", "---", "---:", "---:", "---:"], rows), scores
+    return table(["method", "inference", "parameters", "training images", "Set5", "Set14", "BSD68"],
+                 ["---", "---", "---:", "---:", "---:", "---:", "---:"], rows), scores
 
 
 def ablation_table(runs, device):
@@ -331,7 +337,7 @@ def ablation_table(runs, device):
                  ["---", "---:", "---:", "---:"], rows)
 
 
-def plot_curves(runs, out_path, panels, max_step=None, labels=None, references=None, rows=1):
+def plot_curves(runs, out_path, panels, max_step=None, labels=None, references=None, rows=1, x_max=None):
     """Logged scalars of several runs on shared axes, one panel per (tag, title, log y); `references`:
     {tag: [(label, value)]} drawn as dashed horizontal lines (e.g. bicubic upsampling on the validation set)."""
     columns = -(-len(panels) // rows)
@@ -345,7 +351,7 @@ def plot_curves(runs, out_path, panels, max_step=None, labels=None, references=N
                           marker="." if len(finite) < 30 else None)
         lines = [axis.axhline(value, color="gray", linestyle=style, linewidth=1, label=label)
                  for (label, value), style in zip((references or {}).get(tag, []), ("--", ":", "-."))]
-        axis.set(title=title, xlabel="step", yscale="log" if log else "linear")
+        axis.set(title=title, xlabel="step", yscale="log" if log else "linear", xlim=(0, x_max) if x_max else None)
         axis.grid(alpha=0.3)
         if axis is axes.flat[0] and len(runs) > 1 or lines:  # the runs' legend once, references where drawn
             axis.legend(handles=None if axis is axes.flat[0] and len(runs) > 1 else lines)
@@ -504,7 +510,7 @@ def final_values(runs, standard):
     values = {"final_step": f"{final.step:,}", "final_planned": f"{final.planned:,}", "final_status": final.status()}
     gain, se, met = plateau(*final.series("val/psnr"))
     values["final_gain"] = f"{gain:+.2f} ± {se:.2f}"
-    values["final_trend"] = "flat" if met else "still rising"
+    values["final_trend"] = f"rising by less than {PLATEAU_DB} dB" if met else "still rising"
     payload = load_checkpoint(final.checkpoint)
     values["final_hours"] = f"{final.summary.get('wall_time_s', payload.get('elapsed', 0)) / 3600:.1f}"
     values["final_hardware"] = final.summary.get("hardware", payload.get("hardware", "not recorded"))
@@ -569,7 +575,7 @@ def build(cfg, out_dir, device, only=None):
                    lambda path: plot_curves(sorted([*sweep, pair[0]], key=lambda r: -r.train_config["lr"]), path, [loss_panels[0], *loss_panels[2:]], max_step=5000,
                                             labels={"baseline": "lr_1e-4"}, references=reference))
         add_table("sweep", lambda: sweep_table(runs))
-        values.update(sweep_values(runs))
+        values.update(sweep_values(runs) if want("sweep") else {})
         add_figure("lr-crops", "Figure 4: the sweep's models at step 5,000 on the crop of Figure 2",
                    lambda path: plot_crops("comic", [(run.name, "bilinear", run.load(device)) for run in sweep
                                                      if run.checkpoint]
@@ -590,8 +596,9 @@ def build(cfg, out_dir, device, only=None):
         gan_panels = [(f"train/{LOSS_NAME}", "generator L1 (log scale)", True), ("train/adv", "generator adversarial loss", False),
                       ("train/d_loss", "discriminator loss", False), ("val/psnr", "validation PSNR on Set5 (dB)", False),
                       ("val/ssim", "validation SSIM on Set5", False), ("val/sharpness", "validation sharpness (1 = HR)", False)]
-        add_figure("gan-curves", "Figure 6: the GAN run (the residual model fine-tuned with L1 + 0.01 x relativistic "
-                   "adversarial loss)", lambda path: plot_curves([gan], path, gan_panels, rows=2))
+        add_figure("gan-curves", f"Figure 6: the GAN run (the residual model fine-tuned with L1 + "
+                   f"{gan.train_config['adv_weight']:g} × relativistic adversarial loss)",
+                   lambda path: plot_curves([gan], path, gan_panels, rows=2))
         add_table("gan", lambda: gan_table(gan, start, runs["residual"], scores))
         values.update(gan_values(gan, start, runs["residual"], scores) if want("gan") else {})
         add_figure("gan-crops", "Figure 7: the GAN against the model it started from, a crop of zebra (Set14, test)",
@@ -612,8 +619,8 @@ def build(cfg, out_dir, device, only=None):
         add_figure("final-curves", "Figure 8: the final model's training (validation: RGB, LR by MATLAB bicubic, "
                    "the weights' moving average); dashed: bicubic upsampling", lambda path: plot_curves(
                        final_runs, path, [loss_panels[0], ("val/psnr", "validation PSNR on Set5 (dB)", False),
-                                          ("train/lr", "learning rate", True)],
-                       references={"val/psnr": [("bicubic upsampling", matlab_bicubic)]}))
+                                          ("train/lr", "learning rate", False)],
+                       references={"val/psnr": [("bicubic upsampling", matlab_bicubic)]}, x_max=runs["final"].planned))
     return blocks, values
 
 
@@ -644,7 +651,8 @@ def render_pdf(markdown_path, pdf_path, root="."):
     pdf = MarkdownPdf(toc_level=2, optimize=True)
     pdf.meta.update({"creationDate": "", "modDate": "", "title": "x2 single-image super-resolution"})
     with open(markdown_path) as f:
-        pdf.add_section(Section(f.read(), root=root), user_css=css)
+        for part in f.read().split(NEW_PAGE):  # each part starts on a new page
+            pdf.add_section(Section(part, root=root), user_css=css)
     pdf.save(pdf_path)
     return pdf_path
 

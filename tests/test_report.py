@@ -90,10 +90,10 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert "| lr_1e-2 |" in runs and re.search(r"diverged at step \d; last finite checkpoint: none", runs)
     assert re.search(r"\| lr_1e-3 \| basic \| 0\.001 \| — \|.*\| in progress: no checkpoint yet \|", runs)
     assert re.search(r"\| gan \| residual from residual/model\.pt \| 0\.001 \| 2 \|.*\| done \|", runs)
-    assert "baseline (BasicSRModel) [in progress: step 4 of 6] |" in blocks["key-results"]
+    assert "baseline (BasicSRModel) [step 4 of 6] |" in blocks["key-results"]
     assert re.search(r"\| bicubic upsampling \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \|",
                      blocks["key-results"])
-    assert "VDSR (published), single model | 665k |" in blocks["standard"]
+    assert "| VDSR (published) | single model | 665k | 291 |" in blocks["standard"]
     assert blocks["ablation"].startswith("*The ablation runs")
     assert "| BSD68 | residual model | " in blocks["downscaling"] and "LR by nearest centred" in blocks["downscaling"]
     assert "| residual, step 4 (GAN's start) |" in blocks["gan"]
