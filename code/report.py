@@ -134,7 +134,7 @@ class Run:
             return f"diverged at step {self.diverged_at()}; last finite checkpoint: {last}"
         if self.step is None:  # started, logging, but not yet at its first checkpoint
             return "in progress: no checkpoint yet"
-        return f"in progress: step {self.step} of {self.planned}" if self.step < self.planned else "done"
+        return f"in progress: step {self.step:,} of {self.planned:,}" if self.step < self.planned else "done"
 
     def label(self):
         name = NAMES.get(self.name, self.name)
@@ -467,13 +467,21 @@ def sweep_values(runs):
     return values
 
 
+def signed_range(values):
+    return f"{min(values):+.2f} to {max(values):+.2f} dB"
+
+
 def downscaling_values(runs, scores):
     """How much each model loses on other LR inputs: to bicubic, to nearest, and nearest's loss split into its
     half-pixel shift (nearest -> nearest_centred) and aliasing (nearest_centred -> bilinear)."""
     values = {}
+    bicubic = interpolations()[1]
     for name, upscale in methods(runs, scores.device)[2:]:
         key = name.split(" ")[0]
         db = {(s, d): scores(name, upscale, s, d)["psnr"] for s in EVAL_SETS for d in DOWNSCALING}
+        for d in ("bicubic", "nearest"):  # the model against bicubic upsampling of the same input
+            values[f"{key}_vs_interpolation_{d}"] = signed_range([db[s, d] - scores(*bicubic, s, d)["psnr"]
+                                                                  for s in EVAL_SETS])
         for label, (good, bad) in {"bicubic": ("bilinear", "bicubic"), "nearest": ("bilinear", "nearest"),
                                    "shift": ("nearest_centred", "nearest"),
                                    "alias": ("bilinear", "nearest_centred")}.items():
