@@ -51,11 +51,12 @@ evaluate: venv
 experiments: venv
 	$(PY) code/experiments.py $(ARGS)
 
-# README.md's Results blocks, runs/report/ and README.pdf, from the committed checkpoints and logs (code/report.py).
+# The report: runs/report/, README.pdf and README.md's key results, from the committed checkpoints and logs
+# (code/report.py evaluates and plots, code/report.md is the prose).
 report: venv
 	$(PY) code/report.py $(ARGS)
 
-# README.pdf from README.md as it is, e.g. after editing the comments around the generated blocks.
+# README.pdf again from code/report.md and the saved runs/report/report.json, after editing the prose.
 pdf: venv
 	$(PY) code/report.py pdf
 

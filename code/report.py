@@ -535,101 +535,134 @@ def final_values(runs, standard):
     return values
 
 
+LOSS_PANELS = [(f"train/{LOSS_NAME}", "train L1 (log scale)", True), (f"val/{LOSS_NAME}", "validation L1 (Set5)", True),
+               ("val/psnr", "validation PSNR on Set5 (dB)", False), ("val/ssim", "validation SSIM on Set5", False)]
+GAN_PANELS = [(f"train/{LOSS_NAME}", "generator L1 (log scale)", True), ("train/adv", "generator adversarial loss", False),
+              ("train/d_loss", "discriminator loss", False), ("val/psnr", "validation PSNR on Set5 (dB)", False),
+              ("val/ssim", "validation SSIM on Set5", False), ("val/sharpness", "validation sharpness (1 = HR)", False)]
+
+
+class Output:
+    """The report as it is made: tables (.md) and figures (.png) written to `out_dir`, {block: markdown} and
+    {value: text} for the prose. `only` (a set of block names) limits the work, for tests."""
+
+    def __init__(self, out_dir, only=None):
+        self.out_dir, self.only, self.blocks, self.values = out_dir, only, {}, {}
+        os.makedirs(out_dir, exist_ok=True)
+
+    def want(self, name):
+        return self.only is None or name in self.only
+
+    def table(self, name, make):
+        """make() returns the table's markdown, or (markdown, {value: text}) with the numbers the prose quotes."""
+        if self.want(name):
+            made = make()
+            self.blocks[name], values = made if isinstance(made, tuple) else (made, {})
+            self.values.update(values)
+            with open(os.path.join(self.out_dir, f"{name}.md"), "w") as f:
+                f.write(self.blocks[name])
+
+    def figure(self, name, caption, make):
+        if self.want(name):
+            path = os.path.join(self.out_dir, f"{name}.png")
+            make(path)
+            self.blocks[name] = figure_block(os.path.relpath(path), caption)
+
+
+def bicubic_reference(scores, degradation="bilinear"):
+    """{tag: [(label, value)]}: bicubic upsampling on Set5, the dashed line of the validation PSNR panels."""
+    return {"val/psnr": [("bicubic upsampling", scores(*interpolations()[1], "Set5", degradation)["psnr"])]}
+
+
+def baseline_and_residual(out, runs, scores):
+    """Task 5: the baseline's curves (handout Figure 3), the residual model against it, Figure 2's crops."""
+    pair, device = [runs[n] for n in ("baseline", "residual")], scores.device
+    out.figure("curves", "Figure 1: training curves of the baseline (the handout's Figure 3) and of the residual "
+               "model, same seed and data order; dashed: bicubic upsampling on Set5",
+               lambda path: plot_curves(pair, path, LOSS_PANELS, references=bicubic_reference(scores), rows=2))
+    out.table("gap", lambda: (gap_table(*pair, scores), baseline_values(runs, scores)))
+    panels = [*interpolations(), ("baseline", pair[0].load(device)), ("residual", pair[1].load(device)), ("HR", None)]
+    out.figure("crops", "Figure 2: a crop of comic (Set14, test), LR made by bilinear downscaling; PSNR of each crop",
+               lambda path: plot_crops("comic", [(label.split()[0], "bilinear", up) for label, up in panels], path,
+                                       device))
+
+
+def learning_rates(out, runs, scores):
+    """Task 5: the sweep's curves, table and outputs."""
+    sweep, baseline = sweep_runs(runs), runs["baseline"]
+    out.figure("lr-sweep", "Figure 3: learning-rate sweep of the BasicSRModel, 5,000 steps, same seed; lr 1e-4 "
+               "is the baseline's first 5,000 steps; dashed: bicubic upsampling",
+               lambda path: plot_curves(sorted([*sweep, baseline], key=lambda r: -r.train_config["lr"]), path,
+                                        [LOSS_PANELS[0], *LOSS_PANELS[2:]], max_step=5000,
+                                        labels={"baseline": "lr_1e-4"}, references=bicubic_reference(scores)))
+    out.table("sweep", lambda: (sweep_table(runs), sweep_values(runs)))
+    panels = [(run.name, "bilinear", run.load(scores.device)) for run in sweep if run.checkpoint]
+    out.figure("lr-crops", "Figure 4: the sweep's models at step 5,000 on the crop of Figure 2",
+               lambda path: plot_crops("comic", panels + [("bicubic", "bilinear", interpolations()[1][1]),
+                                                          ("HR", "bilinear", None)], path, scores.device,
+                                       thumbnail=False))
+
+
+def downscaling(out, runs, scores):
+    """Task 5: the models on LR inputs made otherwise than in training."""
+    pair = [runs[n] for n in ("baseline", "residual")]
+    out.table("downscaling", lambda: (downscaling_table(pair, scores), downscaling_values(pair, scores)))
+    residual = pair[1].load(scores.device)
+    panels = [("LR by nearest (enlarged)", "nearest", "lr"),
+              *[(f"residual, LR by {d.replace('_', ' ')}", d, residual) for d in DOWNSCALING], ("HR", "bilinear", None)]
+    out.figure("downscaling-crops", "Figure 5: the residual model on LR inputs made four ways (it was trained on "
+               "bilinear); a crop of butterfly (Set5)",
+               lambda path: plot_crops("butterfly", panels, path, scores.device, thumbnail=False))
+
+
+def adversarial(out, runs, scores, cfg):
+    """Task 6: the GAN run's curves, its trade-off against the checkpoint it started from, its texture."""
+    gan, start = runs["gan"], fine_tune_start(runs["gan"], cfg, scores.device)
+    out.figure("gan-curves", f"Figure 6: the GAN run (the residual model fine-tuned with L1 + "
+               f"{gan.train_config['adv_weight']:g} × relativistic adversarial loss)",
+               lambda path: plot_curves([gan], path, GAN_PANELS, rows=2))
+    out.table("gan", lambda: (gan_table(gan, start, runs["residual"], scores),
+                              gan_values(gan, start, runs["residual"], scores)))
+    panels = [("bicubic", interpolations()[1][1]), (f"{start[0]} (GAN's start)", start[1]),
+              ("GAN", gan.load(scores.device)), ("HR", None)]
+    out.figure("gan-crops", "Figure 7: the GAN against the model it started from, a crop of zebra (Set14, test)",
+               lambda path: plot_crops("zebra", [(label, "bilinear", up) for label, up in panels], path, scores.device))
+
+
+def final_model(out, runs, scores):
+    """The final model: the standard protocol against published results, its curves, the ablation."""
+    def standard():
+        text, standard_scores = standard_table(runs, scores.device)
+        final = runs.get("final")
+        return text, final_values(runs, standard_scores) if final and final.checkpoint else {}
+
+    out.table("standard", standard)
+    out.table("ablation", lambda: ablation_table(runs, scores.device))
+    if "final" in runs:
+        curves = [runs[n] for n in ("final", *dict(ABLATION)) if n in runs]
+        panels = [LOSS_PANELS[0], LOSS_PANELS[2], ("train/lr", "learning rate", False)]
+        out.figure("final-curves", "Figure 8: the final model's training (validation: RGB, LR by MATLAB bicubic, "
+                   "the weights' moving average); dashed: bicubic upsampling",
+                   lambda path: plot_curves(curves, path, panels, references=bicubic_reference(scores, "bicubic_matlab"),
+                                            x_max=runs["final"].planned))
+
+
 def build(cfg, out_dir, device, only=None):
     """Write every table (.md) and figure (.png) of the report to `out_dir`; returns ({block: markdown},
     {value name: text}). `only` (a set of block names) limits the work, for tests."""
-    runs = available_runs(cfg)
-    scores = Scores(device)
-    os.makedirs(out_dir, exist_ok=True)
-    blocks, values = {}, {}
-
-    def want(name):
-        return only is None or name in only
-
-    def add_table(name, make):
-        if want(name):
-            blocks[name] = make()
-            with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-                f.write(blocks[name])
-
-    def add_figure(name, caption, make):
-        if want(name):
-            path = os.path.join(out_dir, f"{name}.png")
-            make(path)
-            blocks[name] = figure_block(os.path.relpath(path), caption)
-
-    pair = [runs[n] for n in ("baseline", "residual") if n in runs]
+    runs, scores, out = available_runs(cfg), Scores(device), Output(out_dir, only)
+    out.table("runs", lambda: runs_table(list(runs.values())))
     tested = [runs[n] for n in ("baseline", "residual", "gan") if n in runs and runs[n].checkpoint]
-    add_table("runs", lambda: runs_table(list(runs.values())))
-    add_table("key-results", lambda: key_table(tested, scores))
-    reference = {"val/psnr": [("bicubic upsampling", scores("bicubic upsampling", interpolations()[1][1], "Set5")["psnr"])]}
-    loss_panels = [(f"train/{LOSS_NAME}", "train L1 (log scale)", True), (f"val/{LOSS_NAME}", "validation L1 (Set5)", True),
-                   ("val/psnr", "validation PSNR on Set5 (dB)", False), ("val/ssim", "validation SSIM on Set5", False)]
-    add_figure("curves", "Figure 1: training curves of the baseline (the handout's Figure 3) and of the residual "
-               "model, same seed and data order; dashed: bicubic upsampling on Set5",
-               lambda path: plot_curves(pair, path, loss_panels, references=reference, rows=2))
-    if len(pair) == 2:
-        add_table("gap", lambda: gap_table(*pair, scores))
-        values.update(baseline_values(runs, scores) if want("gap") else {})
-        add_figure("crops", "Figure 2: a crop of comic (Set14, test), LR made by bilinear downscaling; PSNR of each crop",
-                   lambda path: plot_crops("comic", [(label, "bilinear", up) for label, up in
-                                                     [("bilinear", interpolations()[0][1]), ("bicubic", interpolations()[1][1]),
-                                                      ("baseline", pair[0].load(device)), ("residual", pair[1].load(device)),
-                                                      ("HR", None)]], path, device))
-    sweep = sweep_runs(runs)
-    if sweep and pair:
-        add_figure("lr-sweep", "Figure 3: learning-rate sweep of the BasicSRModel, 5,000 steps, same seed; lr 1e-4 "
-                   "is the baseline's first 5,000 steps; dashed: bicubic upsampling",
-                   lambda path: plot_curves(sorted([*sweep, pair[0]], key=lambda r: -r.train_config["lr"]), path, [loss_panels[0], *loss_panels[2:]], max_step=5000,
-                                            labels={"baseline": "lr_1e-4"}, references=reference))
-        add_table("sweep", lambda: sweep_table(runs))
-        values.update(sweep_values(runs) if want("sweep") else {})
-        add_figure("lr-crops", "Figure 4: the sweep's models at step 5,000 on the crop of Figure 2",
-                   lambda path: plot_crops("comic", [(run.name, "bilinear", run.load(device)) for run in sweep
-                                                     if run.checkpoint]
-                                           + [("bicubic", "bilinear", interpolations()[1][1]), ("HR", "bilinear", None)],
-                                           path, device, thumbnail=False))
-    if pair:
-        add_table("downscaling", lambda: downscaling_table(pair, scores))
-        values.update(downscaling_values(pair, scores) if want("downscaling") else {})
-        residual = pair[-1]
-        add_figure("downscaling-crops", f"Figure 5: the {residual.name} model on LR inputs made four ways "
-                   "(it was trained on bilinear); a crop of butterfly (Set5)",
-                   lambda path: plot_crops("butterfly", [("LR by nearest (enlarged)", "nearest", "lr")] +
-                                           [(f"{residual.name}, LR by {d.replace('_', ' ')}", d, residual.load(device))
-                                            for d in DOWNSCALING] + [("HR", "bilinear", None)], path, device,
-                                           thumbnail=False))
-    if "gan" in runs and "residual" in runs and runs["gan"].checkpoint:
-        gan, start = runs["gan"], fine_tune_start(runs["gan"], cfg, device)
-        gan_panels = [(f"train/{LOSS_NAME}", "generator L1 (log scale)", True), ("train/adv", "generator adversarial loss", False),
-                      ("train/d_loss", "discriminator loss", False), ("val/psnr", "validation PSNR on Set5 (dB)", False),
-                      ("val/ssim", "validation SSIM on Set5", False), ("val/sharpness", "validation sharpness (1 = HR)", False)]
-        add_figure("gan-curves", f"Figure 6: the GAN run (the residual model fine-tuned with L1 + "
-                   f"{gan.train_config['adv_weight']:g} × relativistic adversarial loss)",
-                   lambda path: plot_curves([gan], path, gan_panels, rows=2))
-        add_table("gan", lambda: gan_table(gan, start, runs["residual"], scores))
-        values.update(gan_values(gan, start, runs["residual"], scores) if want("gan") else {})
-        add_figure("gan-crops", "Figure 7: the GAN against the model it started from, a crop of zebra (Set14, test)",
-                   lambda path: plot_crops("zebra", [("bicubic", "bilinear", interpolations()[1][1]),
-                                                     (f"{start[0]} (GAN's start)", "bilinear", start[1]),
-                                                     ("GAN", "bilinear", gan.load(device)), ("HR", "bilinear", None)],
-                                           path, device))
-    if want("standard"):
-        blocks["standard"], standard = standard_table(runs, device)
-        with open(os.path.join(out_dir, "standard.md"), "w") as f:
-            f.write(blocks["standard"])
-        if "final" in runs and runs["final"].checkpoint:
-            values.update(final_values(runs, standard))
-    add_table("ablation", lambda: ablation_table(runs, device))
-    if "final" in runs:
-        final_runs = [runs[n] for n in ("final", *dict(ABLATION)) if n in runs]
-        matlab_bicubic = scores("bicubic upsampling", interpolations()[1][1], "Set5", "bicubic_matlab")["psnr"]
-        add_figure("final-curves", "Figure 8: the final model's training (validation: RGB, LR by MATLAB bicubic, "
-                   "the weights' moving average); dashed: bicubic upsampling", lambda path: plot_curves(
-                       final_runs, path, [loss_panels[0], ("val/psnr", "validation PSNR on Set5 (dB)", False),
-                                          ("train/lr", "learning rate", False)],
-                       references={"val/psnr": [("bicubic upsampling", matlab_bicubic)]}, x_max=runs["final"].planned))
-    return blocks, values
+    out.table("key-results", lambda: key_table(tested, scores))
+    if all(n in runs and runs[n].checkpoint for n in ("baseline", "residual")):
+        baseline_and_residual(out, runs, scores)
+        if sweep_runs(runs):
+            learning_rates(out, runs, scores)
+        downscaling(out, runs, scores)
+        if "gan" in runs and runs["gan"].checkpoint:
+            adversarial(out, runs, scores, cfg)
+    final_model(out, runs, scores)
+    return out.blocks, out.values
 
 
 def fill(text, blocks, values):
