@@ -110,7 +110,9 @@ class Run:
         self.scalars = read_scalars(self.run_dir) if os.path.isdir(self.run_dir) else {}
         self.summary = read_json(os.path.join(self.run_dir, "summary.json")) or {}
         self.train_config = read_json(os.path.join(self.run_dir, "config.json")) or {}
-        self.step = load_checkpoint(self.checkpoint)["step"] if self.checkpoint else None
+        self.payload = load_checkpoint(self.checkpoint) if self.checkpoint else {}  # step, elapsed, hardware
+        self.step = self.payload.get("step")
+        self.models = {}
 
     def series(self, tag, max_step=None):
         steps, values = self.scalars.get(tag, ([], []))
@@ -126,7 +128,10 @@ class Run:
         return steps[-1] if values and not math.isfinite(values[-1]) else None
 
     def load(self, device):
-        return load_model(self.checkpoint, device)[0]
+        """The run's model on `device`, read once: several tables and figures use it."""
+        if device not in self.models:
+            self.models[device] = load_model(self.checkpoint, device)[0]
+        return self.models[device]
 
     def status(self):
         if self.diverged_at() is not None:
@@ -201,11 +206,8 @@ def runs_table(runs):
         status = run.status()
         if status == "done" and not math.isnan(gain):
             status = "plateau" if met else "still rising"
-        elapsed = run.summary.get("wall_time_s")
-        if elapsed is None and run.checkpoint:
-            elapsed = load_checkpoint(run.checkpoint).get("elapsed")
-        hardware = run.summary.get("hardware") or (load_checkpoint(run.checkpoint).get("hardware", "—")
-                                                   if run.checkpoint else "—")
+        elapsed = run.summary.get("wall_time_s", run.payload.get("elapsed"))
+        hardware = run.summary.get("hardware") or run.payload.get("hardware", "—")
         model = run.train_config.get("model", "—") + (f" from {run.init}" if fine_tune else "")
         count = min(len(psnrs), LAST if run.planned > 5000 else SWEEP_LAST)
         rows.append([run.name, model, f"{run.train_config.get('lr', math.nan):g}", "—" if run.step is None else
@@ -519,9 +521,8 @@ def final_values(runs, standard):
     gain, se, met = plateau(*final.series("val/psnr"))
     values["final_gain"] = f"{gain:+.2f} ± {se:.2f}"
     values["final_trend"] = f"rising by less than {PLATEAU_DB} dB" if met else "still rising"
-    payload = load_checkpoint(final.checkpoint)
-    values["final_hours"] = f"{final.summary.get('wall_time_s', payload.get('elapsed', 0)) / 3600:.1f}"
-    values["final_hardware"] = final.summary.get("hardware", payload.get("hardware", "not recorded"))
+    values["final_hours"] = f"{final.summary.get('wall_time_s', final.payload.get('elapsed', 0)) / 3600:.1f}"
+    values["final_hardware"] = final.summary.get("hardware", final.payload.get("hardware", "not recorded"))
     for name, _, _, published in PUBLISHED:
         values[name] = " / ".join(f"{published[s][0]:.2f}" for s in ("Set5", "Set14"))
     values["final_val"] = f"{final.last()[-1]:.2f}"
