@@ -28,7 +28,7 @@ import config
 import system
 from checkpoints import load_checkpoint, load_model, step_checkpoints
 from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, to_float
-from experiments import ABLATION, DATA_ROOT, RUNS
+from experiments import ABLATION, DATA_ROOT, FINAL_RECIPE, RUNS
 from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, psnr, standard_set
 from models import Discriminator, count_parameters, self_ensemble
 from plots import read_scalars
@@ -47,7 +47,7 @@ PUBLISHED = (("SRCNN", "57k", "395k", {"Set5": (36.66, 0.9542), "Set14": (32.42,
              ("VDSR", "665k", "291", {"Set5": (37.53, 0.9587), "Set14": (33.03, 0.9124)}))  # T91 + BSD200
 # Crops of the visual comparisons: (eval set, image, top, left, side) in HR pixels.
 CROPS = {"comic": ("Set14", "comic.png", 40, 60, 96), "zebra": ("Set14", "zebra.png", 70, 300, 64),
-         "butterfly": ("Set5", "butterfly.png", 90, 100, 96)}
+         "butterfly": ("Set5", "butterfly.png", 90, 100, 96), "barbara": ("Set14", "barbara.png", 180, 380, 96)}
 NAMES = {"baseline": "baseline (BasicSRModel)", "residual": "residual model", "gan": "GAN (residual generator)",
          "final": "final model", "residual_matlab": "residual_matlab (fine-tuned)"}
 FIGURE_WIDTH = 7.2  # inches: the PDF's text width (A4 less 0.5 in borders), so fonts print at their own size
@@ -176,8 +176,13 @@ class Scores:
         return self.results[name, set_name, degradation]
 
 
+def upsampling(mode):
+    """(label, upscale) of plain interpolation: the baseline every model has to beat."""
+    return f"{mode} upsampling", lambda lr: interpolate(lr, SCALE, mode)
+
+
 def interpolations():
-    return [(f"{mode} upsampling", lambda lr, m=mode: interpolate(lr, SCALE, m)) for mode in ("bilinear", "bicubic")]
+    return [upsampling("bilinear"), upsampling("bicubic")]
 
 
 def methods(runs, device):
@@ -280,7 +285,7 @@ def downscaling_table(runs, scores):
 def gan_table(gan, start, residual, scores):
     """PSNR, SSIM and sharpness (metrics.sharpness) of the GAN against the checkpoint it started from."""
     rows = []
-    for name, run, upscale, max_step in [("bicubic upsampling", None, interpolations()[1][1], None),
+    for name, run, upscale, max_step in [("bicubic upsampling", None, upsampling("bicubic")[1], None),
                                          (f"{start[0]} (GAN's start)", residual, start[1], start[2]),
                                          (gan.label(), gan, gan.load(scores.device), None)]:
         if run is None:
@@ -324,19 +329,44 @@ def standard_table(runs, device):
                  ["---", "---", "---:", "---:", "---:", "---:", "---:"], rows), scores
 
 
+def per_image_standard(upscale, set_name, device):
+    """Standard-protocol PSNR of each image of `set_name`: paired differences between models need them."""
+    images = standard_set(os.path.join(DATA_ROOT, set_name), SCALE)
+    return [evaluate_standard(upscale, [image], SCALE, device)["psnr"] for image in images]
+
+
+def paired(after, before):
+    """Mean ± standard error over images of the per-image PSNR differences `after - before`."""
+    mean, sd = mean_sd([a - b for a, b in zip(after, before)])
+    return f"{mean:+.2f} ± {sd / math.sqrt(len(after)):.2f}"
+
+
 def ablation_table(runs, device):
-    """The ablation runs at equal steps: validation level and the standard protocol on the test sets."""
-    present = [(name, runs[name]) for name, _ in ABLATION if name in runs and runs[name].checkpoint]
+    """The ablation runs at equal steps, each adding settings to the one before: the Set5 validation level and
+    the standard protocol on the test sets, with each step's gain as a paired difference over the images."""
+    present = [(name, settings, runs[name]) for name, settings in ABLATION if name in runs and runs[name].checkpoint]
     if not present:
-        return "*The ablation runs (`python code/experiments.py ablate_handout ...`) have not been trained yet.*\n"
-    rows = []
-    for name, run in present:
+        return "*The ablation runs (`python code/experiments.py ablate_handout ...`) have not been trained yet.*\n", {}
+    test_sets, rows, before, first, added_before = EVAL_SETS[1:], [], None, None, []
+    values = {"ablation_steps": f"{present[0][2].planned:,}"}
+    for name, settings, run in present:
         model = run.load(device)
-        cells = [cell(evaluate_standard(model, standard_set(os.path.join(DATA_ROOT, s), SCALE), SCALE, device))
-                 for s in EVAL_SETS[1:]]
-        rows.append([f"{name} [{run.status()}]" if run.status() != "done" else name, pm(run.last(count=3)), *cells])
-    return table(["run", "Set5 val PSNR, last 3 (RGB)", "Set14 standard", "BSD68 standard"],
-                 ["---", "---:", "---:", "---:"], rows)
+        scores = {s: per_image_standard(model, s, device) for s in test_sets}
+        added = ", ".join(f"`{setting}`" for setting in settings if setting not in added_before) or "—"
+        added_before = settings
+        cells = []
+        for s in test_sets:
+            cells.append(f"{statistics.fmean(scores[s]):.2f}")
+            cells.append(paired(scores[s], before[s]) if before else "—")
+            if before:
+                values[f"{name}_gain_{s}"] = paired(scores[s], before[s])
+        rows.append([name if run.status() == "done" else f"{name} [{run.status()}]", added,
+                     pm(run.last(count=3)), *cells])
+        before, first = scores, first or scores
+    for s in test_sets:
+        values[f"ablation_total_{s}"] = paired(before[s], first[s]) if len(present) > 1 else "—"
+    return table(["run", "adds", "Set5 val (RGB), last 3", "Set14", "Δ Set14", "BSD68", "Δ BSD68"],
+                 ["---", "---", "---:", "---:", "---:", "---:", "---:"], rows), values
 
 
 def plot_curves(runs, out_path, panels, max_step=None, labels=None, references=None, rows=1, x_max=None):
@@ -448,8 +478,8 @@ def baseline_values(runs, scores):
     values["baseline_jump"] = f"{max(abs(b - a) for a, b in zip(recent, recent[1:])):.2f}"
     values["gap_set5_min"] = f"{min(gaps):.2f}"
     values["parameters"] = f"{count_parameters(runs['residual'].load(scores.device)):,}"
-    values["bicubic_set5"] = f"{scores('bicubic upsampling', interpolations()[1][1], 'Set5')['psnr']:.2f}"
-    values["bilinear_set5"] = f"{scores('bilinear upsampling', interpolations()[0][1], 'Set5')['psnr']:.2f}"
+    values["bicubic_set5"] = f"{scores(*upsampling('bicubic'), 'Set5')['psnr']:.2f}"
+    values["bilinear_set5"] = f"{scores(*upsampling('bilinear'), 'Set5')['psnr']:.2f}"
     return values
 
 
@@ -477,7 +507,7 @@ def downscaling_values(runs, scores):
     """How much each model loses on other LR inputs: to bicubic, to nearest, and nearest's loss split into its
     half-pixel shift (nearest -> nearest_centred) and aliasing (nearest_centred -> bilinear)."""
     values = {}
-    bicubic = interpolations()[1]
+    bicubic = upsampling("bicubic")
     for name, upscale in methods(runs, scores.device)[2:]:
         key = name.split(" ")[0]
         db = {(s, d): scores(name, upscale, s, d)["psnr"] for s in EVAL_SETS for d in DOWNSCALING}
@@ -512,6 +542,19 @@ def gan_values(gan, start, residual, scores):
     values["gan_start_val_sharp"] = pm(residual.last("val/sharpness", max_step=start[2]), 3)
     d_loss = gan.series("train/d_loss")[1]
     values["gan_d_loss"] = spread(d_loss[len(d_loss) // 2:])
+    return values
+
+
+def thousands(text):
+    return float(text[:-1]) * 1000 if text.endswith("k") else float(text)
+
+
+def recipe_values():
+    """The published models' range of sizes and the final recipe's settings, quoted in the prose."""
+    values = {f"recipe_{key}": text for key, _, text in (s.partition("=") for s in FINAL_RECIPE)}
+    for column, key in ((1, "params"), (2, "images")):
+        low, high = (sorted(PUBLISHED, key=lambda row: thousands(row[column]))[i] for i in (0, -1))
+        values[f"published_{key}"] = f"{low[column]} ({low[0]}) to {high[column]} ({high[0]})"
     return values
 
 
@@ -572,7 +615,7 @@ class Output:
 
 def bicubic_reference(scores, degradation="bilinear"):
     """{tag: [(label, value)]}: bicubic upsampling on Set5, the dashed line of the validation PSNR panels."""
-    return {"val/psnr": [("bicubic upsampling", scores(*interpolations()[1], "Set5", degradation)["psnr"])]}
+    return {"val/psnr": [("bicubic upsampling", scores(*upsampling("bicubic"), "Set5", degradation)["psnr"])]}
 
 
 def baseline_and_residual(out, runs, scores):
@@ -599,7 +642,7 @@ def learning_rates(out, runs, scores):
     out.table("sweep", lambda: (sweep_table(runs), sweep_values(runs)))
     panels = [(run.name, "bilinear", run.load(scores.device)) for run in sweep if run.checkpoint]
     out.figure("lr-crops", "Figure 4: the sweep's models at step 5,000 on the crop of Figure 2",
-               lambda path: plot_crops("comic", panels + [("bicubic", "bilinear", interpolations()[1][1]),
+               lambda path: plot_crops("comic", panels + [("bicubic", "bilinear", upsampling("bicubic")[1]),
                                                           ("HR", "bilinear", None)], path, scores.device,
                                        thumbnail=False))
 
@@ -624,7 +667,7 @@ def adversarial(out, runs, scores, cfg):
                lambda path: plot_curves([gan], path, GAN_PANELS, rows=2))
     out.table("gan", lambda: (gan_table(gan, start, runs["residual"], scores),
                               gan_values(gan, start, runs["residual"], scores)))
-    panels = [("bicubic", interpolations()[1][1]), (f"{start[0]} (GAN's start)", start[1]),
+    panels = [("bicubic", upsampling("bicubic")[1]), (f"{start[0]} (GAN's start)", start[1]),
               ("GAN", gan.load(scores.device)), ("HR", None)]
     out.figure("gan-crops", "Figure 7: the GAN against the model it started from, a crop of zebra (Set14, test)",
                lambda path: plot_crops("zebra", [(label, "bilinear", up) for label, up in panels], path, scores.device))
@@ -635,7 +678,7 @@ def final_model(out, runs, scores):
     def standard():
         text, standard_scores = standard_table(runs, scores.device)
         final = runs.get("final")
-        return text, final_values(runs, standard_scores) if final and final.checkpoint else {}
+        return text, {**recipe_values(), **(final_values(runs, standard_scores) if final and final.checkpoint else {})}
 
     out.table("standard", standard)
     out.table("ablation", lambda: ablation_table(runs, scores.device))
@@ -646,6 +689,15 @@ def final_model(out, runs, scores):
                    "the weights' moving average); dashed: bicubic upsampling",
                    lambda path: plot_curves(curves, path, panels, references=bicubic_reference(scores, "bicubic_matlab"),
                                             x_max=runs["final"].planned))
+    if "final" in runs and runs["final"].checkpoint:
+        final = runs["final"].load(scores.device)
+        panels = [("bicubic (MATLAB imresize)", lambda lr: imresize_matlab(lr, SCALE))]
+        panels += [(runs[n].label(), runs[n].load(scores.device)) for n in ("residual_matlab",) if n in runs and runs[n].checkpoint]
+        panels += [(runs["final"].label(), final), ("final model, x8 self-ensemble", self_ensemble(final)), ("HR", None)]
+        out.figure("final-crops", "Figure 9: the final model on a crop of barbara (Set14, test), LR by MATLAB bicubic "
+                   "as in the standard protocol; PSNR of each crop (RGB)",
+                   lambda path: plot_crops("barbara", [(label, "bicubic_matlab", up) for label, up in panels], path,
+                                           scores.device))
 
 
 def build(cfg, out_dir, device, only=None):

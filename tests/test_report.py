@@ -42,21 +42,26 @@ def test_fill_markers_replaces_only_the_named_blocks_and_keeps_the_text_around()
 
 @pytest.fixture
 def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
-    """Five tiny runs as the report sees them: one finished, one stopped early, one diverged, one started
-    but without a checkpoint yet, a GAN; the eval 'sets' all point at the tiny eval folder."""
+    """Tiny runs as the report sees them: one finished, one stopped early, one diverged, one started but
+    without a checkpoint yet, a GAN, a final run and a two-step ablation; the eval 'sets' all point at the
+    tiny eval folder."""
     root = tmp_path / "data"
     for name in ("T91", "Set5", "Set14", "BSD68"):
         os.makedirs(root, exist_ok=True)
         os.symlink(tiny_cfg["eval_dir"] if name != "T91" else tiny_cfg["data_dir"], root / name)
     tiny = ["num_blocks=1", "channels=8", "patch_size=32", "batch_size=4", "val_every=2", "ckpt_every=2",
             "log_every=1"]
+    ablation = [("ablate_a", ["lr=1e-3"]), ("ablate_b", ["lr=1e-3", "jitter=0"])]
     runs = [("baseline", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
             ("residual", [*tiny, "model=residual", "lr=1e-3", "max_steps=4"]),
             ("lr_1e-2", [*tiny, "model=basic", "lr=1e12", "max_steps=6"]),
             ("lr_1e-3", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
             ("gan", [*tiny, "model=residual", "gan=true", f"init={tiny_cfg['ckpt_dir']}/residual/model.pt", "lr=1e-3",
-                     "max_steps=2"])]
+                     "max_steps=2"]),
+            ("final", [*tiny, "model=residual", "degradation=bicubic_matlab", "ema=0.5", "max_steps=2"]),
+            *[(name, [*tiny, "model=residual", *settings, "max_steps=2"]) for name, settings in ablation]]
     monkeypatch.setattr(report, "RUNS", runs)
+    monkeypatch.setattr(report, "ABLATION", ablation)
     monkeypatch.setattr(report, "DATA_ROOT", str(root))
     monkeypatch.setattr(report, "CROPS", {name: ("Set5", "img00.png", 4, 4, 24) for name in report.CROPS})
     where = [f"data_dir={root / 'T91'}", f"eval_dir={root / 'Set5'}", f"runs_dir={tiny_cfg['runs_dir']}",
@@ -81,7 +86,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     blocks, values = report.build(tiny_experiments, str(first), torch.device("cpu"))
     report.build(tiny_experiments, str(second), torch.device("cpu"))
     names = sorted(os.listdir(first))
-    assert names == sorted(os.listdir(second)) and len(names) == 15
+    assert names == sorted(os.listdir(second)) and len(names) == 17
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     runs = blocks["runs"]
@@ -94,7 +99,12 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert re.search(r"\| bicubic upsampling \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \|",
                      blocks["key-results"])
     assert "| VDSR (published) | single model | 665k | 291 |" in blocks["standard"]
-    assert blocks["ablation"].startswith("*The ablation runs")
+    assert "| final model | single model |" in blocks["standard"] and "| x8 self-ensemble |" in blocks["standard"]
+    assert re.search(r"\| ablate_a \| `lr=1e-3` \| [\d.]+ ± [\d.]+ \| [\d.]+ \| — \| [\d.]+ \| — \|", blocks["ablation"])
+    assert re.search(r"\| ablate_b \| `jitter=0` \| [\d.]+ ± [\d.]+ \| [\d.]+ \| [+-][\d.]+ ± [\d.]+ \|", blocks["ablation"])
+    assert values["ablate_b_gain_BSD68"] == values["ablation_total_BSD68"] and values["ablation_steps"] == "2"
+    assert values["recipe_lr"] == "5e-4" and values["published_params"] == "12k (FSRCNN) to 665k (VDSR)"
+    assert blocks["final-crops"].startswith("![Figure 9")
     assert "| BSD68 | residual model | " in blocks["downscaling"] and "LR by nearest centred" in blocks["downscaling"]
     assert "| residual, step 4 (GAN's start) |" in blocks["gan"]
     assert blocks["crops"].startswith("![Figure 2") and blocks["gan-crops"].startswith("![Figure 7")
