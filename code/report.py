@@ -313,15 +313,12 @@ def standard_rows(runs, device):
 
 def standard_table(runs, device):
     """x2 in the SR papers' protocol (metrics.evaluate_standard) beside published results; also returns the
-    scores as {("<method>, <kind>", set): metrics} for the prose."""
+    per-image scores as {("<method>, <kind>", set): [metrics of each image]} for the prose."""
     scores, rows = {}, []
     for label, kind, params, data, upscale in standard_rows(runs, device):
-        cells = []
         for set_name in EVAL_SETS:
-            scores[f"{label}, {kind}", set_name] = evaluate_standard(
-                upscale, standard_set(os.path.join(DATA_ROOT, set_name), SCALE), SCALE, device)
-            cells.append(cell(scores[f"{label}, {kind}", set_name]))
-        rows.append([label, kind, params, data, *cells])
+            scores[f"{label}, {kind}", set_name] = per_image_standard(upscale, set_name, device)
+        rows.append([label, kind, params, data, *[cell(average(scores[f"{label}, {kind}", s])) for s in EVAL_SETS]])
     for name, params, data, values in PUBLISHED:
         rows.append([f"{name} (published)", "single model", params, data,
                      *[f"{values[s][0]:.2f} / {values[s][1]:.4f}" if s in values else "—" for s in EVAL_SETS]])
@@ -330,14 +327,19 @@ def standard_table(runs, device):
 
 
 def per_image_standard(upscale, set_name, device):
-    """Standard-protocol PSNR of each image of `set_name`: paired differences between models need them."""
+    """Standard-protocol metrics of each image of `set_name`: paired differences between models need them."""
     images = standard_set(os.path.join(DATA_ROOT, set_name), SCALE)
-    return [evaluate_standard(upscale, [image], SCALE, device)["psnr"] for image in images]
+    return [evaluate_standard(upscale, [image], SCALE, device) for image in images]
+
+
+def average(per_image):
+    """The set's metrics: per-image values summed in order, as evaluate_standard does for a whole set."""
+    return {key: sum(m[key] for m in per_image) / len(per_image) for key in ("psnr", "ssim")}
 
 
 def paired(after, before):
     """Mean ± standard error over images of the per-image PSNR differences `after - before`."""
-    mean, sd = mean_sd([a - b for a, b in zip(after, before)])
+    mean, sd = mean_sd([a["psnr"] - b["psnr"] for a, b in zip(after, before)])
     return f"{mean:+.2f} ± {sd / math.sqrt(len(after)):.2f}"
 
 
@@ -356,7 +358,7 @@ def ablation_table(runs, device):
         added_before = settings
         cells = []
         for s in test_sets:
-            cells.append(f"{statistics.fmean(scores[s]):.2f}")
+            cells.append(f"{average(scores[s])['psnr']:.2f}")
             cells.append(paired(scores[s], before[s]) if before else "—")
             if before:
                 values[f"{name}_gain_{s}"] = paired(scores[s], before[s])
@@ -569,12 +571,17 @@ def final_values(runs, standard):
     for name, _, _, published in PUBLISHED:
         values[name] = " / ".join(f"{published[s][0]:.2f}" for s in ("Set5", "Set14"))
     values["final_val"] = f"{final.last()[-1]:.2f}"
+    values["final_val_level"] = pm(final.last())
+    matlab = runs.get("residual_matlab")
     for set_name in EVAL_SETS:
-        for kind in ("single model", "x8 self-ensemble"):
-            metrics = standard[f"{final.label()}, {kind}", set_name]
-            values[f"final_{set_name}_{kind.split()[0]}"] = f"{metrics['psnr']:.2f}"
+        single, x8 = (standard[f"{final.label()}, {kind}", set_name] for kind in ("single model", "x8 self-ensemble"))
+        values[f"final_{set_name}_single"] = f"{average(single)['psnr']:.2f}"
+        values[f"final_{set_name}_x8"] = f"{average(x8)['psnr']:.2f}"
+        values[f"final_x8_gain_{set_name}"] = paired(x8, single)
+        if matlab and matlab.checkpoint:
+            values[f"final_vs_matlab_{set_name}"] = paired(single, standard[f"{matlab.label()}, single model", set_name])
         if set_name in PUBLISHED[1][3]:
-            margin = standard[f"{final.label()}, single model", set_name]["psnr"] - PUBLISHED[1][3][set_name][0]
+            margin = average(single)["psnr"] - PUBLISHED[1][3][set_name][0]
             values[f"final_vs_fsrcnn_{set_name}"] = f"{margin:+.2f}"
     return values
 

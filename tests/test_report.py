@@ -105,6 +105,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert values["ablate_b_gain_BSD68"] == values["ablation_total_BSD68"] and values["ablation_steps"] == "2"
     assert values["recipe_lr"] == "5e-4" and values["published_params"] == "12k (FSRCNN) to 665k (VDSR)"
     assert blocks["final-crops"].startswith("![Figure 9")
+    assert re.fullmatch(r"[+-]\d+\.\d\d ± \d+\.\d\d", values["final_x8_gain_Set14"])
     assert "| BSD68 | residual model | " in blocks["downscaling"] and "LR by nearest centred" in blocks["downscaling"]
     assert "| residual, step 4 (GAN's start) |" in blocks["gan"]
     assert blocks["crops"].startswith("![Figure 2") and blocks["gan-crops"].startswith("![Figure 7")
