@@ -580,9 +580,10 @@ def final_values(runs, standard):
         values[f"final_x8_gain_{set_name}"] = paired(x8, single)
         if matlab and matlab.checkpoint:
             values[f"final_vs_matlab_{set_name}"] = paired(single, standard[f"{matlab.label()}, single model", set_name])
-        if set_name in PUBLISHED[1][3]:
-            margin = average(single)["psnr"] - PUBLISHED[1][3][set_name][0]
-            values[f"final_vs_fsrcnn_{set_name}"] = f"{margin:+.2f}"
+        for name, _, _, published in PUBLISHED[1:]:  # FSRCNN, VDSR
+            if set_name in published:
+                margin = average(single)["psnr"] - published[set_name][0]
+                values[f"final_vs_{name.lower()}_{set_name}"] = f"{margin:+.2f}"
     return values
 
 
