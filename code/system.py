@@ -4,6 +4,7 @@ Every entry point asks here instead of deciding for itself, so that the training
 and one place knows the hardware. Measured speeds behind these choices: README.md, Performance.
 """
 import ctypes
+import os
 import platform
 import random
 import signal
@@ -24,6 +25,24 @@ def cpu_has(flag):
             return any(line.startswith("flags") and f" {flag} " in f"{line.rstrip()} " for line in f)
     except OSError:
         return False
+
+
+def cpu_runs(flag):
+    """Whether the CPU has `flag` and torch may use it: ATEN_CPU_CAPABILITY=avx2 (torch's element-wise kernels) and
+    ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN's convolutions) cap the instructions below what the CPU lists, e.g. to mimic
+    an AVX2-only laptop; bf16 on a capped CPU is emulated and many times slower than fp32."""
+    if not cpu_has(flag):
+        return False
+    if flag.startswith(("avx512", "amx")) and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if onednn in ("ALL", "DEFAULT") or "AMX" in onednn:
+        return True
+    if flag.startswith("amx"):
+        return False
+    if flag == "avx512_bf16":
+        return any(name in onednn for name in ("BF16", "FP16", "AVX10"))
+    return not flag.startswith("avx512") or "AVX512" in onednn or "AVX10" in onednn
 
 
 def cpu_name():
@@ -80,7 +99,7 @@ def channels_last_helps(setting, device):
     """NHWC convolutions: faster on GPU tensor cores and with oneDNN on AVX-512 CPUs, slower on AVX2-only CPUs."""
     if setting != "auto":
         return setting == "on"
-    return device.type == "cuda" or cpu_has("avx512f")
+    return device.type == "cuda" or cpu_runs("avx512f")
 
 
 def use_bf16(cfg, device):
@@ -91,7 +110,7 @@ def use_bf16(cfg, device):
         return cfg["amp"] == "bf16"
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= BF16_CAPABILITY
-    return cpu_has("amx_bf16") or cpu_has("avx512_bf16")
+    return cpu_runs("amx_bf16") or cpu_runs("avx512_bf16")
 
 
 def data_workers(cfg, device):

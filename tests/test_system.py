@@ -149,3 +149,21 @@ def test_old_checkpoints_with_every_gpus_state_resume_on_fewer_gpus(monkeypatch)
     one = FakeCudaGenerators(monkeypatch, 1)
     system.set_rng_states(old, torch.device("cuda", 0))
     assert torch.equal(one.states[0], old["cuda"][0])
+
+
+def test_instructions_capped_by_aten_or_onednn_count_as_missing(monkeypatch):
+    """An AVX-512 CPU run as an AVX2 one (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA) must choose as an AVX2 CPU does:
+    bf16 there is emulated, 10x slower than fp32."""
+    cpu, auto = torch.device("cpu"), parse_overrides([])
+    monkeypatch.setattr(system, "cpu_has", lambda flag: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert system.use_bf16(auto, cpu) and system.channels_last_helps("auto", cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not system.use_bf16(auto, cpu) and not system.channels_last_helps("auto", cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")
+    assert not system.use_bf16(auto, cpu) and system.channels_last_helps("auto", cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert system.use_bf16(auto, cpu)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not system.use_bf16(auto, cpu) and not system.channels_last_helps("auto", cpu)
