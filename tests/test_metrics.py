@@ -37,6 +37,26 @@ def test_evaluate_averages_over_images(tiny_data):
     assert 15 < result["psnr"] < 50 and 0 < result["ssim"] < 1
 
 
+def test_evaluate_batches_hold_no_more_pixels_than_one_tile(tmp_path):
+    """Many small images of one size are batched, but never beyond `batch_pixels` (default: one 512x512 HR tile of
+    models.bounded), so that a set of small photos needs no more memory than one large photo; same metrics."""
+    from conftest import photo_crops, write_folder
+
+    ds = SRDataset(write_folder(tmp_path / "many", photo_crops(48, 12)), train=False)
+    batches = []
+
+    def bicubic(low_res):
+        batches.append(low_res.shape[0] * low_res.shape[-2] * low_res.shape[-1] * 4)  # HR pixels of the batch
+        return metrics.interpolate(low_res, 2, "bicubic")
+    small = metrics.evaluate(bicubic, ds, "cpu", batch_pixels=5 * 48 * 48)
+    assert batches == [5 * 48 * 48, 5 * 48 * 48, 2 * 48 * 48]
+    batches.clear()
+    assert metrics.evaluate(bicubic, ds, "cpu") == pytest.approx(small) and batches == [12 * 48 * 48]
+    large = SRDataset(write_folder(tmp_path / "large", photo_crops(300, 4)), train=False)
+    batches.clear()
+    metrics.evaluate(bicubic, large, "cpu")
+    assert max(batches) <= 512 * 512 and batches[0] == 2 * 300 * 300  # a third would exceed one tile
+
 @pytest.mark.parametrize("name, scale", list(PUBLISHED_BICUBIC))
 def test_standard_protocol_reproduces_the_published_bicubic_baselines(name, scale):
     folder = shared_folder(name)
