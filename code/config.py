@@ -5,10 +5,12 @@
 Each value is parsed with the type of its default, so a typo or a wrong type is caught
 before any work starts, with a one-line message that lists the valid keys.
 """
+import difflib
 import json
 import os
 
-# The keys by section; each script's --help lists the sections it uses (any key is accepted everywhere).
+# The keys by section; each script takes the keys of the sections it uses (and --help lists them), so that a key
+# another script reads (upscale.py out=... instead of output=...) is an error, not silently ignored.
 SECTIONS = {
     "run": {"run": "demo", "runs_dir": "runs", "ckpt_dir": "checkpoints"},  # outputs: runs/<run>/, checkpoints/<run>/
     "data": {  # any folder of images; the defaults are built from skimage.data by code/prepare_data.py
@@ -102,10 +104,30 @@ def parse_overrides(args, defaults=DEFAULTS):
         if not sep:
             raise ConfigError(f"expected key=value, got {arg!r}; valid keys: {', '.join(defaults)}")
         if key not in defaults:
-            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(defaults)}")
+            raise ConfigError(f"unknown key {key!r}{did_you_mean(key, defaults)}; valid keys: {', '.join(defaults)}")
         cfg[key] = _parse_value(key, text, defaults[key])
     validate(cfg)
     return cfg
+
+
+def did_you_mean(key, keys):
+    close = difflib.get_close_matches(key, keys, n=1)
+    return f" (did you mean {close[0]}=?)" if close else ""
+
+
+def script_keys(sections):
+    """The keys a script takes: those of its `sections`; a name that is not a section is a single key."""
+    return [key for name in sections for key in (SECTIONS[name] if name in SECTIONS else (name,))]
+
+
+def check_script_keys(args, sections):
+    """A key=value that the script does not read is refused, naming the keys it does read."""
+    keys = script_keys(sections)
+    for arg in args:
+        key = arg.partition("=")[0]
+        if key in DEFAULTS and key not in keys:
+            raise ConfigError(f"{key}= is not a setting of this script{did_you_mean(key, keys)}; "
+                              f"its keys: {', '.join(keys)}")
 
 
 def validate(cfg):
@@ -137,15 +159,16 @@ def validate_training(cfg):
 
 
 def from_argv(argv, sections=tuple(SECTIONS), training=False):
-    """Parse a script's command line; print a one-line error and exit on bad input. --help lists the keys of
-    the script's `sections` with their defaults."""
+    """Parse a script's command line, which may set the keys of the script's `sections` (see script_keys); print
+    a one-line error and exit on bad input. --help lists those keys with their defaults."""
     if any(a in ("-h", "--help") for a in argv):
         print("usage: key=value ...  (defaults below)")
         for name in sections:
-            print(f"  {name}: " + ", ".join(f"{key}={value}" for key, value in SECTIONS[name].items()))
+            print(f"  {name}: " + ", ".join(f"{key}={DEFAULTS[key]}" for key in script_keys((name,))))
         raise SystemExit(0)
     try:
         cfg = parse_overrides(argv)
+        check_script_keys(argv, sections)
         if training:
             validate_training(cfg)
         return cfg

@@ -283,7 +283,7 @@ def main(argv):
     """The handout's check: one shuffled mini-batch from a DataLoader, its first pair saved as PNG."""
     import config
 
-    cfg = config.from_argv(argv, ("data", "input", "run"))
+    cfg = config.from_argv(argv, ("data", "input", "run", "seed"))
     try:
         train_dataset = SRDataset.from_config(cfg)
     except DataError as err:

@@ -125,7 +125,7 @@ def count_parameters(model):
 if __name__ == "__main__":
     import config
 
-    cfg = config.from_argv(sys.argv[1:], ("model",))
+    cfg = config.from_argv(sys.argv[1:], ("model", "scale"))
     model = build_model(cfg)
     print(model)
     print(f"{cfg['model']} model, {cfg['num_blocks']} blocks of {cfg['channels']} channels: "

@@ -61,6 +61,24 @@ def test_from_argv_exits_with_the_message(capsys):
     assert str(exit_.value).startswith("config error: unknown key 'bogus'")
 
 
+def test_a_key_of_another_script_is_refused_with_the_scripts_own_keys():
+    with pytest.raises(SystemExit) as exit_:
+        config.from_argv(["input=a.png", "out=b"], ("checkpoint", "upscale", "input", "system"))  # upscale.py
+    message = str(exit_.value)
+    assert message.startswith("config error: out= is not a setting of this script (did you mean output=?); its keys:")
+    assert "tile" in message and "protocol" not in message and "\n" not in message
+    assert config.from_argv(["num_blocks=3", "scale=4"], ("model", "scale"))["scale"] == 4  # a single key
+    with pytest.raises(SystemExit, match="not a setting of this script; its keys: model, num_blocks, channels, scale$"):
+        config.from_argv(["gan=true"], ("model", "scale"))
+
+
+def test_a_misspelt_key_gets_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rate'; valid keys"):  # nothing close enough
+        parse_overrides(["learning_rate=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'max_step' \(did you mean max_steps=\?\)"):
+        parse_overrides(["max_step=10"])
+
+
 def test_save_writes_the_resolved_config(tmp_path):
     cfg = parse_overrides(["lr=0.001"])
     path = config.save(cfg, tmp_path / "run")
