@@ -103,7 +103,8 @@ def pure_steps(cfg, device, steps, flops):
     if bf16_fast:
         variants += [("NCHW bf16 autocast", False, False, True, False), ("channels_last bf16 autocast", True, False, True, False)]
     else:
-        print("bf16 variants skipped: this CPU has no AMX or AVX512-BF16, so bf16 is emulated (pass amp=bf16 to time it)")
+        print("bf16 variants skipped: this CPU has no AMX or AVX512-BF16 (or torch is told not to use them), so bf16 "
+              "is emulated (pass amp=bf16 to time it)")
     if device.type == "cuda":  # compiling takes minutes on a small CPU; where it pays off is the GPU
         variants.append(("channels_last bf16 + torch.compile", True, False, True, True))
     results = mean_step_seconds({name: make_trainer(cfg, device, channels_last, fused, synthetic(cfg), bf16, compiled)[1]
@@ -111,8 +112,9 @@ def pure_steps(cfg, device, steps, flops):
     naive = results["NCHW fp32 (naive reference)"]
     if device.type == "cpu":
         peak, derivation = cpu_peak_flops()
-        print(f"CPU fp32 FMA peak {peak / 1e9:.0f} GFLOP/s = {derivation} (bf16 instructions have a higher peak "
-              f"of their own, so bf16 rows can exceed 100%)")
+        bf16_note = " (bf16 instructions have a higher peak of their own, so bf16 rows can exceed 100%)"
+        print(f"CPU fp32 FMA peak {peak / 1e9:.0f} GFLOP/s = {derivation}"
+              f"{bf16_note if bf16_fast else ''}")
         for name, seconds in results.items():
             print(f"  {name:<40} {seconds * 1000:7.1f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s  "
                   f"{flops / seconds / peak:6.1%} of fp32 peak  {naive / seconds:4.2f}x naive", flush=True)
