@@ -14,6 +14,8 @@ import torch
 
 from models import MODEL_KEYS, build_model
 
+# With ema > 0, model.pt holds the moving average and this file, beside it, the last step's own weights.
+RAW_WEIGHTS = "model_raw.pt"
 # train.py's exit status besides 0 (done) and 1 (bad config, data or checkpoint)
 EXIT_DIVERGED = 3  # non-finite loss: the run stopped; its last good checkpoint is kept
 EXIT_INTERRUPTED = 75  # stopped by a signal after saving a checkpoint: run again with resume=auto (EX_TEMPFAIL)

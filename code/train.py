@@ -6,7 +6,8 @@
 
 Writes TensorBoard logs to runs/<run>/ and checkpoints to checkpoints/<run>/: step<N>.pt every
 `ckpt_every` steps (model + optimiser + step, the newest 3 kept; resume=auto continues from the
-newest good one), model_best.pt (best validation PSNR) and model.pt at the end.
+newest good one), model_best.pt (best validation PSNR) and model.pt at the end (with ema > 0: the moving
+average, and model_raw.pt the last step's own weights).
 
 Where things are: the data and the degradation in dataset.py (`SRDataset`, `degrade`), the network in
 models.py (`build_model`), the loss and the metrics in metrics.py, the device and precision in system.py.
@@ -41,7 +42,7 @@ from tqdm import tqdm
 import config
 import system
 from batches import DeviceBatches, TrainSampler
-from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, CheckpointError, load_model, load_weights, \
+from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, RAW_WEIGHTS, CheckpointError, load_model, load_weights, \
     newest_good_state, save_checkpoint, step_checkpoints
 from dataset import DataError, SRDataset
 from metrics import LOSS_NAME, evaluate, interpolate, loss_function
@@ -473,6 +474,8 @@ class Bookkeeper:
         cfg, progress = self.cfg, self.progress
         final_path = save_checkpoint(os.path.join(self.ckpt_dir, "model.pt"), self.networks.final, cfg, progress.step,
                                      val=progress.val)
+        if self.networks.ema is not None:  # the last step's own weights too, to measure what the average adds
+            save_checkpoint(os.path.join(self.ckpt_dir, RAW_WEIGHTS), self.networks.model, cfg, progress.step)
         summary = {"run": cfg["run"], "steps": progress.step, "samples": progress.samples, "processes": self.world_size,
                    "wall_time_s": round(self.elapsed(), 1), "hardware": self.hardware, "torch": torch.__version__,
                    "best_val_psnr": progress.best_psnr, "final_val": progress.val}

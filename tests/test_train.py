@@ -325,6 +325,8 @@ def test_recipe_resumes_bit_identically_and_saves_the_average(tiny_cfg):
     average = {k.removeprefix("module."): v for k, v in resumed["ema"].items() if k.startswith("module.")}
     assert all(torch.equal(final[k], average[k]) for k in final)  # model.pt holds the average ...
     assert not all(torch.equal(final[k], resumed["model"][k]) for k in final)  # ... not the last weights
+    raw = state_dict_of(os.path.join(ckpt_dir, "model_raw.pt"))  # ... which are beside it
+    assert all(torch.equal(raw[k], resumed["model"][k]) for k in final)
     steps, rates = read_scalars(os.path.join(cfg["runs_dir"], "straight"))["train/lr"]
     assert steps == [6, 12] and rates[1] == pytest.approx(train.learning_rate(cfg, 11))
 
