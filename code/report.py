@@ -10,6 +10,7 @@ training its newest step*.pt (labelled "in progress"), and its TensorBoard scala
 `{{name}}` where they go. Outputs: runs/report/ (figures, tables, report.json with every block and value,
 report.md as filled), README.md's `<!-- report:NAME -->` blocks, README.pdf. A rerun writes the same bytes.
 """
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 
 import config
 import system
-from checkpoints import load_checkpoint, load_model, step_checkpoints
+from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoints
 from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, to_float
 from experiments import ABLATION, DATA_ROOT, FINAL_RECIPE, RUNS
 from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, psnr, standard_set
@@ -72,11 +73,14 @@ def mean_sd(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+PM = "\u00a0±\u00a0"  # "a ± b" kept on one line in the PDF's narrow table columns
+
+
 def pm(values, digits=2):
     if not values:  # e.g. a run that diverged before its first validation
         return "—"
     mean, sd = mean_sd(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    return f"{mean:.{digits}f}{PM}{sd:.{digits}f}"
 
 
 def plateau(steps, values, fraction=PLATEAU_FRACTION, tolerance=PLATEAU_DB):
@@ -218,7 +222,7 @@ def runs_table(runs):
         rows.append([run.name, model, f"{run.train_config.get('lr', math.nan):g}", "—" if run.step is None else
                      f"{run.step:,}", "—" if elapsed is None else f"{elapsed / 3600:.2f} h", short_hardware(hardware),
                      pm(psnrs[-count:]),
-                     "—" if math.isnan(gain) else f"{gain:+.2f} ± {se:.2f}", status])
+                     "—" if math.isnan(gain) else f"{gain:+.2f}{PM}{se:.2f}", status])
     return table(["run", "model", "lr", "steps", "wall time", "hardware", "val PSNR (dB)",
                   "gain, last 20% (dB)",
                   "status"], ["---", "---", "---:", "---:", "---:", "---", "---:", "---:", "---"], rows)
@@ -326,9 +330,15 @@ def standard_table(runs, device):
                  ["---", "---", "---:", "---:", "---:", "---:", "---:"], rows), scores
 
 
+@functools.lru_cache(maxsize=None)
+def standard_images(folder):
+    """The HR images of a standard set, decoded once per report (every model of Tables 6 and 7 uses them)."""
+    return standard_set(folder, SCALE)
+
+
 def per_image_standard(upscale, set_name, device):
     """Standard-protocol metrics of each image of `set_name`: paired differences between models need them."""
-    images = standard_set(os.path.join(DATA_ROOT, set_name), SCALE)
+    images = standard_images(os.path.join(DATA_ROOT, set_name))
     return [evaluate_standard(upscale, [image], SCALE, device) for image in images]
 
 
@@ -340,7 +350,7 @@ def average(per_image):
 def paired(after, before):
     """Mean ± standard error over images of the per-image PSNR differences `after - before`."""
     mean, sd = mean_sd([a["psnr"] - b["psnr"] for a, b in zip(after, before)])
-    return f"{mean:+.2f} ± {sd / math.sqrt(len(after)):.2f}"
+    return f"{mean:+.2f}{PM}{sd / math.sqrt(len(after)):.2f}"
 
 
 def ablation_table(runs, device):
@@ -376,25 +386,41 @@ def plot_curves(runs, out_path, panels, max_step=None, labels=None, references=N
     {tag: [(label, value)]} drawn as dashed horizontal lines (e.g. bicubic upsampling on the validation set)."""
     columns = -(-len(panels) // rows)
     figure, axes = plt.subplots(rows, columns, figsize=(FIGURE_WIDTH, 2.3 * rows), squeeze=False)
-    for axis, (tag, title, log) in zip(axes.flat, panels):
-        for run in runs:
-            steps, values = run.series(tag, max_step)
-            finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
-            if finite:
-                axis.plot(*zip(*finite), label=(labels or {}).get(run.name, run.name), linewidth=1,
-                          marker="." if len(finite) < 30 else None)
-        lines = [axis.axhline(value, color="gray", linestyle=style, linewidth=1, label=label)
-                 for (label, value), style in zip((references or {}).get(tag, []), ("--", ":", "-."))]
-        axis.set(title=title, xlabel="step", yscale="log" if log else "linear", xlim=(0, x_max) if x_max else None)
-        axis.grid(alpha=0.3)
-        if axis is axes.flat[0] and len(runs) > 1 or lines:  # the runs' legend once, references where drawn
-            axis.legend(handles=None if axis is axes.flat[0] and len(runs) > 1 else lines)
+    draw_curves(list(axes.flat), runs, panels, max_step, labels, references, x_max)
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
     figure.tight_layout()
     figure.savefig(out_path, metadata={"Software": None})
     plt.close(figure)
     return out_path
+
+
+def plot_curve_rows(groups, out_path, panels, references=None):
+    """One row of `panels` per (runs, x_max) of `groups`: runs of very different lengths each on a step axis
+    of their own, e.g. the final run and its short ablation runs."""
+    figure, axes = plt.subplots(len(groups), len(panels), figsize=(FIGURE_WIDTH, 2.4 * len(groups)), squeeze=False)
+    for row, (runs, x_max) in zip(axes, groups):
+        draw_curves(list(row), runs, panels, references=references, x_max=x_max)
+    figure.tight_layout()
+    figure.savefig(out_path, metadata={"Software": None})
+    plt.close(figure)
+    return out_path
+
+
+def draw_curves(axes, runs, panels, max_step=None, labels=None, references=None, x_max=None):
+    for axis, (tag, title, log) in zip(axes, panels):
+        for index, run in enumerate(runs):  # a run keeps its colour in every panel, even where others log nothing
+            steps, values = run.series(tag, max_step)
+            finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+            if finite:
+                axis.plot(*zip(*finite), label=(labels or {}).get(run.name, run.name), linewidth=1, color=f"C{index % 10}",
+                          marker="." if len(finite) < 30 else None)
+        lines = [axis.axhline(value, color="gray", linestyle=style, linewidth=1, label=label)
+                 for (label, value), style in zip((references or {}).get(tag, []), ("--", ":", "-."))]
+        axis.set(title=title, xlabel="step", yscale="log" if log else "linear", xlim=(0, x_max) if x_max else None)
+        axis.grid(alpha=0.3)
+        if axis is axes[0] and len(runs) > 1 or lines:  # the runs' legend once, references where drawn
+            axis.legend(handles=None if axis is axes[0] and len(runs) > 1 else lines)
 
 
 def high_res(crop_name):
@@ -464,7 +490,7 @@ def baseline_values(runs, scores):
     for name in ("baseline", "residual"):
         run = runs[name]
         gain, se, met = plateau(*run.series("val/psnr"))
-        values.update({f"{name}_level": pm(run.last()), f"{name}_gain": f"{gain:+.2f} ± {se:.2f}",
+        values.update({f"{name}_level": pm(run.last()), f"{name}_gain": f"{gain:+.2f}{PM}{se:.2f}",
                        f"{name}_plateau": "met" if met else "not met", f"{name}_final_val": f"{run.last()[-1]:.2f}",
                        f"{name}_steps": f"{run.step:,}", f"{name}_start_val": f"{run.series('val/psnr')[1][0]:.2f}"})
         for set_name in EVAL_SETS[1:]:
@@ -564,7 +590,7 @@ def final_values(runs, standard):
     final = runs["final"]
     values = {"final_step": f"{final.step:,}", "final_planned": f"{final.planned:,}", "final_status": final.status()}
     gain, se, met = plateau(*final.series("val/psnr"))
-    values["final_gain"] = f"{gain:+.2f} ± {se:.2f}"
+    values["final_gain"] = f"{gain:+.2f}{PM}{se:.2f}"
     values["final_trend"] = f"rising by less than {PLATEAU_DB} dB" if met else "still rising"
     values["final_hours"] = f"{final.summary.get('wall_time_s', final.payload.get('elapsed', 0)) / 3600:.1f}"
     values["final_hardware"] = final.summary.get("hardware", final.payload.get("hardware", "not recorded"))
@@ -585,6 +611,17 @@ def final_values(runs, standard):
                 margin = average(single)["psnr"] - published[set_name][0]
                 values[f"final_vs_{name.lower()}_{set_name}"] = f"{margin:+.2f}"
     return values
+
+
+def moving_average_values(final, standard, device):
+    """What the moving average adds at the end of the final run: its averaged weights (model.pt) against the
+    last step's own weights (model_raw.pt, saved beside it), paired per image of each set."""
+    path = os.path.join(os.path.dirname(final.checkpoint), RAW_WEIGHTS)
+    if not os.path.isfile(path):
+        return {f"final_ema_gain_{set_name}": f"not measured (no {RAW_WEIGHTS})" for set_name in EVAL_SETS}
+    raw = load_model(path, device)[0]
+    return {f"final_ema_gain_{set_name}": paired(standard[f"{final.label()}, single model", set_name],
+                                                 per_image_standard(raw, set_name, device)) for set_name in EVAL_SETS}
 
 
 LOSS_PANELS = [(f"train/{LOSS_NAME}", "train L1 (log scale)", True), (f"val/{LOSS_NAME}", "validation L1 (Set5)", True),
@@ -686,17 +723,21 @@ def final_model(out, runs, scores):
     def standard():
         text, standard_scores = standard_table(runs, scores.device)
         final = runs.get("final")
-        return text, {**recipe_values(), **(final_values(runs, standard_scores) if final and final.checkpoint else {})}
+        if not (final and final.checkpoint):
+            return text, recipe_values()
+        return text, {**recipe_values(), **final_values(runs, standard_scores),
+                      **moving_average_values(final, standard_scores, scores.device)}
 
     out.table("standard", standard)
     out.table("ablation", lambda: ablation_table(runs, scores.device))
     if "final" in runs:
-        curves = [runs[n] for n in ("final", *dict(ABLATION)) if n in runs]
+        ablation = [runs[n] for n in dict(ABLATION) if n in runs]
+        groups = [([runs["final"]], runs["final"].planned)] + ([(ablation, ablation[0].planned)] if ablation else [])
         panels = [LOSS_PANELS[0], LOSS_PANELS[2], ("train/lr", "learning rate", False)]
-        out.figure("final-curves", "Figure 8: the final model's training (validation: RGB, LR by MATLAB bicubic, "
-                   "the weights' moving average); dashed: bicubic upsampling",
-                   lambda path: plot_curves(curves, path, panels, references=bicubic_reference(scores, "bicubic_matlab"),
-                                            x_max=runs["final"].planned))
+        out.figure("final-curves", "Figure 8: top, the final model's training; bottom, the ablation runs of Table 7 "
+                   "on their own step axis (validation: RGB, LR by MATLAB bicubic; with ema, the weights' moving "
+                   "average; the learning rate is logged only where it is scheduled); dashed: bicubic upsampling",
+                   lambda path: plot_curve_rows(groups, path, panels, bicubic_reference(scores, "bicubic_matlab")))
     if "final" in runs and runs["final"].checkpoint:
         final = runs["final"].load(scores.device)
         panels = [("bicubic (MATLAB imresize)", lambda lr: imresize_matlab(lr, SCALE))]

@@ -100,12 +100,13 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
                      blocks["key-results"])
     assert "| VDSR (published) | single model | 665k | 291 |" in blocks["standard"]
     assert "| final model | single model |" in blocks["standard"] and "| x8 self-ensemble |" in blocks["standard"]
-    assert re.search(r"\| ablate_a \| `lr=1e-3` \| [\d.]+ ± [\d.]+ \| [\d.]+ \| — \| [\d.]+ \| — \|", blocks["ablation"])
-    assert re.search(r"\| ablate_b \| `jitter=0` \| [\d.]+ ± [\d.]+ \| [\d.]+ \| [+-][\d.]+ ± [\d.]+ \|", blocks["ablation"])
+    assert re.search(r"\| ablate_a \| `lr=1e-3` \| [\d.]+\xa0±\xa0[\d.]+ \| [\d.]+ \| — \| [\d.]+ \| — \|", blocks["ablation"])
+    assert re.search(r"\| ablate_b \| `jitter=0` \| [\d.]+\xa0±\xa0[\d.]+ \| [\d.]+ \| [+-][\d.]+\xa0±\xa0[\d.]+ \|", blocks["ablation"])
     assert values["ablate_b_gain_BSD68"] == values["ablation_total_BSD68"] and values["ablation_steps"] == "2"
     assert values["recipe_lr"] == "5e-4" and values["published_params"] == "12k (FSRCNN) to 665k (VDSR)"
     assert blocks["final-crops"].startswith("![Figure 9")
-    assert re.fullmatch(r"[+-]\d+\.\d\d ± \d+\.\d\d", values["final_x8_gain_Set14"])
+    for name in ("final_x8_gain_Set14", "final_ema_gain_BSD68"):  # ema_gain: model.pt against model_raw.pt
+        assert re.fullmatch(r"[+-]\d+\.\d\d\xa0±\xa0\d+\.\d\d", values[name]), name
     assert "| BSD68 | residual model | " in blocks["downscaling"] and "LR by nearest centred" in blocks["downscaling"]
     assert "| residual, step 4 (GAN's start) |" in blocks["gan"]
     assert blocks["crops"].startswith("![Figure 2") and blocks["gan-crops"].startswith("![Figure 7")
