@@ -368,10 +368,9 @@ def ablation_table(runs, device):
         added_before = settings
         cells = []
         for s in test_sets:
-            cells.append(f"{average(scores[s])['psnr']:.2f}")
-            cells.append(paired(scores[s], before[s]) if before else "—")
             if before:
                 values[f"{name}_gain_{s}"] = paired(scores[s], before[s])
+            cells += [f"{average(scores[s])['psnr']:.2f}", values.get(f"{name}_gain_{s}", "—")]
         rows.append([name if run.status() == "done" else f"{name} [{run.status()}]", added,
                      pm(run.last(count=3)), *cells])
         before, first = scores, first or scores
