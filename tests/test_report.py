@@ -168,9 +168,22 @@ def regenerate(tmp_path, only):
 
 
 def assert_same_as_committed(tmp_path, names):
+    """Byte for byte; except that a figure of model outputs made on a CPU with other kernels (e.g. AVX2 instead of
+    the AVX-512 that made the committed ones) may differ by one level in a few pixels (measured: at most 0.01%)."""
+    import numpy as np
+    from PIL import Image
+
     for name in names:
         committed = os.path.join(REPO, "runs", "report", name)
-        assert open(tmp_path / name, "rb").read() == open(committed, "rb").read(), f"{name} differs from the committed one"
+        made, kept = open(tmp_path / name, "rb").read(), open(committed, "rb").read()
+        if made == kept or not name.endswith(".png"):
+            assert made == kept, f"{name} differs from the committed one"
+            continue
+        made, kept = (np.asarray(Image.open(path).convert("RGB"), dtype=np.int16) for path in (tmp_path / name, committed))
+        assert made.shape == kept.shape, f"{name}: {made.shape} instead of {kept.shape}"
+        differing = np.abs(made - kept).max(axis=-1)
+        assert differing.max() <= 1 and (differing > 0).mean() < 1e-3, \
+            f"{name} differs from the committed one: {(differing > 0).mean():.4%} of the pixels, by up to {differing.max()}"
 
 
 def test_committed_plots_and_tables_are_reproduced_from_the_committed_checkpoints_and_logs(tmp_path):
