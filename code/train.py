@@ -202,7 +202,8 @@ def resume(cfg, networks, state_path, state, device, hardware, say):
         changed = [k for k in keys if made_with[k] != cfg[k]]
         if changed:
             raise CheckpointError(f"{state_path}: was trained with other settings: "
-                                  + ", ".join(f"{k}={made_with[k]} (now {cfg[k]})" for k in changed))
+                                  + ", ".join(f"{k}={made_with[k]} (now {cfg[k]})" for k in changed)
+                                  + f"; to start run '{cfg['run']}' over with the new ones: overwrite=true")
         networks.load(state, state_path)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from None

@@ -60,7 +60,7 @@ def test_resumed_training_matches_an_uninterrupted_one(tiny_cfg):
 
 def test_resume_with_other_settings_is_refused(tiny_cfg):
     train.train(dict(tiny_cfg, max_steps=2))
-    with pytest.raises(SystemExit, match=r"other settings: lr=0.001 \(now 0.01\)"):
+    with pytest.raises(SystemExit, match=r"other settings: lr=0.001 \(now 0.01\); to start run .* over with the new ones: overwrite=true"):
         train.train(dict(tiny_cfg, max_steps=4, lr=1e-2, resume="auto"))
 
 
