@@ -50,8 +50,8 @@ def evaluate(upscale, dataset, device, batch_pixels=512 * 512):
 
     Images of the same size go through together, up to `batch_pixels` HR pixels a batch: about one tile of
     `models.bounded` at x2, so that a set of small images needs no more memory than one large image (the
-    model's 64-channel activations are at HR size; 2 M pixels a batch peaked at 3.6 GB on BSD68 and were no
-    faster on a CPU). Every metric is still taken per image, then averaged over the images. L1 is taken on
+    model's 64-channel activations are at HR size; larger batches were no faster on a CPU: README, Performance).
+    Every metric is still taken per image, then averaged over the images. L1 is taken on
     the raw output (as the training loss is); PSNR, SSIM and sharpness on the output clamped to [0, 1].
     """
     by_shape = {}  # image indices by HR shape, in order; pairs are made a batch at a time (bounded memory)

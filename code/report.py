@@ -83,6 +83,11 @@ def pm(values, digits=2):
     return f"{mean:.{digits}f}{PM}{sd:.{digits}f}"
 
 
+def signed_pm(value, error):
+    """A difference with its standard error, e.g. "+0.13 ± 0.01"."""
+    return f"{value:+.2f}{PM}{error:.2f}"
+
+
 def plateau(steps, values, fraction=PLATEAU_FRACTION, tolerance=PLATEAU_DB):
     """The convergence criterion: (gain, se, met). gain = mean validation PSNR over the last `fraction` of the
     steps minus the mean over the `fraction` before it; se its standard error (from the scatter within each
@@ -222,7 +227,7 @@ def runs_table(runs):
         rows.append([run.name, model, f"{run.train_config.get('lr', math.nan):g}", "—" if run.step is None else
                      f"{run.step:,}", "—" if elapsed is None else f"{elapsed / 3600:.2f} h", short_hardware(hardware),
                      pm(psnrs[-count:]),
-                     "—" if math.isnan(gain) else f"{gain:+.2f}{PM}{se:.2f}", status])
+                     "—" if math.isnan(gain) else signed_pm(gain, se), status])
     return table(["run", "model", "lr", "steps", "wall time", "hardware", "val PSNR (dB)",
                   "gain, last 20% (dB)",
                   "status"], ["---", "---", "---:", "---:", "---:", "---", "---:", "---:", "---"], rows)
@@ -350,7 +355,7 @@ def average(per_image):
 def paired(after, before):
     """Mean ± standard error over images of the per-image PSNR differences `after - before`."""
     mean, sd = mean_sd([a["psnr"] - b["psnr"] for a, b in zip(after, before)])
-    return f"{mean:+.2f}{PM}{sd / math.sqrt(len(after)):.2f}"
+    return signed_pm(mean, sd / math.sqrt(len(after)))
 
 
 def ablation_table(runs, device):
@@ -380,6 +385,14 @@ def ablation_table(runs, device):
                  ["---", "---", "---:", "---:", "---:", "---:", "---:"], rows), values
 
 
+def save_figure(figure, out_path, **layout):
+    """tight_layout(**layout), then a PNG without the matplotlib version in it (the same bytes on rerun)."""
+    figure.tight_layout(**layout)
+    figure.savefig(out_path, metadata={"Software": None})
+    plt.close(figure)
+    return out_path
+
+
 def plot_curves(runs, out_path, panels, max_step=None, labels=None, references=None, rows=1, x_max=None):
     """Logged scalars of several runs on shared axes, one panel per (tag, title, log y); `references`:
     {tag: [(label, value)]} drawn as dashed horizontal lines (e.g. bicubic upsampling on the validation set)."""
@@ -388,10 +401,7 @@ def plot_curves(runs, out_path, panels, max_step=None, labels=None, references=N
     draw_curves(list(axes.flat), runs, panels, max_step, labels, references, x_max)
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
-    figure.tight_layout()
-    figure.savefig(out_path, metadata={"Software": None})
-    plt.close(figure)
-    return out_path
+    return save_figure(figure, out_path)
 
 
 def plot_curve_rows(groups, out_path, panels, references=None):
@@ -400,10 +410,7 @@ def plot_curve_rows(groups, out_path, panels, references=None):
     figure, axes = plt.subplots(len(groups), len(panels), figsize=(FIGURE_WIDTH, 2.4 * len(groups)), squeeze=False)
     for row, (runs, x_max) in zip(axes, groups):
         draw_curves(list(row), runs, panels, references=references, x_max=x_max)
-    figure.tight_layout()
-    figure.savefig(out_path, metadata={"Software": None})
-    plt.close(figure)
-    return out_path
+    return save_figure(figure, out_path)
 
 
 def draw_curves(axes, runs, panels, max_step=None, labels=None, references=None, x_max=None):
@@ -458,10 +465,7 @@ def plot_crops(crop_name, panels, out_path, device, thumbnail=True):
         if upscale is not None:
             axis.text(0.5, -0.02, f"PSNR of the crop {psnr(crop[None], reference[None]).item():.2f} dB", fontsize=8,
                       ha="center", va="top", transform=axis.transAxes)
-    figure.tight_layout(pad=0.2, h_pad=0.8)
-    figure.savefig(out_path, metadata={"Software": None})
-    plt.close(figure)
-    return out_path
+    return save_figure(figure, out_path, pad=0.2, h_pad=0.8)
 
 
 def figure_block(path, caption):
@@ -489,7 +493,7 @@ def baseline_values(runs, scores):
     for name in ("baseline", "residual"):
         run = runs[name]
         gain, se, met = plateau(*run.series("val/psnr"))
-        values.update({f"{name}_level": pm(run.last()), f"{name}_gain": f"{gain:+.2f}{PM}{se:.2f}",
+        values.update({f"{name}_level": pm(run.last()), f"{name}_gain": signed_pm(gain, se),
                        f"{name}_plateau": "met" if met else "not met", f"{name}_final_val": f"{run.last()[-1]:.2f}",
                        f"{name}_steps": f"{run.step:,}", f"{name}_start_val": f"{run.series('val/psnr')[1][0]:.2f}"})
         for set_name in EVAL_SETS[1:]:
@@ -589,7 +593,7 @@ def final_values(runs, standard):
     final = runs["final"]
     values = {"final_step": f"{final.step:,}", "final_planned": f"{final.planned:,}", "final_status": final.status()}
     gain, se, met = plateau(*final.series("val/psnr"))
-    values["final_gain"] = f"{gain:+.2f}{PM}{se:.2f}"
+    values["final_gain"] = signed_pm(gain, se)
     values["final_trend"] = f"rising by less than {PLATEAU_DB} dB" if met else "still rising"
     values["final_hours"] = f"{final.summary.get('wall_time_s', final.payload.get('elapsed', 0)) / 3600:.1f}"
     values["final_hardware"] = final.summary.get("hardware", final.payload.get("hardware", "not recorded"))
