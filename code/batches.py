@@ -80,7 +80,7 @@ class SampleParameters(IterableDataset):
 class DeviceBatches:
     """SRDataset's training samples made a whole batch at a time on the training device.
 
-    The images are copied to the device once, as one flat uint8 buffer; per batch only each sample's random
+    The images are copied to the device once, as one flat buffer; per batch only each sample's random
     parameters travel (SampleParameters). Cropping is one gather, the jitter four batched passes, the LR
     `degrade` one call. `batches_per_chunk` batches are made in one go, since per batch the dispatch of a few
     hundred small tensor ops costs more than their arithmetic. workers > 0 draws the parameters in one worker
@@ -97,7 +97,12 @@ class DeviceBatches:
         self.chunks = iter(DataLoader(parameters, batch_size=None, num_workers=1,
                                       pin_memory=self.device.type == "cuda",
                                       worker_init_fn=system.ignore_stop_signals)) if workers else iter(parameters)
-        self.pixels = torch.cat([image.flatten() for image in images]).to(self.device)
+        # 8-bit images as they are; with any 16-bit one (uint16 has too few ops to gather from), all as int32 on
+        # the 16-bit scale (x 257 maps 255 to 65535), so that a mixed folder trains like the per-sample path
+        self.peak = 65535 if any(image.dtype != torch.uint8 for image in images) else 255
+        self.pixels = torch.cat([image.flatten() if self.peak == 255 else
+                                 image.flatten().to(torch.int32) * (257 if image.dtype == torch.uint8 else 1)
+                                 for image in images]).to(self.device)
         side = torch.arange(patch_size)
         self.rows, self.columns = side.view(1, 1, -1, 1).to(self.device), side.view(1, 1, 1, -1).to(self.device)
         self.channels = torch.arange(3).view(1, 3, 1, 1).to(self.device)
@@ -120,7 +125,7 @@ class DeviceBatches:
         """The (LR, HR) samples that the rows of `parameters` (SampleParameters) describe, as two batches."""
         offset, height, width, top, left = (parameters[:, i].long().view(-1, 1, 1, 1) for i in range(5))
         index = (offset + self.channels * height * width + (top + self.rows) * width + left + self.columns)
-        high_res = self.pixels[index].float() / 255  # ConvertImageDtype
+        high_res = self.pixels[index].float() / self.peak  # ConvertImageDtype
         if self.jitter:
             high_res = jitter_batch(high_res, parameters[:, 5:9].float(), parameters[:, 9:13].long())
         if self.augment == "dihedral":

@@ -14,7 +14,8 @@ import os
 SECTIONS = {
     "run": {"run": "demo", "runs_dir": "runs", "ckpt_dir": "checkpoints"},  # outputs: runs/<run>/, checkpoints/<run>/
     "data": {  # any folder of images; the defaults are built from skimage.data by code/prepare_data.py
-        "data_dir": "data/train", "eval_dir": "data/eval", "scale": 2,
+        "data_dir": "data/train",  # one folder, or several separated by commas (T91,BSD200: the 291 images)
+        "eval_dir": "data/eval", "scale": 2,
         "patch_size": 64,  # side of the HR training crop
         "jitter": 0.2,  # ColorJitter brightness = contrast = saturation = hue
         "degradation": "bilinear",  # how LR is made: bilinear | bicubic | nearest | nearest_centred | bicubic_matlab
@@ -27,6 +28,8 @@ SECTIONS = {
     "model": {"model": "basic", "num_blocks": 10, "channels": 64},  # model: basic | residual (+ bilinear upsampling)
     "training": {
         "batch_size": 16, "lr": 1e-4, "max_steps": 20000, "seed": 0,
+        "loss": "l1",  # l1 (the handout's) | l2 (mean squared error: what PSNR measures)
+        "loss_border": 0,  # HR pixels at each edge of a crop left out of the loss (they see the crop's zero padding)
         "lr_schedule": "constant",  # constant | cosine: warm-up, then cosine decay from lr to lr_min at max_steps
         "warmup_steps": 0,  # cosine only: steps of linear warm-up from 0 to lr
         "lr_min": 0.0,  # cosine only: the learning rate at max_steps
@@ -67,7 +70,7 @@ DEFAULTS = {key: value for section in SECTIONS.values() for key, value in sectio
 CHOICES = {
     "degradation": ("bilinear", "bicubic", "nearest", "nearest_centred", "bicubic_matlab"), "augment": ("none", "dihedral"),
     "bad_files": ("error", "skip"), "model": ("basic", "residual"), "lr_schedule": ("constant", "cosine"),
-    "resume": ("never", "auto"), "gan_loss": ("relativistic", "standard"), "channels_last": ("auto", "on", "off"),
+    "resume": ("never", "auto"), "loss": ("l1", "l2"), "gan_loss": ("relativistic", "standard"), "channels_last": ("auto", "on", "off"),
     "data_on_device": ("auto", "on", "off"), "amp": ("auto", "off", "bf16"), "malloc": ("tuned", "default"),
     "protocol": ("rgb", "standard"),
 }
@@ -138,7 +141,7 @@ def validate(cfg):
 
     for key in POSITIVE:
         require(cfg[key] > 0, f"{key}={cfg[key]}: must be positive")
-    for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min"):
+    for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min", "loss_border"):
         require(cfg[key] >= 0, f"{key}={cfg[key]}: must not be negative")
     for key, allowed in CHOICES.items():
         require(cfg[key] in allowed, f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
@@ -156,6 +159,11 @@ def validate_training(cfg):
     """What only training needs: an HR crop that the scale divides (evaluation works at any scale)."""
     if cfg["patch_size"] % cfg["scale"]:
         raise ConfigError(f"patch_size={cfg['patch_size']} is not divisible by scale={cfg['scale']}")
+    if cfg["gan"] and cfg["loss"] != "l1":
+        raise ConfigError(f"loss={cfg['loss']} with gan=true: the GAN's content loss is L1")
+    if 2 * cfg["loss_border"] >= cfg["patch_size"]:
+        raise ConfigError(f"loss_border={cfg['loss_border']} leaves no pixel of the {cfg['patch_size']}x"
+                          f"{cfg['patch_size']} crop in the loss")
 
 
 def from_argv(argv, sections=tuple(SECTIONS), training=False):

@@ -39,7 +39,10 @@ class DataError(ValueError):
 
 def list_images(folder):
     """Sorted image files of `folder`; hidden files, folders and non-images (README, Thumbs.db) are ignored.
-    A broken link named like an image stays in the list, so that reading it says what is wrong."""
+    A broken link named like an image stays in the list, so that reading it says what is wrong.
+    Several folders separated by commas (T91,BSD200) give the files of each in turn."""
+    if "," in folder:
+        return [path for part in folder.split(",") for path in list_images(part)]
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)

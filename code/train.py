@@ -17,12 +17,14 @@ and checkpoint.
 Exit status: 0 done, 1 bad config/data/checkpoint, 3 diverged (non-finite loss),
 75 interrupted by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run again with resume=auto).
 """
+import fcntl
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,7 +54,7 @@ from plots import plot_training_curves
 # Keys that change what a run computes: resuming with any of them different is refused.
 RESULT_KEYS = ("data_dir", "scale", "patch_size", "jitter", "degradation", "model", "num_blocks", "channels",
                "batch_size", "lr", "seed", "gan", "init", "adv_weight", "gan_loss",
-               "augment", "lr_schedule", "warmup_steps", "lr_min", "ema")
+               "augment", "lr_schedule", "warmup_steps", "lr_min", "ema", "loss", "loss_border")
 KEEP_STEP_CHECKPOINTS = 3
 PREVIEW_IMAGES, PREVIEW_SIZE = 3, 96
 
@@ -164,6 +166,31 @@ def prepare_folders(cfg, run_dir, ckpt_dir):
     return state_path, state
 
 
+def lock_run(cfg):
+    """Hold an exclusive lock on the run for as long as this process lives, so that the same run started twice
+    (two sbatch, a job and an interactive run) stops at once instead of writing one folder twice. The lock is
+    the kernel's (fcntl, which network file systems honour too): it goes with its process, so a killed or
+    requeued job never leaves a stale one. Returns the open lock file, which must be kept."""
+    path = os.path.join(cfg["ckpt_dir"], f".{cfg['run']}.lock")
+    try:
+        os.makedirs(cfg["ckpt_dir"], exist_ok=True)
+        lock = open(path, "a+")
+    except OSError as err:
+        raise SystemExit(f"error: cannot write to {cfg['ckpt_dir']}: {err.strerror}") from None
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise SystemExit(f"error: run '{cfg['run']}' is already training ({holder}); wait for it, stop it, "
+                         f"or choose another run=name") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    return lock
+
+
 def find_state(cfg, run_dir, ckpt_dir, rank, world_size):
     """Rank 0 checks (or clears) the run's folders and finds the checkpoint to resume from; the others wait
     for it, then find the same checkpoint."""
@@ -244,17 +271,22 @@ def training_batches(cfg, train_set, samples, rank, world_size, device):
 
 # ---- one step ----
 
-def training_step(model, networks, low_res, high_res, autocast):
-    """Forward, L1 loss, backward, Adam: the handout's step. Returns the loss."""
+def training_step(model, networks, low_res, high_res, autocast, kind="l1", border=0):
+    """Forward, loss (the handout's L1, or `kind`, without `border` edge pixels), backward, Adam. Returns the
+    L1 of the pixels in the loss, which is what is logged whatever the loss (curves stay comparable)."""
     networks.optimizer.zero_grad(set_to_none=True)
     with autocast:
-        loss = loss_function(model(low_res), high_res)
+        prediction = model(low_res)
+        loss = loss_function(prediction, high_res, kind, border)
     loss.backward()
     networks.optimizer.step()
-    return loss.detach()
+    if kind == "l1":
+        return loss.detach()
+    with torch.no_grad(), autocast:
+        return loss_function(prediction, high_res, "l1", border)
 
 
-def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight):
+def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight, border=0):
     """Task 6: a generator step (L1 content + adversarial loss, the discriminator frozen), then a discriminator
     step (HR patches real, the detached predictions fake). Returns the values logged as GAN_LOGGED; d_real and
     d_fake are D's mean probabilities as its loss reads them (relative to the other side for the relativistic
@@ -263,7 +295,7 @@ def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight):
     discriminator = networks.discriminator
     with autocast:
         prediction = model(low_res)
-        loss = loss_function(prediction, high_res)
+        loss = loss_function(prediction, high_res, "l1", border)
     discriminator.requires_grad_(False)
     with autocast:
         real_logits, fake_logits = discriminator(high_res), discriminator(prediction)
@@ -405,17 +437,19 @@ class Bookkeeper:
         if log:
             self.running.zero_()
             self.running_steps = 0
-        if check and self.main_process:
-            self.validate()
+        improved = self.validate() if check and self.main_process else False
         if save or stop_requested:
             path = self.save_state() if self.main_process else None
+        if improved:  # after the resume state, so that a disk filling up here costs this copy, not the run
+            save_checkpoint(os.path.join(self.ckpt_dir, "model_best.pt"), self.networks.final, cfg, step,
+                            val=self.progress.val)
             if stop_requested and not last:
                 by = self.stop_request.signal or "a signal to another rank"
                 self.finish(f"stopped by {by} at step {step}; checkpoint {path}; continue with resume=auto",
                             EXIT_INTERRUPTED)
 
     def validate(self):
-        """Validation metrics of the final weights, logged with preview crops; the best so far is kept."""
+        """Validation metrics of the final weights, logged with preview crops; returns whether they are the best."""
         cfg, progress, model = self.cfg, self.progress, self.networks.final
         model.eval()
         progress.val = evaluate(bounded(model), self.val_set, self.device)
@@ -427,12 +461,12 @@ class Bookkeeper:
         model.train()
         if cfg["lr_schedule"] != "constant":
             self.writer.add_scalar("train/lr", learning_rate(cfg, progress.step - 1), progress.step)
-        if progress.val["psnr"] > progress.best_psnr:
-            progress.best_psnr = progress.val["psnr"]
-            save_checkpoint(os.path.join(self.ckpt_dir, "model_best.pt"), model, cfg, progress.step, val=progress.val)
+        improved = progress.val["psnr"] > progress.best_psnr
+        progress.best_psnr = max(progress.best_psnr, progress.val["psnr"])
         self.bar.write(f"step {progress.step}: val L1 {progress.val[LOSS_NAME]:.4f}, PSNR {progress.val['psnr']:.2f} dB, "
                        f"SSIM {progress.val['ssim']:.4f}")
         self.last_log = time.time()  # validation time is not training throughput
+        return improved
 
     def save_state(self):
         """A periodic checkpoint to resume from (the newest KEEP_STEP_CHECKPOINTS are kept); returns its path.
@@ -501,6 +535,7 @@ def train(cfg):
     hardware = system.describe(device, bf16)
     say(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else "")
         + (", bf16 autocast" if bf16 else ""))
+    run_lock = lock_run(cfg) if main_process else None  # noqa: F841 (held until train() returns)
     seed_everything(cfg["seed"])
     train_set, val_set = load_data(cfg)
     run_dir, ckpt_dir = os.path.join(cfg["runs_dir"], cfg["run"]), os.path.join(cfg["ckpt_dir"], cfg["run"])
@@ -528,9 +563,10 @@ def train(cfg):
             for group in networks.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, progress.step)
         if cfg["gan"]:
-            values = gan_step(model, networks, low_res, high_res, autocast, cfg["gan_loss"], cfg["adv_weight"])
+            values = gan_step(model, networks, low_res, high_res, autocast, cfg["gan_loss"], cfg["adv_weight"],
+                              cfg["loss_border"])
         else:
-            values = training_step(model, networks, low_res, high_res, autocast)
+            values = training_step(model, networks, low_res, high_res, autocast, cfg["loss"], cfg["loss_border"])
         if networks.ema is not None:
             networks.ema.update_parameters(networks.model)
         progress.step += 1

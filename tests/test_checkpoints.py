@@ -63,3 +63,14 @@ def test_malicious_pickle_is_refused_without_running_code(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         checkpoints.load_checkpoint(str(path))
     assert not _Exploit.marker.exists()
+
+
+def test_a_whole_pickled_model_is_refused_in_one_plain_line(tmp_path):
+    """torch.save(model) instead of its state_dict: the reason and the fix, without torch's ANSI-coloured advice."""
+    path = tmp_path / "whole.pt"
+    torch.save(build_model(small_cfg()), path)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(str(path))
+    message = str(caught.value)
+    assert "torch.save(model)" in message and "state_dict()" in message
+    assert "\n" not in message and "\x1b" not in message

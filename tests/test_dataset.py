@@ -311,6 +311,28 @@ def test_device_batches_equal_the_reference_dataset_for_the_same_sample_seeds(ti
         assert torch.equal(low_res, torch.stack([lr for lr, _ in expected]))
 
 
+def test_16_bit_grayscale_trains_beside_8_bit_rgb_in_both_batch_paths(tmp_path):
+    """A 16-bit gray PNG (mode I;16) beside an 8-bit RGB one: the batched path scales both to [0, 1] as SRDataset
+    does (it once divided 16-bit values by 255, and one folder of both could not be concatenated)."""
+    folder = tmp_path / "bits"
+    folder.mkdir()
+    rgb, gray = photo_crops(64, 2)
+    Image.fromarray(rgb).save(folder / "a_rgb8.png")
+    Image.fromarray(np.asarray(Image.fromarray(gray).convert("L"), dtype=np.uint16) * 257).save(folder / "b_gray16.png")
+    assert Image.open(folder / "b_gray16.png").mode == "I;16"
+    reference = SRDataset(str(folder), patch_size=32, jitter=0.0, augment="dihedral")
+    assert [image.dtype for image in reference.images] == [torch.uint8, torch.uint16]
+    batches = DeviceBatches(reference.images, TrainSampler(len(reference), seed=0), 4, "cpu", 32, jitter=0.0,
+                            augment="dihedral")
+    samples = iter(TrainSampler(len(reference), seed=0))
+    for _ in range(2):
+        low_res, high_res = next(batches)
+        expected = [reference[next(samples)] for _ in range(4)]
+        assert high_res.max() <= 1 and high_res.max() > 0.5
+        assert torch.allclose(high_res, torch.stack([hr for _, hr in expected]), atol=1e-6, rtol=0)
+        assert torch.allclose(low_res, torch.stack([lr for lr, _ in expected]), atol=1e-6, rtol=0)
+
+
 def test_device_batches_are_the_same_whatever_the_chunk_size(tiny_data):
     """Making 8 batches at once is only faster: the batches are bit-identical to those made one by one."""
     reference = SRDataset(tiny_data["train"], patch_size=32, jitter=0.3)

@@ -128,6 +128,40 @@ def cli_args(cfg, **changes):
     return [sys.executable, os.path.join(CODE, "train.py"), *(f"{k}={cfg[k]}" for k in keys)]
 
 
+def test_a_second_process_for_the_same_run_stops_at_once_naming_the_holder(tiny_cfg):
+    """Two real processes: one holds the run (as a training does), the second training of that run refuses in one
+    line and writes nothing; once the holder is killed (-9, no clean-up), the run starts: the lock went with it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; lock = train.lock_run("
+                               f"{{'ckpt_dir': {tiny_cfg['ckpt_dir']!r}, 'run': 'twice'}}); print('held', flush=True); "
+                               "time.sleep(600)"], cwd=CODE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run(cli_args(tiny_cfg, run="twice", max_steps=2), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1
+        assert second.stderr.strip().count("\n") == 0, second.stderr
+        assert "run 'twice' is already training" in second.stderr and f"pid {holder.pid}, since " in second.stderr
+        assert not os.path.exists(os.path.join(tiny_cfg["ckpt_dir"], "twice"))
+        assert not os.path.exists(os.path.join(tiny_cfg["runs_dir"], "twice"))
+    finally:
+        holder.kill()
+        holder.wait()
+    after = subprocess.run(cli_args(tiny_cfg, run="twice", max_steps=2, val_every=2), capture_output=True, text=True,
+                           timeout=300)
+    assert after.returncode == 0, after.stderr
+    assert os.path.isfile(os.path.join(tiny_cfg["ckpt_dir"], "twice", "model.pt"))
+
+
+def test_the_resume_state_is_written_before_the_best_model(tiny_cfg, monkeypatch):
+    """A disk that fills while model_best.pt is written costs that copy, not the run: the step checkpoint of the
+    same step is already on disk, so resume=auto continues from it."""
+    written = []
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, *a, **k: (written.append(os.path.basename(path)),
+                                                                          real_save(path, *a, **k))[1])
+    train.train(dict(tiny_cfg, max_steps=10, val_every=5, ckpt_every=5))
+    assert written.index("step000005.pt") < written.index("model_best.pt")
+
+
 def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_cfg):
     """The process is killed without warning at whatever step it has reached after its step-20 checkpoint."""
     cfg = dict(tiny_cfg, channels=32, num_blocks=3, patch_size=64, max_steps=40, ckpt_every=5, val_every=20,
