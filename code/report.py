@@ -36,6 +36,8 @@ from plots import read_scalars
 
 EVAL_SETS = ("Set5", "Set14", "BSD68")  # Set5 validates (model selection); Set14 and BSD68 are the test sets
 DOWNSCALING = ("bilinear", "bicubic", "nearest", "nearest_centred")  # how the LR input is made at test time
+# Runs still training for the next report (issue 26: the 291-image model becomes `final` when the report is redone).
+NOT_YET_REPORTED = {"final291"}
 SCALE = 2  # the runs of experiments.RUNS, and the published results below, are x2
 LAST = 10  # a run's level: mean and standard deviation of its last 10 validations (5,000 steps at val_every=500)
 SWEEP_LAST = 5  # the 5,000-step sweep: its validations from step 3,000 on
@@ -162,7 +164,7 @@ class Run:
 def available_runs(cfg):
     """{name: Run} of the runs of experiments.RUNS that have logs or a checkpoint (a run that diverged
     before its first checkpoint has only logs: it appears in the plots and the runs table)."""
-    runs = [Run(name, settings, cfg) for name, settings in RUNS]
+    runs = [Run(name, settings, cfg) for name, settings in RUNS if name not in NOT_YET_REPORTED]
     return {run.name: run for run in runs if run.checkpoint is not None or run.scalars}
 
 

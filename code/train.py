@@ -438,15 +438,14 @@ class Bookkeeper:
             self.running.zero_()
             self.running_steps = 0
         improved = self.validate() if check and self.main_process else False
-        if save or stop_requested:
-            path = self.save_state() if self.main_process else None
+        path = self.save_state() if (save or stop_requested) and self.main_process else None
         if improved:  # after the resume state, so that a disk filling up here costs this copy, not the run
             save_checkpoint(os.path.join(self.ckpt_dir, "model_best.pt"), self.networks.final, cfg, step,
                             val=self.progress.val)
-            if stop_requested and not last:
-                by = self.stop_request.signal or "a signal to another rank"
-                self.finish(f"stopped by {by} at step {step}; checkpoint {path}; continue with resume=auto",
-                            EXIT_INTERRUPTED)
+        if stop_requested and not last:
+            by = self.stop_request.signal or "a signal to another rank"
+            self.finish(f"stopped by {by} at step {step}; checkpoint {path}; continue with resume=auto",
+                        EXIT_INTERRUPTED)
 
     def validate(self):
         """Validation metrics of the final weights, logged with preview crops; returns whether they are the best."""
