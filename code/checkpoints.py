@@ -55,17 +55,17 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's text is several lines of advice; keep its reason
-        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    except Exception as err:  # unpickling errors come in many types; all mean "not usable"
+        text = str(err).strip()
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if pickled:
             raise CheckpointError(f"{path}: holds a pickled Python object ({pickled.group(1)}; a whole model saved by "
                                   f"torch.save(model)?), which weights_only=True refuses to run; save "
                                   f"model.state_dict() instead") from None
-        reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason.group(1) if reason else 'unpickling failed'})"
-                              ) from None
-    except Exception as err:  # unpickling errors come in many types; all mean "not usable"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # weights_only's text is several lines of advice around its reason; keep the reason only
+        unpickler = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+        reason = (unpickler.group(1) if unpickler else "unpickling failed" if isinstance(err, pickle.UnpicklingError)
+                  else text.splitlines()[0] if text else type(err).__name__)
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"{path}: not a checkpoint of this repo (expected keys 'model' and 'config')")

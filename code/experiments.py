@@ -56,10 +56,9 @@ RUNS = [
     # 8 crops of 96x96 (the pixels of 16 x 64x64, less of each crop at the zero-padded edge) with the 12 edge pixels
     # out of the loss (the receptive field's radius), so that the loss sees what a whole test image shows the model;
     # T91's one image under 96 px (t20, 78x78) is left out. A second cosine schedule from a lower peak.
-    ("final291", [*FINAL_RECIPE[:4], f"data_dir={DATA_ROOT}/T91,{DATA_ROOT}/BSD200", "init=checkpoints/final/model.pt",
-                  "batch_size=8", "patch_size=96", "bad_files=skip", "loss_border=12", "lr=2e-4",
-                  "lr_schedule=cosine", "warmup_steps=200", "lr_min=1e-6", "ema=0.999", "max_steps=12000",
-                  "ckpt_every=250"]),
+    ("final291", [*FINAL_RECIPE, f"data_dir={DATA_ROOT}/T91,{DATA_ROOT}/BSD200", "init=checkpoints/final/model.pt",
+                  "batch_size=8", "patch_size=96", "bad_files=skip", "loss_border=12", "lr=2e-4", "warmup_steps=200",
+                  "max_steps=12000", "ckpt_every=250"]),
     # What each ingredient buys: short runs at equal steps, adding them one at a time to the handout's recipe.
     *[(name, [*ABLATION_BASE, *settings, "max_steps=2000", "val_every=250", "ckpt_every=250"])
       for name, settings in ABLATION],

@@ -33,6 +33,8 @@ def test_values_take_the_type_of_their_default():
     ("device=tpu", "expected auto, cpu"),
     ("run=../escape", "plain folder name"),
     ("lr", "expected key=value"),
+    ("loss=l3", "expected one of l1, l2"),
+    ("loss_border=-1", "must not be negative"),
 ])
 def test_bad_overrides_give_one_line_errors(arg, fragment):
     with pytest.raises(ConfigError) as error:
@@ -83,3 +85,11 @@ def test_save_writes_the_resolved_config(tmp_path):
     cfg = parse_overrides(["lr=0.001"])
     path = config.save(cfg, tmp_path / "run")
     assert json.loads(open(path).read()) == cfg
+
+
+def test_training_refuses_a_loss_border_that_leaves_no_pixel_and_an_l2_gan():
+    config.validate_training(parse_overrides(["patch_size=64", "loss_border=31"]))
+    with pytest.raises(ConfigError, match="loss_border=32 leaves no pixel of the 64x64 crop"):
+        config.validate_training(parse_overrides(["patch_size=64", "loss_border=32"]))
+    with pytest.raises(ConfigError, match="loss=l2 with gan=true"):
+        config.validate_training(parse_overrides(["gan=true", "loss=l2"]))

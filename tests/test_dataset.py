@@ -127,6 +127,14 @@ def test_folder_listing_skips_non_images_and_hidden_files(tmp_path):
     assert [os.path.basename(p) for p in dataset.list_images(folder)] == ["img00.png", "img01.png"]
 
 
+def test_several_folders_separated_by_commas_give_the_files_of_each_in_turn(tmp_path):
+    first, second = (write_folder(tmp_path / name, photo_crops(40, count)) for name, count in (("b", 2), ("a", 1)))
+    assert dataset.list_images(f"{first},{second}") == [*dataset.list_images(first), *dataset.list_images(second)]
+    assert len(SRDataset(f"{first},{second}", patch_size=32)) == 3
+    with pytest.raises(DataError, match="nope: no such folder"):
+        dataset.list_images(f"{first},{tmp_path / 'nope'}")
+
+
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         SRDataset(str(tmp_path / "nope"))

@@ -14,6 +14,18 @@ PUBLISHED_BICUBIC = {  # (set, scale): (PSNR, SSIM) of bicubic upsampling in the
 }
 
 
+def test_the_loss_leaves_out_the_border_and_is_l1_or_the_mean_squared_error():
+    torch.manual_seed(0)
+    prediction, target = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    assert metrics.loss_function(prediction, target) == F.l1_loss(prediction, target)
+    assert metrics.loss_function(prediction, target, "l2") == F.mse_loss(prediction, target)
+    spoiled = prediction.clone()
+    spoiled[..., :3, :] = spoiled[..., -3:, :] = spoiled[..., :, :3] = spoiled[..., :, -3:] = 100.0  # only the border
+    inner = F.l1_loss(prediction[..., 3:-3, 3:-3], target[..., 3:-3, 3:-3])
+    assert metrics.loss_function(spoiled, target, "l1", border=3) == inner
+    assert metrics.loss_function(spoiled, target, "l1", border=2) > 10 * inner
+
+
 def test_psnr_of_a_known_mse():
     target = torch.zeros(2, 3, 8, 8)
     prediction = torch.full_like(target, 0.1)  # MSE = 0.01

@@ -5,9 +5,11 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import checkpoints
 import config
@@ -37,6 +39,28 @@ def test_short_training_writes_checkpoints_logs_and_lowers_the_loss(tiny_cfg):
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
     assert scalars["val/psnr"][0] == [10, 20] and set(scalars) >= {"val/l1", "val/psnr", "val/ssim"}
     assert summary["final_val"]["psnr"] == pytest.approx(scalars["val/psnr"][1][-1], abs=1e-4)
+
+
+def test_an_l2_loss_without_the_border_trains_other_weights_and_logs_the_l1_of_its_pixels(tiny_cfg):
+    train.train(dict(tiny_cfg, run="l1", max_steps=4))
+    train.train(dict(tiny_cfg, run="l2", max_steps=4, loss="l2", loss_border=4))
+    l1, l2 = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("l1", "l2"))
+    assert not all(torch.equal(l1[k], l2[k]) for k in l1)
+    assert read_scalars(os.path.join(tiny_cfg["runs_dir"], "l2"))["train/l1"][0] == [1, 2, 3, 4]
+
+
+def test_a_step_on_the_l2_loss_returns_the_l1_of_the_pixels_in_the_loss():
+    """What is logged stays the L1 whatever the loss, so the curves of l1 and l2 runs compare."""
+    torch.manual_seed(0)
+    model = train.build_model({"model": "residual", "num_blocks": 1, "channels": 8, "scale": 2})
+    networks = types.SimpleNamespace(optimizer=torch.optim.Adam(model.parameters(), lr=1e-3))
+    low_res, high_res = torch.rand(2, 3, 12, 12), torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        before = model(low_res)
+    expected_l1 = F.l1_loss(before[..., 3:-3, 3:-3], high_res[..., 3:-3, 3:-3])
+    assert not torch.isclose(expected_l1, F.mse_loss(before[..., 3:-3, 3:-3], high_res[..., 3:-3, 3:-3]))
+    logged = train.training_step(model, networks, low_res, high_res, torch.autocast("cpu", enabled=False), "l2", 3)
+    assert torch.allclose(logged, expected_l1)
 
 
 def test_training_is_bit_identical_on_rerun(tiny_cfg, tmp_path):
@@ -154,10 +178,13 @@ def test_a_second_process_for_the_same_run_stops_at_once_naming_the_holder(tiny_
 def test_the_resume_state_is_written_before_the_best_model(tiny_cfg, monkeypatch):
     """A disk that fills while model_best.pt is written costs that copy, not the run: the step checkpoint of the
     same step is already on disk, so resume=auto continues from it."""
-    written = []
-    real_save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda path, *a, **k: (written.append(os.path.basename(path)),
-                                                                          real_save(path, *a, **k))[1])
+    written, real_save = [], train.save_checkpoint
+
+    def recording_save(path, *args, **kwargs):
+        written.append(os.path.basename(path))
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
     train.train(dict(tiny_cfg, max_steps=10, val_every=5, ckpt_every=5))
     assert written.index("step000005.pt") < written.index("model_best.pt")
 
