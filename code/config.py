@@ -61,7 +61,9 @@ SECTIONS = {
         "tile": 256,  # LR pixels per tile side
         "overlap": 0,  # LR pixels of context around each tile; 0 = the model's receptive field
         "ensemble": False,  # x8 geometric self-ensemble (flips and rotations)
+        "page": "",  # a folder for the comparison page (input | bicubic | model) of the upscaled images; empty = none
     },
+    "compare": {"crop": 0},  # compare.py: HR px a side of the crop around each image's first view; 0 = whole images
     "report": {"report_dir": ""},  # report.py's output folder; empty = runs/report
     "bench": {"bench_steps": 24},  # timed steps per measurement (a multiple of 8: see bench.py)
 }
@@ -141,7 +143,7 @@ def validate(cfg):
 
     for key in POSITIVE:
         require(cfg[key] > 0, f"{key}={cfg[key]}: must be positive")
-    for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min", "loss_border"):
+    for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min", "loss_border", "crop"):
         require(cfg[key] >= 0, f"{key}={cfg[key]}: must not be negative")
     for key, allowed in CHOICES.items():
         require(cfg[key] in allowed, f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")

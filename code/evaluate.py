@@ -38,17 +38,28 @@ def checkpoint_paths(cfg):
     return sorted(glob.glob(os.path.join(cfg["ckpt_dir"], "*", "model.pt")))
 
 
+def load_models(cfg, device):
+    """[(path, model, checkpoint dict)] of the checkpoints `cfg` names, each refused unless trained for cfg's scale."""
+    models = [(path, *load_model(path, device)) for path in checkpoint_paths(cfg)]
+    for path, _, payload in models:
+        if payload["config"]["scale"] != cfg["scale"]:
+            raise CheckpointError(f"{path}: trained for scale {payload['config']['scale']}, "
+                                  f"evaluating scale={cfg['scale']}")
+    return models
+
+
+def method_name(payload):
+    """A checkpoint's name in tables and on the comparison page: run, architecture and step."""
+    return f"{payload['run']} ({payload['config']['model']}, step {payload['step']})"
+
+
 def main(argv):
     cfg = config.from_argv(argv, ("checkpoint", "evaluate", "data", "input", "run", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = system.pick_device(cfg["device"])
     standard = cfg["protocol"] == "standard"
     try:
-        models = [(path, *load_model(path, device)) for path in checkpoint_paths(cfg)]
-        for path, _, payload in models:
-            if payload["config"]["scale"] != cfg["scale"]:
-                raise CheckpointError(f"{path}: trained for scale {payload['config']['scale']}, "
-                                      f"evaluating scale={cfg['scale']}")
+        models = load_models(cfg, device)
         if standard:
             images = standard_set(cfg["eval_dir"], cfg["scale"], cfg["bad_files"], cfg["max_pixels"])
             count = len(images)
@@ -71,7 +82,7 @@ def main(argv):
         rows = [(f"{mode} upsampling", score(lambda lr, m=mode: interpolate(lr, cfg["scale"], m)))
                 for mode in ("bilinear", "bicubic")]
     for path, model, payload in models:
-        rows.append((f"{payload['run']} ({payload['config']['model']}, step {payload['step']})", score(bounded(model))))
+        rows.append((method_name(payload), score(bounded(model))))
 
     eval_name = os.path.basename(os.path.normpath(cfg["eval_dir"]))
     if standard:

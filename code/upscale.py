@@ -3,6 +3,7 @@
     python code/upscale.py input=photo.jpg                  # photo_x2.png, with checkpoints/final/model.pt
     python code/upscale.py checkpoint=checkpoints/residual/model.pt input=photo.jpg output=photo_x2.png
     python code/upscale.py input=folder/ output=out_folder/ ensemble=true
+    python code/upscale.py input=photo.jpg page=photo_page      # + photo_page/index.html: input | bicubic | model
 
 Any image the dataset reader accepts (PNG, JPEG, BMP, TIFF, ...; gray, palette, RGBA, 16-bit) is written
 as an 8-bit PNG: gray stays gray, and an alpha channel is upscaled bilinearly and kept. Large images go
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+import compare
 import config
 import system
 from dataset import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, decode_image, list_images, open_image, to_float
@@ -92,7 +94,9 @@ def main(argv):
         if system.channels_last_helps(cfg["channels_last"], device):
             model = model.to(memory_format=torch.channels_last)
         jobs = plan(cfg["input"], cfg["output"])
-    except (CheckpointError, DataError) as err:
+        if cfg["page"]:
+            compare.check_out(cfg["page"])  # before the work
+    except (CheckpointError, DataError, compare.PageError) as err:
         raise SystemExit(f"error: {err}") from None
     scale = payload["config"]["scale"]
     margin = cfg["overlap"] or model.receptive_margin()
@@ -102,6 +106,12 @@ def main(argv):
                                    cfg["max_pixels"])
             print(f"wrote {written}")
         except DataError as err:
+            raise SystemExit(f"error: {err}") from None
+    if cfg["page"]:
+        try:
+            entries = compare.upscale_entries(jobs, payload, cfg["max_pixels"])
+            print(f"wrote {compare.write_page(cfg['page'], f'x{scale} upscaling with {checkpoint}', entries, note='')}")
+        except (DataError, compare.PageError) as err:
             raise SystemExit(f"error: {err}") from None
     return [out for _, out in jobs]
 
