@@ -15,7 +15,8 @@ demo: venv
 	$(PY) code/prepare_data.py
 	$(PY) code/train.py $(DEMO_ARGS) resume=auto
 	$(PY) code/evaluate.py checkpoint=checkpoints/demo/model.pt
-	@echo "Table: runs/eval_eval_bilinear.md  Curves: runs/demo/curves.png  TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
+	$(PY) code/compare.py checkpoint=checkpoints/demo/model.pt
+	@echo "Table: runs/eval_eval_bilinear.md  Curves: runs/demo/curves.png  TensorBoard: $(VENV)/bin/tensorboard --logdir runs  Page (open in a browser): runs/compare_eval_bilinear/index.html"
 
 test: venv
 	$(PY) -m pytest -q
@@ -73,4 +74,4 @@ tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs
 
 clean:
-	rm -rf runs/demo checkpoints/demo runs/dataset_check runs/eval_*.md runs/eval_*.csv data/train data/eval
+	rm -rf runs/demo checkpoints/demo runs/dataset_check runs/eval_*.md runs/eval_*.csv runs/compare_eval_bilinear data/train data/eval
