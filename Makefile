@@ -59,7 +59,7 @@ report: venv
 
 # README.pdf again from code/report.md and the saved runs/report/report.json, after editing the prose.
 pdf: venv
-	$(PY) code/report.py pdf
+	$(PY) code/report.py pdf $(ARGS)
 
 # Training-speed ratios on this machine (code/bench.py); ARGS="data_dir=../shared/data/T91" for T91.
 bench: venv data

@@ -3,7 +3,7 @@ continue what stopped, skip what is done.
 
     python code/experiments.py                      # every run below (make experiments)
     python code/experiments.py baseline residual    # only these
-    python code/experiments.py final ablate_handout ablate_no_jitter ablate_dihedral ablate_cosine ablate_ema
+    python code/experiments.py final_t91 final ablate_handout ablate_no_jitter ablate_dihedral ablate_cosine ablate_ema
     python code/experiments.py device=cuda num_workers=8   # key=value goes to every run
 
 Each run is `code/train.py run=<name> <COMMON> <its settings> resume=auto`, so an interrupted
@@ -47,18 +47,18 @@ RUNS = [
     ("lr_1e-3", ["model=basic", "lr=1e-3", "max_steps=5000"]),
     ("lr_1e-5", ["model=basic", "lr=1e-5", "max_steps=5000"]),
     ("lr_1e-6", ["model=basic", "lr=1e-6", "max_steps=5000"]),
-    # The final model: the residual network trained from scratch on the standard degradation with the recipe
+    # The final model's first stage (final_t91): the residual network trained from scratch on the standard degradation with the recipe
     # of the SR literature (README: Final model): no colour jitter (the benchmarks score colours as they are),
     # the 8 flips/rotations of each crop (EDSR), a short warm-up then cosine decay from a 5x higher peak,
     # and a moving average of the weights. Its last step's (averaged) weights are model.pt: no selection on Set5.
-    ("final", [*FINAL_RECIPE, "max_steps=30000"]),
-    # The final model on the 291 images of the VDSR-era papers (T91 + BSD200), fine-tuned from the T91 final model:
+    ("final_t91", [*FINAL_RECIPE, "max_steps=30000"]),
+    # The final model: on the 291 images of the VDSR-era papers (T91 + BSD200), fine-tuned from final_t91:
     # 8 crops of 96x96 (the pixels of 16 x 64x64, less of each crop at the zero-padded edge) with the 12 edge pixels
     # out of the loss (the receptive field's radius), so that the loss sees what a whole test image shows the model;
     # T91's one image under 96 px (t20, 78x78) is left out. A second cosine schedule from a lower peak.
-    ("final291", [*FINAL_RECIPE, f"data_dir={DATA_ROOT}/T91,{DATA_ROOT}/BSD200", "init=checkpoints/final/model.pt",
-                  "batch_size=8", "patch_size=96", "bad_files=skip", "loss_border=12", "lr=2e-4", "warmup_steps=200",
-                  "max_steps=12000", "ckpt_every=250"]),
+    ("final", [*FINAL_RECIPE, f"data_dir={DATA_ROOT}/T91,{DATA_ROOT}/BSD200", "init=checkpoints/final_t91/model.pt",
+               "batch_size=8", "patch_size=96", "bad_files=skip", "loss_border=12", "lr=2e-4", "warmup_steps=200",
+               "max_steps=12000", "ckpt_every=250"]),
     # What each ingredient buys: short runs at equal steps, adding them one at a time to the handout's recipe.
     *[(name, [*ABLATION_BASE, *settings, "max_steps=2000", "val_every=250", "ckpt_every=250"])
       for name, settings in ABLATION],

@@ -1,7 +1,9 @@
-"""Training curves read back from a run's TensorBoard logs, drawn as the handout's Figure 3.
+"""Figures: training curves read back from TensorBoard logs (the handout's Figure 3), and grids of image crops.
+train.py draws each run's curves.png with them, report.py every figure of README.pdf.
 
     python code/plots.py run=demo    # writes runs/demo/curves.png
 """
+import math
 import os
 import sys
 
@@ -13,13 +15,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from metrics import LOSS_NAME
 
-# panels: (tags drawn in it, title)
-CURVES = (((f"train/{LOSS_NAME}",), "train L1"), ((f"val/{LOSS_NAME}",), "validation L1"), (("val/psnr",), "validation PSNR (dB)"),
-          (("val/ssim",), "validation SSIM"))
-GAN_CURVES = (((f"train/{LOSS_NAME}",), "generator L1 (content)"), (("train/adv",), "generator adversarial loss"),
-              (("train/d_loss",), "discriminator loss"), (("train/d_real", "train/d_fake"), "D(real), D(fake)"),
-              (("val/psnr",), "validation PSNR (dB)"), (("val/ssim",), "validation SSIM"),
-              (("val/sharpness",), "validation sharpness (1 = HR)"))
+# A panel: (tags drawn in it, title, log y axis)
+PANELS = (((f"train/{LOSS_NAME}",), "train L1 (log scale)", True), ((f"val/{LOSS_NAME}",), "validation L1", True),
+          (("val/psnr",), "validation PSNR (dB)", False), (("val/ssim",), "validation SSIM", False))
+GAN_PANELS = (((f"train/{LOSS_NAME}",), "generator L1 (content, log scale)", True),
+              (("train/adv",), "generator adversarial loss", False), (("train/d_loss",), "discriminator loss", False),
+              (("train/d_real", "train/d_fake"), "D(real), D(fake)", False), (("val/psnr",), "validation PSNR (dB)", False),
+              (("val/ssim",), "validation SSIM", False), (("val/sharpness",), "validation sharpness (1 = HR)", False))
+# Training scalars are logged every few steps from one batch each: drawn as a moving mean over this many steps
+SMOOTH_STEPS = 500
+FIGURE_WIDTH = 7.2  # inches: the report's text width (A4 less 0.5 in borders), so fonts print at their own size
 
 
 def read_scalars(run_dir):
@@ -34,29 +39,97 @@ def read_scalars(run_dir):
     return scalars
 
 
-def plot_training_curves(run_dir, out_path, curves=None):
-    """One panel per entry of `curves` against the step: the handout's Figure 3 (CURVES), or for a
-    GAN run (one that logged train/adv) its losses and discriminator outputs too (GAN_CURVES)."""
-    scalars = read_scalars(run_dir)
-    curves = curves or (GAN_CURVES if "train/adv" in scalars else CURVES)
-    columns = min(len(curves), 4)
-    rows = -(-len(curves) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
-    for axis, (tags, title) in zip(axes.flat, curves):
-        for tag in tags:
-            steps, values = scalars.get(tag, ([], []))
-            axis.plot(steps, values, marker="." if len(steps) < 30 else None, label=tag.split("/")[-1])
-        if len(tags) > 1:
-            axis.legend(fontsize=8)
-        axis.set(title=title, xlabel="step")
+def moving_mean(steps, values, window=SMOOTH_STEPS):
+    """Each value replaced by the mean of the finite values logged in the `window` steps up to it."""
+    smoothed, start = [], 0
+    for i, step in enumerate(steps):
+        while steps[start] <= step - window:
+            start += 1
+        finite = [v for v in values[start:i + 1] if math.isfinite(v)]
+        smoothed.append(sum(finite) / len(finite) if finite else math.nan)
+    return smoothed
+
+
+def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None):
+    """On each axis one panel (tags, title, log) of every curve (label, {tag: (steps, values)}); a curve keeps its
+    colour in every panel. train/* tags are drawn as moving means over SMOOTH_STEPS steps. `references`:
+    {tag: [(label, value)]}, dashed horizontal lines; `y_limits`: {tag: (low, high)}."""
+    for axis, (tags, title, log) in zip(axes, panels):
+        for index, (label, scalars) in enumerate(curves):
+            for tag in tags:
+                steps, values = scalars.get(tag, ([], []))
+                if tag.startswith("train/") and len(steps) > 30:
+                    values = moving_mean(steps, values)
+                finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+                if finite:
+                    name = label if len(tags) == 1 else f"{label} {tag.split('/')[-1]}".strip()
+                    axis.plot(*zip(*finite), label=name, linewidth=1, color=f"C{(index * len(tags) + tags.index(tag)) % 10}",
+                              marker="." if len(finite) < 30 else None)
+        lines = [axis.axhline(value, color="gray", linestyle=style, linewidth=1, label=label)
+                 for (label, value), style in zip((references or {}).get(tags[0], []), ("--", ":", "-."))]
+        axis.set(title=title, xlabel="step", yscale="log" if log else "linear", xlim=(0, x_max) if x_max else None)
+        if y_limits and tags[0] in y_limits:
+            axis.set_ylim(*y_limits[tags[0]])
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(curves):]:
-        axis.set_visible(False)
-    figure.suptitle(os.path.basename(os.path.normpath(run_dir)))
-    figure.tight_layout()
-    figure.savefig(out_path, dpi=100, metadata={"Software": None})
+        several = len(curves) > 1 or len(tags) > 1
+        if (axis is axes[0] and several) or len(tags) > 1 or lines:  # the curves' legend once, references where drawn
+            axis.legend(handles=lines if lines and not (axis is axes[0] and len(curves) > 1) else None,
+                        loc="best", framealpha=0.8)
+
+
+def save_figure(figure, out_path, **layout):
+    """tight_layout(**layout), then a PNG without the matplotlib version in it (the same bytes on rerun)."""
+    figure.tight_layout(**layout)
+    figure.savefig(out_path, metadata={"Software": None})
     plt.close(figure)
     return out_path
+
+
+def plot_curves(curves, out_path, panels, rows=1, width=FIGURE_WIDTH, height=2.3, **options):
+    """`panels` of `curves` (see draw_curves) in `rows` rows; options go to draw_curves."""
+    columns = -(-len(panels) // rows)
+    figure, axes = plt.subplots(rows, columns, figsize=(width, height * rows), squeeze=False)
+    draw_curves(list(axes.flat), curves, panels, **options)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    return save_figure(figure, out_path)
+
+
+def plot_curve_rows(groups, out_path, panels, references=None):
+    """One row of `panels` per (curves, x_max) of `groups`: runs of very different lengths each on a step axis
+    of their own."""
+    figure, axes = plt.subplots(len(groups), len(panels), figsize=(FIGURE_WIDTH, 2.4 * len(groups)), squeeze=False)
+    for row, (curves, x_max) in zip(axes, groups):
+        draw_curves(list(row), curves, panels, references=references, x_max=x_max)
+    return save_figure(figure, out_path)
+
+
+def plot_image_grid(cells, out_path, columns, cell_inches=None, title_size=8):
+    """Images in a grid, each (title, HxWx3 uint8 array or None for an empty cell, text under it), drawn
+    pixel for pixel enlarged without smoothing (nearest), so that what the models differ in is visible."""
+    rows = -(-len(cells) // columns)
+    side = cell_inches or FIGURE_WIDTH / columns
+    figure, axes = plt.subplots(rows, columns, figsize=(side * columns, (side + 0.42) * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    for axis, (title, pixels, under) in zip(axes.flat, cells):
+        if pixels is None:
+            continue
+        axis.imshow(pixels, interpolation="nearest")
+        axis.set_title(title, fontsize=title_size, pad=2)
+        if under:
+            axis.text(0.5, -0.02, under, fontsize=title_size - 0.5, ha="center", va="top", transform=axis.transAxes)
+    return save_figure(figure, out_path, pad=0.2, h_pad=0.6, w_pad=0.3)
+
+
+def plot_training_curves(run_dir, out_path):
+    """A run's own curves.png: PANELS, or for a GAN run (one that logged train/adv) GAN_PANELS."""
+    scalars = read_scalars(run_dir)
+    panels = GAN_PANELS if "train/adv" in scalars else PANELS
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    label = os.path.basename(os.path.normpath(run_dir))
+    return plot_curves([(label, scalars)], out_path, panels, rows=rows, width=4 * columns, height=3.2)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
 Each run of code/experiments.py contributes its final checkpoints/<run>/model.pt, or while it is still
 training its newest step*.pt (labelled "in progress"), and its TensorBoard scalars in runs/<run>/.
 `build` computes every table, figure and number the prose quotes; code/report.md is the prose, with
-`{{name}}` where they go. Outputs: runs/report/ (figures, tables, report.json with every block and value,
-report.md as filled), README.md's `<!-- report:NAME -->` blocks, README.pdf. A rerun writes the same bytes.
+`{{name}}` where they go, and each name is written out in full where its value is computed here (grep finds it).
+Outputs in report_dir (runs/report): figures, tables, report.json with every block and value, report.md as
+filled; README.md's `<!-- report:NAME -->` blocks; README.pdf. A rerun writes the same bytes.
 """
 import functools
 import json
@@ -21,44 +22,50 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.patches
 import matplotlib.pyplot as plt
 import torch
 
 import config
+import plots
 import system
 from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoints
 from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, to_float
 from experiments import ABLATION, DATA_ROOT, FINAL_RECIPE, RUNS
-from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, psnr, standard_set
+from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, psnr, ssim, standard_set
 from models import Discriminator, count_parameters, self_ensemble
-from plots import read_scalars
 
-EVAL_SETS = ("Set5", "Set14", "BSD68")  # Set5 validates (model selection); Set14 and BSD68 are the test sets
+EVAL_SETS = ("Set5", "Set14", "BSD68")  # the RGB protocol of Tasks 5 and 6: Set5 validates, Set14 and BSD68 test
+STANDARD_SETS = ("Set5", "Set14", "B100")  # the standard protocol, on the sets the SR papers report
 DOWNSCALING = ("bilinear", "bicubic", "nearest", "nearest_centred")  # how the LR input is made at test time
-# Runs still training for the next report (issue 26: the 291-image model becomes `final` when the report is redone).
-NOT_YET_REPORTED = {"final291"}
+FINAL, FINAL_T91 = "final", "final_t91"  # the final model (T91 + BSD200) and the one it was fine-tuned from (T91)
 SCALE = 2  # the runs of experiments.RUNS, and the published results below, are x2
-LAST = 10  # a run's level: mean and standard deviation of its last 10 validations (5,000 steps at val_every=500)
-SWEEP_LAST = 5  # the 5,000-step sweep: its validations from step 3,000 on
-PLATEAU_FRACTION, PLATEAU_DB = 0.2, 0.05
-# Published x2 results of the standard protocol (Y channel, MATLAB bicubic LR, 2 px shaved border): name,
-# parameters, training images, {set: (PSNR, SSIM)}. SRCNN 9-5-5 (Dong et al. 2016, TPAMI), FSRCNN (Dong et
-# al. 2016, ECCV), VDSR (Kim et al. 2016, CVPR); none reports BSD68, a denoising subset of BSD300.
-PUBLISHED = (("SRCNN", "57k", "395k", {"Set5": (36.66, 0.9542), "Set14": (32.42, 0.9063)}),  # ImageNet
-             ("FSRCNN", "12k", "191", {"Set5": (37.00, 0.9558), "Set14": (32.63, 0.9088)}),  # T91 + General-100
-             ("VDSR", "665k", "291", {"Set5": (37.53, 0.9587), "Set14": (33.03, 0.9124)}))  # T91 + BSD200
-# Crops of the visual comparisons: (eval set, image, top, left, side) in HR pixels.
+LAST = 5  # one averaging window everywhere: a run's level is the mean ± sd of its last 5 validations
+TREND_FRACTION, TREND_DB = 0.2, 0.05  # the trend test: last 20% of the steps against the 20% before
+# Published x2 results of the standard protocol (Y channel, MATLAB bicubic LR, 2 px shaved): name, parameters,
+# training images, {set: (PSNR, SSIM)}. SRCNN 9-5-5 (Dong et al. 2016, TPAMI), FSRCNN (Dong et al. 2016, ECCV),
+# VDSR (Kim et al. 2016, CVPR), DRRN B1U25 (Tai et al. 2017, CVPR); B100 values as in the VDSR and DRRN tables.
+PUBLISHED = (("SRCNN", "57k", "ImageNet (395k)",
+              {"Set5": (36.66, 0.9542), "Set14": (32.42, 0.9063), "B100": (31.36, 0.8879)}),
+             ("FSRCNN", "12k", "T91 + General-100 (191)",
+              {"Set5": (37.00, 0.9558), "Set14": (32.63, 0.9088), "B100": (31.53, 0.8920)}),
+             ("VDSR", "665k", "T91 + BSD200 (291)",
+              {"Set5": (37.53, 0.9587), "Set14": (33.03, 0.9124), "B100": (31.90, 0.8960)}),
+             ("DRRN", "297k", "T91 + BSD200 (291)",
+              {"Set5": (37.74, 0.9591), "Set14": (33.23, 0.9136), "B100": (32.05, 0.8973)}))
+# Fixed crops of the figures: (set, image, top, left, side) in HR pixels. The comparison crops of Figure 1 are
+# not fixed: comparison_crops() finds them.
 CROPS = {"comic": ("Set14", "comic.png", 40, 60, 96), "zebra": ("Set14", "zebra.png", 70, 300, 64),
-         "butterfly": ("Set5", "butterfly.png", 90, 100, 96), "barbara": ("Set14", "barbara.png", 180, 380, 96)}
-NAMES = {"baseline": "baseline (BasicSRModel)", "residual": "residual model", "gan": "GAN (residual generator)",
-         "final": "final model", "residual_matlab": "residual_matlab (fine-tuned)"}
-FIGURE_WIDTH = 7.2  # inches: the PDF's text width (A4 less 0.5 in borders), so fonts print at their own size
-plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 8, "savefig.dpi": 150})
+         "butterfly": ("Set5", "butterfly.png", 90, 100, 96), "barbara": ("Set14", "barbara.png", 180, 380, 64)}
+COMPARISON_SIDE = 40  # HR pixels of each comparison crop
+ERROR_GAIN = 4  # |error| maps are drawn 4x brighter
+NAMES = {"baseline": "baseline", "residual": "residual", "gan": "GAN", FINAL: "final",
+         FINAL_T91: "final, T91 only", "residual_matlab": "residual_matlab"}
+plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "savefig.dpi": 150})
 MARKER = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->\n)(.*?)(<!-- /report:(?P=name) -->)", re.S)
 PLACEHOLDER = re.compile(r"\{\{([\w-]+)\}\}")
 NEW_PAGE = "<!-- new page -->"  # in the template: the PDF starts a new page there
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.md")
+PM = "\u00a0±\u00a0"  # "a ± b" kept on one line in the PDF's narrow table columns
 
 
 def read_json(path):
@@ -75,11 +82,15 @@ def mean_sd(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-PM = "\u00a0±\u00a0"  # "a ± b" kept on one line in the PDF's narrow table columns
+def signed(value, digits=2):
+    """'+0.13', '−0.05', and '0.00' for what rounds to zero (no '−0.00')."""
+    text = f"{value:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text
 
 
 def pm(values, digits=2):
-    if not values:  # e.g. a run that diverged before its first validation
+    """'mean ± sd' of a list, '—' for none (e.g. a run that diverged before its first validation)."""
+    if not values:
         return "—"
     mean, sd = mean_sd(values)
     return f"{mean:.{digits}f}{PM}{sd:.{digits}f}"
@@ -87,38 +98,59 @@ def pm(values, digits=2):
 
 def signed_pm(value, error):
     """A difference with its standard error, e.g. "+0.13 ± 0.01"."""
-    return f"{value:+.2f}{PM}{error:.2f}"
+    return f"{signed(value)}{PM}{error:.2f}"
 
 
-def plateau(steps, values, fraction=PLATEAU_FRACTION, tolerance=PLATEAU_DB):
-    """The convergence criterion: (gain, se, met). gain = mean validation PSNR over the last `fraction` of the
-    steps minus the mean over the `fraction` before it; se its standard error (from the scatter within each
-    window). Met when the curve rose by less than `tolerance` dB or by less than two standard errors."""
+def spread(values, digits=2):
+    """'a–b' of a few numbers, or the one number when they agree to `digits`."""
+    if not values:
+        return "—"
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low}–{high}"
+
+
+def trend_text(steps, values):
+    """'+0.04 ± 0.02 dB, flat' of `trend`, or '—' where the curve is too short for the test."""
+    gain, se, verdict = trend(steps, values)
+    return "—" if math.isnan(gain) else f"{signed_pm(gain, se)} dB, {verdict}"
+
+
+def trend(steps, values, fraction=TREND_FRACTION, tolerance=TREND_DB):
+    """(gain, se, verdict) of a validation curve: gain = mean over the last `fraction` of the steps minus the mean
+    over the `fraction` before it, se its standard error (from the scatter within each window). "rising" when the
+    gain is above `tolerance` and two se; "flat" when both it and two se are within ±`tolerance` (a test that can
+    tell); otherwise "no detectable trend (noisy)". Under a schedule that anneals the learning rate to ~0 the end
+    of any run is flat by construction: flat says the run has settled, not that longer training cannot help."""
     last = steps[-1]
     recent = [v for s, v in zip(steps, values) if s > last * (1 - fraction)]
     before = [v for s, v in zip(steps, values) if last * (1 - 2 * fraction) < s <= last * (1 - fraction)]
     if len(recent) < 2 or len(before) < 2:
-        return math.nan, math.nan, False
+        return math.nan, math.nan, "—"
     gain = statistics.fmean(recent) - statistics.fmean(before)
     se = math.sqrt(statistics.variance(recent) / len(recent) + statistics.variance(before) / len(before))
-    return gain, se, gain < tolerance or gain < 2 * se
+    if gain > tolerance and gain > 2 * se:
+        return gain, se, "rising"
+    if abs(gain) < tolerance and 2 * se < tolerance:
+        return gain, se, "flat"
+    return gain, se, "no detectable trend (noisy)"
 
 
 class Run:
-    """What the report needs of one experiment: its checkpoint, planned steps, and logs."""
+    """What the report needs of one experiment: its checkpoint, planned settings, and logs."""
 
     def __init__(self, name, settings, cfg):
         self.name = name
-        planned = config.parse_overrides(settings)
-        self.planned = planned["max_steps"]
+        self.planned_config = config.parse_overrides(settings)
+        self.planned = self.planned_config["max_steps"]
         # the checkpoint a fine-tune started from, as experiments.RUNS names it now
-        self.init = os.path.relpath(planned["init"], cfg["ckpt_dir"]) if planned["init"] else ""
+        init = self.planned_config["init"]
+        self.init = os.path.relpath(init, cfg["ckpt_dir"]) if init else ""
         self.run_dir = os.path.join(cfg["runs_dir"], name)
         ckpt_dir = os.path.join(cfg["ckpt_dir"], name)
         final = os.path.join(ckpt_dir, "model.pt")
         newest = step_checkpoints(ckpt_dir)
         self.checkpoint = final if os.path.isfile(final) else (newest[0] if newest else None)
-        self.scalars = read_scalars(self.run_dir) if os.path.isdir(self.run_dir) else {}
+        self.scalars = plots.read_scalars(self.run_dir) if os.path.isdir(self.run_dir) else {}
         self.summary = read_json(os.path.join(self.run_dir, "summary.json")) or {}
         self.train_config = read_json(os.path.join(self.run_dir, "config.json")) or {}
         self.payload = load_checkpoint(self.checkpoint) if self.checkpoint else {}  # step, elapsed, hardware
@@ -145,46 +177,78 @@ class Run:
         return self.models[device]
 
     def status(self):
+        """'' for a finished run, else what it is: diverged, or in progress."""
         if self.diverged_at() is not None:
             last = f"step {self.step}" if self.step is not None else "none"
             return f"diverged at step {self.diverged_at()}; last finite checkpoint: {last}"
         if self.step is None:  # started, logging, but not yet at its first checkpoint
             return "in progress: no checkpoint yet"
-        return f"in progress: step {self.step:,} of {self.planned:,}" if self.step < self.planned else "done"
+        return f"in progress: step {self.step:,} of {self.planned:,}" if self.step < self.planned else ""
 
     def label(self):
         name = NAMES.get(self.name, self.name)
-        if self.step is None or self.step >= self.planned:
-            return name
-        if self.diverged_at() is not None:
-            return f"{name} [{self.status()}]"
-        return f"{name} [step {self.step:,} of {self.planned:,}]"  # still training
+        return f"{name} [{self.status()}]" if self.status() else name
+
+    def curve(self, max_step=None, label=None):
+        """(label, scalars up to `max_step`) as plots.draw_curves draws them."""
+        return label or NAMES.get(self.name, self.name), {tag: self.series(tag, max_step) for tag in self.scalars}
 
 
 def available_runs(cfg):
     """{name: Run} of the runs of experiments.RUNS that have logs or a checkpoint (a run that diverged
     before its first checkpoint has only logs: it appears in the plots and the runs table)."""
-    runs = [Run(name, settings, cfg) for name, settings in RUNS if name not in NOT_YET_REPORTED]
+    runs = [Run(name, settings, cfg) for name, settings in RUNS]
     return {run.name: run for run in runs if run.checkpoint is not None or run.scalars}
 
 
-class Scores:
-    """evaluate() of each (method, set, degradation) once per report: the tables share many cells."""
+class RgbScores:
+    """metrics.evaluate of each (method, set, degradation), computed once per report: tables share many cells."""
 
     def __init__(self, device):
-        self.device, self.results, self.datasets = device, {}, {}
+        self.device, self.results = device, {}
 
+    @functools.lru_cache(maxsize=None)
     def dataset(self, set_name, degradation="bilinear"):
-        if (set_name, degradation) not in self.datasets:
-            self.datasets[set_name, degradation] = SRDataset(os.path.join(DATA_ROOT, set_name), scale=SCALE,
-                                                             degradation=degradation, train=False)
-        return self.datasets[set_name, degradation]
+        return SRDataset(os.path.join(DATA_ROOT, set_name), scale=SCALE, degradation=degradation, train=False)
 
-    def __call__(self, name, upscale, set_name, degradation="bilinear"):
-        if (name, set_name, degradation) not in self.results:
-            self.results[name, set_name, degradation] = evaluate(upscale, self.dataset(set_name, degradation),
-                                                                 self.device)
-        return self.results[name, set_name, degradation]
+    def score(self, label, upscale, set_name, degradation="bilinear"):
+        if (label, set_name, degradation) not in self.results:
+            self.results[label, set_name, degradation] = evaluate(upscale, self.dataset(set_name, degradation),
+                                                                  self.device)
+        return self.results[label, set_name, degradation]
+
+
+@functools.lru_cache(maxsize=None)
+def standard_images(folder):
+    """The HR images of a standard set, decoded once per report."""
+    return standard_set(folder, SCALE)
+
+
+class StandardScores:
+    """Per-image metrics of the standard protocol of each (method, set), computed once: the tables average them,
+    the paired differences between two models compare them image by image."""
+
+    def __init__(self, device):
+        self.device, self.results = device, {}
+
+    def per_image(self, label, upscale, set_name):
+        if (label, set_name) not in self.results:
+            images = standard_images(os.path.join(DATA_ROOT, set_name))
+            self.results[label, set_name] = [evaluate_standard(upscale, [image], SCALE, self.device)
+                                             for image in images]
+        return self.results[label, set_name]
+
+    def mean(self, label, upscale, set_name):
+        """The set's metrics: per-image values summed in order, as evaluate_standard does for a whole set."""
+        per_image = self.per_image(label, upscale, set_name)
+        return {key: sum(m[key] for m in per_image) / len(per_image) for key in ("psnr", "ssim")}
+
+
+def paired(after, before):
+    """Mean ± standard error over images of the per-image PSNR differences `after - before` (per-image metrics
+    of the same images): the ± is the spread over the images of one training run each, not training noise."""
+    mean, sd = mean_sd([a["psnr"] - b["psnr"] for a, b in zip(after, before)])
+    return signed_pm(mean, sd / math.sqrt(len(after)))
 
 
 def upsampling(mode):
@@ -192,13 +256,8 @@ def upsampling(mode):
     return f"{mode} upsampling", lambda lr: interpolate(lr, SCALE, mode)
 
 
-def interpolations():
-    return [upsampling("bilinear"), upsampling("bicubic")]
-
-
-def methods(runs, device):
-    """(label, upscale) of the interpolation baselines, then of each run's model."""
-    return interpolations() + [(run.label(), run.load(device)) for run in runs if run.checkpoint]
+def matlab_bicubic(lr):
+    return imresize_matlab(lr, SCALE)
 
 
 def table(header, align, rows):
@@ -207,58 +266,72 @@ def table(header, align, rows):
 
 
 def cell(metrics, keys=("psnr", "ssim")):
-    return " / ".join(f"{metrics[k]:.2f}" if k == "psnr" else f"{metrics[k]:.3f}" if k == "sharpness"
-                      else f"{metrics[k]:.4f}" for k in keys)
-
-
-def runs_table(runs):
-    """Steps, wall time, hardware, level of the validation PSNR and the plateau criterion of every run."""
-    rows = []
-    for run in runs:
-        steps, psnrs = run.series("val/psnr")
-        fine_tune = bool(run.init)
-        long_run = not fine_tune and run.planned > 5000  # a verdict for the long runs only
-        gain, se, met = plateau(steps, psnrs) if steps and long_run else (math.nan, math.nan, False)
-        status = run.status()
-        if status == "done" and not math.isnan(gain):
-            status = "plateau" if met else "still rising"
-        elapsed = run.summary.get("wall_time_s", run.payload.get("elapsed"))
-        hardware = run.summary.get("hardware") or run.payload.get("hardware", "—")
-        model = run.train_config.get("model", "—") + (f" from {run.init}" if fine_tune else "")
-        count = min(len(psnrs), LAST if run.planned > 5000 else SWEEP_LAST)
-        rows.append([run.name, model, f"{run.train_config.get('lr', math.nan):g}", "—" if run.step is None else
-                     f"{run.step:,}", "—" if elapsed is None else f"{elapsed / 3600:.2f} h", short_hardware(hardware),
-                     pm(psnrs[-count:]),
-                     "—" if math.isnan(gain) else signed_pm(gain, se), status])
-    return table(["run", "model", "lr", "steps", "wall time", "hardware", "val PSNR (dB)",
-                  "gain, last 20% (dB)",
-                  "status"], ["---", "---", "---:", "---:", "---:", "---", "---:", "---:", "---"], rows)
+    formats = {"psnr": "{:.2f}", "ssim": "{:.4f}", "sharpness": "{:.3f}", "gmsd": "{:.4f}"}
+    return " / ".join(formats[k].format(metrics[k]) for k in keys)
 
 
 def short_hardware(text):
-    return text.replace("Intel(R) Xeon(R) Processor", "Xeon").replace(", 2 threads", "").replace(" autocast", "")
+    return (text.replace("Intel(R) Xeon(R) Processor", "Xeon").replace(", 2 threads", "").replace(" autocast", "")
+            .replace("AMD EPYC Processor", "AMD EPYC"))
 
 
-def key_table(runs, scores):
-    """Table 1: the models against interpolation on every set, the handout's protocol (RGB, bilinear LR)."""
-    rows = [[name] + [cell(scores(name, upscale, s)) for s in EVAL_SETS]
-            for name, upscale in methods(runs, scores.device)]
-    return table(["method", "Set5 (validation)", "Set14 (test)", "BSD68 (test)"], ["---", "---:", "---:", "---:"],
-                 rows)
+def validation_window(run, count=LAST):
+    """'steps a–b' of a run's last `count` validations, for the labels of the levels averaged over them."""
+    steps = run.series("val/psnr")[0][-count:]
+    return f"steps {steps[0]:,}–{steps[-1]:,}" if steps else "no validation"
+
+
+# ---- tables -------------------------------------------------------------------------------------------------
+
+def runs_table(runs):
+    """Every run: its data and batch, steps, samples seen, wall time, hardware, validation level and trend."""
+    rows = []
+    for run in runs:
+        cfg = {**run.planned_config, **run.train_config}
+        steps, psnrs = run.series("val/psnr")
+        long_run = not run.init and run.planned > 5000  # a verdict for the long runs from scratch only
+        gain, se, verdict = trend(steps, psnrs) if steps and long_run else (math.nan, math.nan, "—")
+        elapsed = run.summary.get("wall_time_s", run.payload.get("elapsed"))
+        hardware = run.summary.get("hardware") or run.payload.get("hardware", "—")
+        data = "+".join(os.path.basename(folder) for folder in cfg["data_dir"].split(","))
+        step = "—" if run.step is None else f"{run.step:,}"
+        samples = "—" if run.step is None else f"{run.step * cfg['batch_size'] / 1000:,.0f}k"
+        trend_cell = "—" if math.isnan(gain) else f"{signed_pm(gain, se)}, {verdict}"  # the table's unit: dB
+        rows.append([run.name + (f" [{run.status()}]" if run.status() else ""),
+                     cfg["model"] + (f" from {run.init}" if run.init else ""), data,
+                     f"{cfg['batch_size']}×{cfg['patch_size']}²", f"{cfg['lr']:g}", step, samples,
+                     "—" if elapsed is None else f"{elapsed / 3600:.2f} h", short_hardware(hardware),
+                     pm(psnrs[-LAST:]), trend_cell])
+    return table(["run", "model", "data", "batch × crop", "lr", "steps", "samples seen", "wall time", "hardware",
+                  "val PSNR, last 5 (dB)", "trend, last 20% (dB)"],
+                 ["---", "---", "---", "---:", "---:", "---:", "---:", "---:", "---", "---:", "---"], rows)
+
+
+def key_results(runs, scores):
+    """Table 1: the models against interpolation on every set, the handout's protocol (RGB, bilinear LR),
+    each model at its final checkpoint."""
+    rows = [[label] + [cell(scores.score(label, upscale, s)) for s in EVAL_SETS]
+            for label, upscale in task5_methods(runs, scores.device)]
+    return table(["method (final checkpoint)", "Set5 (validation)", "Set14 (test)", "BSD68 (test)"],
+                 ["---", "---:", "---:", "---:"], rows)
+
+
+def task5_methods(runs, device):
+    """(label, upscale) of the interpolation baselines, then of the Task 5/6 models (bilinear LR)."""
+    models = [(runs[n].label(), runs[n].load(device)) for n in ("baseline", "residual", "gan")
+              if n in runs and runs[n].checkpoint]
+    return [upsampling("bilinear"), upsampling("bicubic"), *models]
 
 
 def gap_table(baseline, residual, scores):
-    """Baseline vs residual: Set5 averaged over the last validations, the test sets at the final checkpoints."""
+    """Baseline vs residual: Set5 over the last validations, the test sets at the final checkpoints."""
     level = [baseline.last(), residual.last()]
     gap = [r - b for b, r in zip(*level)]
-    first = baseline.series("val/psnr")[0][-len(level[0])]
-    rows = [[f"Set5 validation, mean ± sd of steps {first:,}–{baseline.step:,}", pm(level[0]), pm(level[1]), pm(gap)],
-            [f"Set5 validation, range over the same steps", f"{min(level[0]):.2f}–{max(level[0]):.2f}",
-             f"{min(level[1]):.2f}–{max(level[1]):.2f}", f"{min(gap):.2f}–{max(gap):.2f}"]]
+    rows = [[f"Set5 validation, mean ± sd of {validation_window(baseline)}", pm(level[0]), pm(level[1]), pm(gap)]]
     for set_name in EVAL_SETS[1:]:
-        cells = [scores(run.label(), run.load(scores.device), set_name)["psnr"] for run in (baseline, residual)]
-        rows.append([f"{set_name} test, step {baseline.step:,} only", f"{cells[0]:.2f}", f"{cells[1]:.2f}",
-                     f"{cells[1] - cells[0]:+.2f}"])
+        cells = [scores.score(run.label(), run.load(scores.device), set_name)["psnr"] for run in (baseline, residual)]
+        rows.append([f"{set_name} test, final checkpoint", f"{cells[0]:.2f}", f"{cells[1]:.2f}",
+                     signed(cells[1] - cells[0])])
     return table(["PSNR (dB)", "baseline", "residual", "residual − baseline"], ["---", "---:", "---:", "---:"], rows)
 
 
@@ -266,20 +339,26 @@ def sweep_runs(runs):
     return [runs[n] for n, _ in RUNS if n.startswith("lr_") and n in runs]
 
 
+def train_loss_mean(run, first_step, last_step):
+    """Mean of the logged training L1 between two steps, or None where it is not finite."""
+    steps, values = run.series(f"train/{LOSS_NAME}", last_step)
+    window = [v for s, v in zip(steps, values) if s > first_step]
+    return statistics.fmean(window) if window and all(math.isfinite(v) for v in window) else None
+
+
 def sweep_table(runs):
-    """Each learning rate's validation PSNR over its last 5 validations and its final training L1."""
+    """Each learning rate's validation PSNR over its last 5 validations and its training L1 over the last 500 steps."""
     rows = []
     for run in [*sweep_runs(runs), runs.get("baseline")]:
         if run is None:
             continue
         lr = run.train_config["lr"]
-        psnrs = run.last(count=SWEEP_LAST, max_step=5000)
-        losses = run.last(f"train/{LOSS_NAME}", count=10, max_step=5000)
+        psnrs = run.last(max_step=5000)
+        loss = train_loss_mean(run, 4500, 5000)
         note = "the baseline's first 5,000 steps" if run.name == "baseline" else run.status()
-        finite = losses and all(math.isfinite(v) for v in losses)
-        rows.append((lr, [f"{lr:g}", pm(psnrs), spread(psnrs), f"{statistics.fmean(losses):.4f}" if finite else "not finite",
-                          note]))
-    return table(["lr", "val PSNR, steps 3,000–5,000 (dB)", "range", "train L1, last 500 steps", "note"],
+        rows.append((lr, [f"{lr:g}", pm(psnrs), spread(psnrs), "not finite" if loss is None else f"{loss:.4f}",
+                          note or "—"]))
+    return table(["lr", "val PSNR, steps 3,000–5,000 (dB)", "range", "train L1, steps 4,501–5,000", "note"],
                  ["---:", "---:", "---:", "---:", "---"], [row for _, row in sorted(rows, reverse=True)])
 
 
@@ -287,353 +366,205 @@ def downscaling_table(runs, scores):
     """PSNR / SSIM with LR inputs made by other downscaling than the bilinear one of training."""
     rows = []
     for set_name in EVAL_SETS:
-        for name, upscale in methods(runs, scores.device):
-            rows.append([set_name, name] + [cell(scores(name, upscale, set_name, d)) for d in DOWNSCALING])
+        for label, upscale in task5_methods(runs, scores.device):
+            rows.append([set_name, label] + [cell(scores.score(label, upscale, set_name, d)) for d in DOWNSCALING])
     return table(["set", "method"] + [f"LR by {d.replace('_', ' ')}" for d in DOWNSCALING],
                  ["---", "---"] + ["---:"] * len(DOWNSCALING), rows)
 
 
-def gan_table(gan, start, residual, scores):
-    """PSNR, SSIM and sharpness (metrics.sharpness) of the GAN against the checkpoint it started from."""
+def gan_table(gan, start, scores):
+    """PSNR, SSIM, sharpness and GMSD of the GAN against the checkpoint it started from, on the test sets."""
     rows = []
-    for name, run, upscale, max_step in [("bicubic upsampling", None, upsampling("bicubic")[1], None),
-                                         (f"{start[0]} (GAN's start)", residual, start[1], start[2]),
-                                         (gan.label(), gan, gan.load(scores.device), None)]:
-        if run is None:
-            val = "—"
-        else:
-            psnrs, sharps = run.last(max_step=max_step), run.last("val/sharpness", max_step=max_step)
-            val = f"{pm(psnrs)} / {pm(sharps, 3)}"
-        rows.append([name, val] + [cell(scores(name, upscale, s), ("psnr", "ssim", "sharpness")) for s in EVAL_SETS[1:]])
-    return table(["method", "Set5 val PSNR / sharpness, last 10", "Set14 PSNR / SSIM / sharpness",
-                  "BSD68 PSNR / SSIM / sharpness"], ["---", "---:", "---:", "---:"], rows)
+    for label, upscale in [upsampling("bicubic"), start[:2], (gan.label(), gan.load(scores.device))]:
+        rows.append([label] + [cell(scores.score(label, upscale, s), ("psnr", "ssim", "sharpness", "gmsd"))
+                               for s in EVAL_SETS[1:]])
+    return table(["method", "Set14 PSNR / SSIM / sharpness / GMSD", "BSD68 PSNR / SSIM / sharpness / GMSD"],
+                 ["---", "---:", "---:"], rows)
 
 
-def standard_rows(runs, device):
-    """(method, kind, parameters, training images, upscale) of the standard-protocol table."""
-    rows = [("bicubic (MATLAB imresize)", "—", "—", "—", lambda lr: imresize_matlab(lr, SCALE))]
-    for name in ("residual_matlab", "final"):
+def standard_rows(runs):
+    """(run or None, kind) of the standard-protocol table: bicubic, then each model, the final one also as an
+    x8 self-ensemble."""
+    rows = [(None, "—")]
+    for name in ("residual_matlab", FINAL_T91, FINAL):
         if name in runs and runs[name].checkpoint:
-            model = runs[name].load(device)
-            params = f"{count_parameters(model) / 1000:.0f}k"
-            rows.append((runs[name].label(), "single model", params, "91", model))
-            if name == "final":
-                rows.append((runs[name].label(), "x8 self-ensemble", params, "91", self_ensemble(model)))
+            rows.append((runs[name], "single model"))
+    if FINAL in runs and runs[FINAL].checkpoint:
+        rows.append((runs[FINAL], "x8 self-ensemble"))
     return rows
 
 
-def standard_table(runs, device):
-    """x2 in the SR papers' protocol (metrics.evaluate_standard) beside published results; also returns the
-    per-image scores as {("<method>, <kind>", set): [metrics of each image]} for the prose."""
-    scores, rows = {}, []
-    for label, kind, params, data, upscale in standard_rows(runs, device):
-        for set_name in EVAL_SETS:
-            scores[f"{label}, {kind}", set_name] = per_image_standard(upscale, set_name, device)
-        rows.append([label, kind, params, data, *[cell(average(scores[f"{label}, {kind}", s])) for s in EVAL_SETS]])
+ENSEMBLE_SETS = ("Set5", "Set14")  # x8 on B100 would take 8x its 100 images: about 20 min on 2 CPU cores
+
+
+def standard_method(run, kind, device):
+    """(label, upscale) of a row of standard_rows."""
+    if run is None:
+        return "bicubic (MATLAB imresize)", matlab_bicubic
+    model = run.load(device)
+    return (f"{run.label()}, x8", self_ensemble(model)) if kind == "x8 self-ensemble" else (run.label(), model)
+
+
+def standard_table(runs, standard):
+    """x2 in the SR papers' protocol (metrics.evaluate_standard) beside published results."""
+    rows = []
+    for run, kind in standard_rows(runs):
+        label, upscale = standard_method(run, kind, standard.device)
+        model = run.load(standard.device) if run else None
+        data = "+".join(os.path.basename(f) for f in run.planned_config["data_dir"].split(",")) if run else "—"
+        if run:
+            data += f" ({sum(len(os.listdir(f)) for f in run.planned_config['data_dir'].split(','))})"
+        cells = [cell(standard.mean(label, upscale, s)) if run is None or kind == "single model" or s in ENSEMBLE_SETS
+                 else "not run" for s in STANDARD_SETS]
+        rows.append([run.label() if run else label, kind, f"{count_parameters(model) / 1000:.0f}k" if model else "—",
+                     data, *cells])
     for name, params, data, values in PUBLISHED:
         rows.append([f"{name} (published)", "single model", params, data,
-                     *[f"{values[s][0]:.2f} / {values[s][1]:.4f}" if s in values else "—" for s in EVAL_SETS]])
-    return table(["method", "inference", "parameters", "training images", "Set5", "Set14", "BSD68"],
-                 ["---", "---", "---:", "---:", "---:", "---:", "---:"], rows), scores
+                     *[f"{values[s][0]:.2f} / {values[s][1]:.4f}" for s in STANDARD_SETS]])
+    return table(["method", "inference", "parameters", "training images", *STANDARD_SETS],
+                 ["---", "---", "---:", "---", "---:", "---:", "---:"], rows)
 
 
-@functools.lru_cache(maxsize=None)
-def standard_images(folder):
-    """The HR images of a standard set, decoded once per report (every model of Tables 6 and 7 uses them)."""
-    return standard_set(folder, SCALE)
-
-
-def per_image_standard(upscale, set_name, device):
-    """Standard-protocol metrics of each image of `set_name`: paired differences between models need them."""
-    images = standard_images(os.path.join(DATA_ROOT, set_name))
-    return [evaluate_standard(upscale, [image], SCALE, device) for image in images]
-
-
-def average(per_image):
-    """The set's metrics: per-image values summed in order, as evaluate_standard does for a whole set."""
-    return {key: sum(m[key] for m in per_image) / len(per_image) for key in ("psnr", "ssim")}
-
-
-def paired(after, before):
-    """Mean ± standard error over images of the per-image PSNR differences `after - before`."""
-    mean, sd = mean_sd([a["psnr"] - b["psnr"] for a, b in zip(after, before)])
-    return signed_pm(mean, sd / math.sqrt(len(after)))
-
-
-def ablation_table(runs, device):
+def ablation_table(runs, standard):
     """The ablation runs at equal steps, each adding settings to the one before: the Set5 validation level and
     the standard protocol on the test sets, with each step's gain as a paired difference over the images."""
     present = [(name, settings, runs[name]) for name, settings in ABLATION if name in runs and runs[name].checkpoint]
     if not present:
         return "*The ablation runs (`python code/experiments.py ablate_handout ...`) have not been trained yet.*\n", {}
-    test_sets, rows, before, first, added_before = EVAL_SETS[1:], [], None, None, []
-    values = {"ablation_steps": f"{present[0][2].planned:,}"}
+    test_sets, rows, before, first, added_before, gains = ("Set14", "B100"), [], None, None, [], {}
     for name, settings, run in present:
-        model = run.load(device)
-        scores = {s: per_image_standard(model, s, device) for s in test_sets}
+        scores = {s: standard.per_image(run.label(), run.load(standard.device), s) for s in test_sets}
         added = ", ".join(f"`{setting}`" for setting in settings if setting not in added_before) or "—"
         added_before = settings
         cells = []
         for s in test_sets:
             if before:
-                values[f"{name}_gain_{s}"] = paired(scores[s], before[s])
-            cells += [f"{average(scores[s])['psnr']:.2f}", values.get(f"{name}_gain_{s}", "—")]
-        rows.append([name if run.status() == "done" else f"{name} [{run.status()}]", added,
-                     pm(run.last(count=3)), *cells])
+                gains[name, s] = paired(scores[s], before[s])
+            cells += [f"{statistics.fmean(m['psnr'] for m in scores[s]):.2f}", gains.get((name, s), "—")]
+        rows.append([run.label(), added, pm(run.last()), *cells])
         before, first = scores, first or scores
-    for s in test_sets:
-        values[f"ablation_total_{s}"] = paired(before[s], first[s]) if len(present) > 1 else "—"
-    return table(["run", "adds", "Set5 val (RGB), last 3", "Set14", "Δ Set14", "BSD68", "Δ BSD68"],
+    values = {"ablation_steps": f"{present[0][2].planned:,}",
+              "ablation_total_Set14": paired(before["Set14"], first["Set14"]) if len(present) > 1 else "—",
+              "ablation_total_B100": paired(before["B100"], first["B100"]) if len(present) > 1 else "—"}
+    return table(["run", "adds", "Set5 val (RGB), last 5", "Set14", "Δ Set14", "B100", "Δ B100"],
                  ["---", "---", "---:", "---:", "---:", "---:", "---:"], rows), values
 
 
-def save_figure(figure, out_path, **layout):
-    """tight_layout(**layout), then a PNG without the matplotlib version in it (the same bytes on rerun)."""
-    figure.tight_layout(**layout)
-    figure.savefig(out_path, metadata={"Software": None})
-    plt.close(figure)
-    return out_path
+# ---- image figures --------------------------------------------------------------------------------------------
 
-
-def plot_curves(runs, out_path, panels, max_step=None, labels=None, references=None, rows=1, x_max=None):
-    """Logged scalars of several runs on shared axes, one panel per (tag, title, log y); `references`:
-    {tag: [(label, value)]} drawn as dashed horizontal lines (e.g. bicubic upsampling on the validation set)."""
-    columns = -(-len(panels) // rows)
-    figure, axes = plt.subplots(rows, columns, figsize=(FIGURE_WIDTH, 2.3 * rows), squeeze=False)
-    draw_curves(list(axes.flat), runs, panels, max_step, labels, references, x_max)
-    for axis in list(axes.flat)[len(panels):]:
-        axis.set_visible(False)
-    return save_figure(figure, out_path)
-
-
-def plot_curve_rows(groups, out_path, panels, references=None):
-    """One row of `panels` per (runs, x_max) of `groups`: runs of very different lengths each on a step axis
-    of their own, e.g. the final run and its short ablation runs."""
-    figure, axes = plt.subplots(len(groups), len(panels), figsize=(FIGURE_WIDTH, 2.4 * len(groups)), squeeze=False)
-    for row, (runs, x_max) in zip(axes, groups):
-        draw_curves(list(row), runs, panels, references=references, x_max=x_max)
-    return save_figure(figure, out_path)
-
-
-def draw_curves(axes, runs, panels, max_step=None, labels=None, references=None, x_max=None):
-    for axis, (tag, title, log) in zip(axes, panels):
-        for index, run in enumerate(runs):  # a run keeps its colour in every panel, even where others log nothing
-            steps, values = run.series(tag, max_step)
-            finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
-            if finite:
-                axis.plot(*zip(*finite), label=(labels or {}).get(run.name, run.name), linewidth=1, color=f"C{index % 10}",
-                          marker="." if len(finite) < 30 else None)
-        lines = [axis.axhline(value, color="gray", linestyle=style, linewidth=1, label=label)
-                 for (label, value), style in zip((references or {}).get(tag, []), ("--", ":", "-."))]
-        axis.set(title=title, xlabel="step", yscale="log" if log else "linear", xlim=(0, x_max) if x_max else None)
-        axis.grid(alpha=0.3)
-        if axis is axes[0] and len(runs) > 1 or lines:  # the runs' legend once, references where drawn
-            axis.legend(handles=None if axis is axes[0] and len(runs) > 1 else lines)
-
-
-def high_res(crop_name):
-    set_name, file_name = CROPS[crop_name][:2]
+def high_res(set_name, file_name):
     return crop_to_multiple(to_float(decode_image(os.path.join(DATA_ROOT, set_name, file_name))), SCALE)
 
 
-@torch.inference_mode()
-def plot_crops(crop_name, panels, out_path, device, thumbnail=True):
-    """One crop of an image, three to a row, large: a thumbnail with the crop boxed (when `thumbnail`), then
-    each panel (label, degradation, upscale), its PSNR against the HR crop printed under it; upscale None = HR,
-    "lr" = the LR input with its pixels enlarged."""
-    set_name, file_name, top, left, side = CROPS[crop_name]
-    hr = high_res(crop_name)
-    reference = hr[:, top:top + side, left:left + side]
-    cells = len(panels) + thumbnail
-    rows = -(-cells // 3)
-    figure, axes = plt.subplots(rows, 3, figsize=(FIGURE_WIDTH, (FIGURE_WIDTH / 3 + 0.45) * rows), squeeze=False)
-    for axis in axes.flat:
-        axis.set_axis_off()
-    if thumbnail:
-        axes[0, 0].imshow(hr.permute(1, 2, 0).numpy())
-        axes[0, 0].add_patch(matplotlib.patches.Rectangle((left, top), side, side, fill=False, color="red", linewidth=1.5))
-        axes[0, 0].set_title(f"{set_name}/{file_name}, {side}x{side} crop", fontsize=8)
-    for axis, (label, degradation, upscale) in zip(list(axes.flat)[thumbnail:], panels):
-        low_res = degrade(hr, SCALE, degradation)[None].to(device)
-        if upscale is None:
-            image = hr[None]
-        elif upscale == "lr":
-            image = low_res.repeat_interleave(SCALE, -2).repeat_interleave(SCALE, -1)
-        else:
-            image = upscale(low_res).clamp(0, 1)
-        crop = image[0, :, top:top + side, left:left + side].float().cpu()
-        axis.imshow(crop.mul(255).round().byte().permute(1, 2, 0).numpy(), interpolation="nearest")
-        axis.set_title(label, fontsize=8)
-        if upscale is not None:
-            axis.text(0.5, -0.02, f"PSNR of the crop {psnr(crop[None], reference[None]).item():.2f} dB", fontsize=8,
-                      ha="center", va="top", transform=axis.transAxes)
-    return save_figure(figure, out_path, pad=0.2, h_pad=0.8)
+def to_pixels(image):
+    """A CxHxW float image in [0, 1] as HxWx3 uint8, for plots.plot_image_grid."""
+    return image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
+
+def error_map(image, reference):
+    """|image − reference| averaged over the colours, ERROR_GAIN x brighter, as a gray picture."""
+    error = (image - reference).abs().mean(0, keepdim=True).mul(ERROR_GAIN).expand(3, -1, -1)
+    return to_pixels(error)
+
+
+def crop_scores(crop, reference):
+    return f"{psnr(crop[None], reference[None]).item():.2f} dB / {ssim(crop[None], reference[None]).item():.3f}"
+
+
+@torch.inference_mode()
+def upscaled(upscale, hr, degradation, device):
+    """The method's output for the LR made from `hr` by `degradation`; upscale None = HR itself, "lr" = the LR
+    input with its pixels enlarged."""
+    low_res = degrade(hr, SCALE, degradation)[None].to(device)
+    if upscale is None:
+        return hr
+    if upscale == "lr":
+        return low_res[0].repeat_interleave(SCALE, -2).repeat_interleave(SCALE, -1).cpu()
+    return upscale(low_res)[0].clamp(0, 1).float().cpu()
+
+
+def crop_cells(hr, box, panels, device, errors=False):
+    """plot_image_grid cells of one crop, box = (top, left, side): each panel (label, degradation, upscale) with the
+    crop's PSNR / SSIM (RGB) under it; with `errors` a second row of |error| maps."""
+    top, left, side = box
+    reference = hr[:, top:top + side, left:left + side]
+    images, cells = [], []
+    for label, degradation, upscale in panels:
+        crop = upscaled(upscale, hr, degradation, device)[:, top:top + side, left:left + side]
+        images.append(crop)
+        scored = upscale is not None and upscale != "lr"
+        cells.append((label, to_pixels(crop), crop_scores(crop, reference) if scored else ""))
+    if errors:
+        cells += [(f"|{label} − HR| ×{ERROR_GAIN}", error_map(crop, reference) if upscale not in (None, "lr") else None,
+                   "") for (label, _, upscale), crop in zip(panels, images)]
+    return cells
+
+
+def plot_crops(crop_name, panels, out_path, device, errors=False):
+    set_name, file_name, top, left, side = CROPS[crop_name]
+    cells = crop_cells(high_res(set_name, file_name), (top, left, side), panels, device, errors)
+    return plots.plot_image_grid(cells, out_path, columns=len(panels))
+
+
+def best_window(gain, side):
+    """(top, left) of the side x side window of a per-pixel gain map with the largest mean (quarter-side steps)."""
+    pooled = torch.nn.functional.avg_pool2d(gain[None, None], side, stride=max(1, side // 4))[0, 0]
+    row, column = divmod(int(pooled.argmax()), pooled.shape[1])
+    return row * max(1, side // 4), column * max(1, side // 4)
+
+
+@torch.inference_mode()
+def comparison_crops(runs, standard, device):
+    """[(set, file, top, left)]: in Set14 and in B100, the image where the final model gains most over MATLAB
+    bicubic (standard protocol, per image), and in it the crop where its squared error falls most."""
+    final = runs[FINAL]
+    found = []
+    for set_name in ("Set14", "B100"):
+        single = standard.per_image(final.label(), final.load(device), set_name)
+        bicubic = standard.per_image("bicubic (MATLAB imresize)", matlab_bicubic, set_name)
+        gains = [f["psnr"] - b["psnr"] for f, b in zip(single, bicubic)]
+        file_name = sorted(os.listdir(os.path.join(DATA_ROOT, set_name)))[gains.index(max(gains))]
+        hr = high_res(set_name, file_name)
+        final_out = upscaled(final.load(device), hr, "bicubic_matlab", device)
+        bicubic_out = upscaled(matlab_bicubic, hr, "bicubic_matlab", device)
+        gain_map = ((bicubic_out - hr) ** 2 - (final_out - hr) ** 2).mean(0)
+        found.append((set_name, file_name, *best_window(gain_map, COMPARISON_SIDE)))
+    return found
+
+
+def comparison_figure(runs, standard, out_path, device):
+    """Figure 1: each model on the degradation it was trained on; bicubic upsampling of the MATLAB-bicubic LR (the
+    standard protocol's baseline, the stronger of the two)."""
+    panels = [("HR", "bicubic_matlab", None), ("bicubic", "bicubic_matlab", matlab_bicubic)]
+    panels += [(NAMES[n], "bilinear", runs[n].load(device)) for n in ("baseline", "residual", "gan")]
+    panels += [(NAMES[n], "bicubic_matlab", runs[n].load(device)) for n in (FINAL_T91, FINAL)]
+    cells, where = [], []
+    for set_name, file_name, top, left in comparison_crops(runs, standard, device):
+        cells += crop_cells(high_res(set_name, file_name), (top, left, COMPARISON_SIDE), panels, device)
+        where.append(f"{set_name}/{file_name} at ({left}, {top})")
+    plots.plot_image_grid(cells, out_path, columns=len(panels), title_size=7)
+    return {"comparison_crops": " and ".join(where)}
+
+
+def loader_check(out_dir, seed=0):
+    """Task 1's check: one shuffled DataLoader batch of T91 with the handout's settings (64x64 crops, colour jitter
+    0.2, bilinear LR), its first pair saved as lr_image.png / hr_image.png, four pairs as a figure."""
+    import torchvision
+
+    dataset = SRDataset(os.path.join(DATA_ROOT, "T91"), patch_size=64, scale=SCALE, jitter=0.2)
+    torch.manual_seed(seed)
+    lr_image, hr_image = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True)))
+    for name, image in (("lr_image.png", lr_image), ("hr_image.png", hr_image)):
+        torchvision.io.write_png(image[0].mul(255).round().byte(), os.path.join(out_dir, name))
+    cells = [(f"HR {i + 1}, 64×64", to_pixels(hr), "") for i, hr in enumerate(hr_image)]
+    cells += [(f"LR {i + 1}, 32×32", to_pixels(lr), "") for i, lr in enumerate(lr_image)]
+    return cells, f"lr {tuple(lr_image.shape)}, hr {tuple(hr_image.shape)}"
+
+
+# ---- the report, section by section --------------------------------------------------------------------------
 
 def figure_block(path, caption):
     return f"![{caption}]({path})\n\n*{caption}*\n"
-
-
-def fine_tune_start(run, cfg, device):
-    """(label, model, step) of the checkpoint a fine-tune started from (the residual run has trained on since)."""
-    path = os.path.join(cfg["ckpt_dir"], run.init)
-    model, payload = load_model(path, device)
-    return f"residual, step {payload['step']:,}", model, payload["step"]
-
-
-def spread(values, digits=2):
-    """'a–b' of a few numbers, or the one number when they agree to `digits`."""
-    if not values:
-        return "—"
-    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
-    return low if low == high else f"{low}–{high}"
-
-
-def baseline_values(runs, scores):
-    """The numbers the Task 5 prose quotes about the baseline, the residual model and convergence."""
-    values = {}
-    for name in ("baseline", "residual"):
-        run = runs[name]
-        gain, se, met = plateau(*run.series("val/psnr"))
-        values.update({f"{name}_level": pm(run.last()), f"{name}_gain": signed_pm(gain, se),
-                       f"{name}_plateau": "met" if met else "not met", f"{name}_final_val": f"{run.last()[-1]:.2f}",
-                       f"{name}_steps": f"{run.step:,}", f"{name}_start_val": f"{run.series('val/psnr')[1][0]:.2f}"})
-        for set_name in EVAL_SETS[1:]:
-            values[f"{name}_{set_name}"] = f"{scores(run.label(), run.load(scores.device), set_name)['psnr']:.2f}"
-    gaps = [r - b for b, r in zip(runs["baseline"].last(), runs["residual"].last())]
-    values["gap_set5"] = pm(gaps)
-    values["gap_set5_range"] = spread(gaps)
-    values["gap_tests"] = spread([float(values[f"residual_{s}"]) - float(values[f"baseline_{s}"]) for s in EVAL_SETS[1:]])
-    level = statistics.fmean(runs["baseline"].last())
-    values["baseline_final_below_level"] = f"{level - runs['baseline'].last()[-1]:.2f}"
-    steps, psnrs = runs["baseline"].series("val/psnr")
-    recent = [v for s, v in zip(steps, psnrs) if s >= steps[-1] - 10000]
-    values["baseline_jump"] = f"{max(abs(b - a) for a, b in zip(recent, recent[1:])):.2f}"
-    values["gap_set5_min"] = f"{min(gaps):.2f}"
-    values["parameters"] = f"{count_parameters(runs['residual'].load(scores.device)):,}"
-    values["bicubic_set5"] = f"{scores(*upsampling('bicubic'), 'Set5')['psnr']:.2f}"
-    values["bilinear_set5"] = f"{scores(*upsampling('bilinear'), 'Set5')['psnr']:.2f}"
-    return values
-
-
-def sweep_values(runs):
-    values = {}
-    for run in [*sweep_runs(runs), runs["baseline"]]:
-        key = "lr_1e-4" if run.name == "baseline" else run.name
-        psnrs = run.last(count=SWEEP_LAST, max_step=5000)
-        values[key] = pm(psnrs)
-        values[f"{key}_range"] = spread(psnrs)
-        values[f"{key}_sd"] = f"{mean_sd(psnrs)[1]:.2f}"
-    if "lr_1e-3" in runs:
-        means = [mean_sd(run.last(count=SWEEP_LAST, max_step=5000))[0] for run in (runs["baseline"], runs["lr_1e-3"])]
-        values["lr_gap"] = f"{means[0] - means[1]:.2f}"
-    if "lr_1e-2" in runs:
-        values["lr_1e-2_peak_loss"] = f"{max(runs['lr_1e-2'].series(f'train/{LOSS_NAME}')[1]):.0f}"
-    return values
-
-
-def signed_range(values):
-    return f"{min(values):+.2f} to {max(values):+.2f} dB"
-
-
-def downscaling_values(runs, scores):
-    """How much each model loses on other LR inputs: to bicubic, to nearest, and nearest's loss split into its
-    half-pixel shift (nearest -> nearest_centred) and aliasing (nearest_centred -> bilinear)."""
-    values = {}
-    bicubic = upsampling("bicubic")
-    for name, upscale in methods(runs, scores.device)[2:]:
-        key = name.split(" ")[0]
-        db = {(s, d): scores(name, upscale, s, d)["psnr"] for s in EVAL_SETS for d in DOWNSCALING}
-        for d in ("bicubic", "nearest"):  # the model against bicubic upsampling of the same input
-            values[f"{key}_vs_interpolation_{d}"] = signed_range([db[s, d] - scores(*bicubic, s, d)["psnr"]
-                                                                  for s in EVAL_SETS])
-        for label, (good, bad) in {"bicubic": ("bilinear", "bicubic"), "nearest": ("bilinear", "nearest"),
-                                   "shift": ("nearest_centred", "nearest"),
-                                   "alias": ("bilinear", "nearest_centred")}.items():
-            values[f"{key}_loss_{label}"] = spread([db[s, good] - db[s, bad] for s in EVAL_SETS], 1)
-    for mode, upscale in interpolations():
-        key = mode.split(" ")[0]
-        db = {(s, d): scores(mode, upscale, s, d)["psnr"] for s in EVAL_SETS for d in DOWNSCALING}
-        values[f"{key}_gain_bicubic"] = spread([db[s, "bicubic"] - db[s, "bilinear"] for s in EVAL_SETS], 1)
-        values[f"{key}_shift"] = spread([db[s, "nearest_centred"] - db[s, "nearest"] for s in EVAL_SETS], 1)
-    return values
-
-
-def gan_values(gan, start, residual, scores):
-    values = {"gan_steps": f"{gan.step:,}", "gan_start_step": f"{start[2]:,}",
-              "adv_weight": f"{gan.train_config['adv_weight']:g}",
-              "discriminator_parameters": f"{count_parameters(Discriminator()):,}"}
-    for set_name in EVAL_SETS[1:]:
-        before = scores(f"{start[0]} (GAN's start)", start[1], set_name)
-        after = scores(gan.label(), gan.load(scores.device), set_name)
-        values[f"gan_cost_{set_name}"] = f"{before['psnr'] - after['psnr']:.2f}"
-        values[f"gan_sharp_{set_name}"] = f"{after['sharpness']:.3f} against {before['sharpness']:.3f}"
-    values["gan_val"] = pm(gan.last())
-    values["gan_val_range"] = spread(gan.last())
-    values["gan_val_sharp"] = pm(gan.last("val/sharpness"), 3)
-    values["gan_start_val"] = pm(residual.last(max_step=start[2]))
-    values["gan_start_val_sharp"] = pm(residual.last("val/sharpness", max_step=start[2]), 3)
-    d_loss = gan.series("train/d_loss")[1]
-    values["gan_d_loss"] = spread(d_loss[len(d_loss) // 2:])
-    return values
-
-
-def thousands(text):
-    return float(text[:-1]) * 1000 if text.endswith("k") else float(text)
-
-
-def recipe_values():
-    """The published models' range of sizes and the final recipe's settings, quoted in the prose."""
-    values = {f"recipe_{key}": text for key, _, text in (s.partition("=") for s in FINAL_RECIPE)}
-    for column, key in ((1, "params"), (2, "images")):
-        low, high = (sorted(PUBLISHED, key=lambda row: thousands(row[column]))[i] for i in (0, -1))
-        values[f"published_{key}"] = f"{low[column]} ({low[0]}) to {high[column]} ({high[0]})"
-    return values
-
-
-def final_values(runs, standard):
-    final = runs["final"]
-    values = {"final_step": f"{final.step:,}", "final_planned": f"{final.planned:,}", "final_status": final.status()}
-    gain, se, met = plateau(*final.series("val/psnr"))
-    values["final_gain"] = signed_pm(gain, se)
-    values["final_trend"] = f"rising by less than {PLATEAU_DB} dB" if met else "still rising"
-    values["final_hours"] = f"{final.summary.get('wall_time_s', final.payload.get('elapsed', 0)) / 3600:.1f}"
-    values["final_hardware"] = final.summary.get("hardware", final.payload.get("hardware", "not recorded"))
-    for name, _, _, published in PUBLISHED:
-        values[name] = " / ".join(f"{published[s][0]:.2f}" for s in ("Set5", "Set14"))
-    values["final_val"] = f"{final.last()[-1]:.2f}"
-    values["final_val_level"] = pm(final.last())
-    matlab = runs.get("residual_matlab")
-    for set_name in EVAL_SETS:
-        single, x8 = (standard[f"{final.label()}, {kind}", set_name] for kind in ("single model", "x8 self-ensemble"))
-        values[f"final_{set_name}_single"] = f"{average(single)['psnr']:.2f}"
-        values[f"final_{set_name}_x8"] = f"{average(x8)['psnr']:.2f}"
-        values[f"final_x8_gain_{set_name}"] = paired(x8, single)
-        if matlab and matlab.checkpoint:
-            values[f"final_vs_matlab_{set_name}"] = paired(single, standard[f"{matlab.label()}, single model", set_name])
-        for name, _, _, published in PUBLISHED[1:]:  # FSRCNN, VDSR
-            if set_name in published:
-                margin = average(single)["psnr"] - published[set_name][0]
-                values[f"final_vs_{name.lower()}_{set_name}"] = f"{margin:+.2f}"
-    return values
-
-
-def moving_average_values(final, standard, device):
-    """What the moving average adds at the end of the final run: its averaged weights (model.pt) against the
-    last step's own weights (model_raw.pt, saved beside it), paired per image of each set."""
-    path = os.path.join(os.path.dirname(final.checkpoint), RAW_WEIGHTS)
-    if not os.path.isfile(path):
-        return {f"final_ema_gain_{set_name}": f"not measured (no {RAW_WEIGHTS})" for set_name in EVAL_SETS}
-    raw = load_model(path, device)[0]
-    return {f"final_ema_gain_{set_name}": paired(standard[f"{final.label()}, single model", set_name],
-                                                 per_image_standard(raw, set_name, device)) for set_name in EVAL_SETS}
-
-
-LOSS_PANELS = [(f"train/{LOSS_NAME}", "train L1 (log scale)", True), (f"val/{LOSS_NAME}", "validation L1 (Set5)", True),
-               ("val/psnr", "validation PSNR on Set5 (dB)", False), ("val/ssim", "validation SSIM on Set5", False)]
-GAN_PANELS = [(f"train/{LOSS_NAME}", "generator L1 (log scale)", True), ("train/adv", "generator adversarial loss", False),
-              ("train/d_loss", "discriminator loss", False), ("val/psnr", "validation PSNR on Set5 (dB)", False),
-              ("val/ssim", "validation SSIM on Set5", False), ("val/sharpness", "validation sharpness (1 = HR)", False)]
 
 
 class Output:
@@ -657,110 +588,251 @@ class Output:
                 f.write(self.blocks[name])
 
     def figure(self, name, caption, make):
+        """make(path) draws the figure; it may return {value: text} for the prose."""
         if self.want(name):
             path = os.path.join(self.out_dir, f"{name}.png")
-            make(path)
+            made = make(path)  # the path, or {value: text} of the numbers the prose quotes about the figure
+            self.values.update(made if isinstance(made, dict) else {})
             self.blocks[name] = figure_block(os.path.relpath(path), caption)
 
 
 def bicubic_reference(scores, degradation="bilinear"):
     """{tag: [(label, value)]}: bicubic upsampling on Set5, the dashed line of the validation PSNR panels."""
-    return {"val/psnr": [("bicubic upsampling", scores(*upsampling("bicubic"), "Set5", degradation)["psnr"])]}
+    label, upscale = upsampling("bicubic")
+    return {"val/psnr": [("bicubic upsampling", scores.score(label, upscale, "Set5", degradation)["psnr"])]}
+
+
+def largest_jump(run):
+    """(dB, step) of the largest change of the validation PSNR between two validations."""
+    steps, values = run.series("val/psnr")
+    jumps = [(abs(b - a), s) for a, b, s in zip(values, values[1:], steps[1:])]
+    return max(jumps) if jumps else (math.nan, None)
 
 
 def baseline_and_residual(out, runs, scores):
-    """Task 5: the baseline's curves (handout Figure 3), the residual model against it, Figure 2's crops."""
-    pair, device = [runs[n] for n in ("baseline", "residual")], scores.device
-    out.figure("curves", "Figure 1: training curves of the baseline (the handout's Figure 3) and of the residual "
-               "model, same seed and data order; dashed: bicubic upsampling on Set5",
-               lambda path: plot_curves(pair, path, LOSS_PANELS, references=bicubic_reference(scores), rows=2))
-    out.table("gap", lambda: (gap_table(*pair, scores), baseline_values(runs, scores)))
-    panels = [*interpolations(), ("baseline", pair[0].load(device)), ("residual", pair[1].load(device)), ("HR", None)]
-    out.figure("crops", "Figure 2: a crop of comic (Set14, test), LR made by bilinear downscaling; PSNR of each crop",
-               lambda path: plot_crops("comic", [(label.split()[0], "bilinear", up) for label, up in panels], path,
-                                       device))
+    """Task 5: the baseline's curves (handout Figure 3), the residual model against it."""
+    pair = [runs[n] for n in ("baseline", "residual")]
+    out.figure("curves", "Figure 3: training curves of the baseline (the handout's Figure 3) and of the residual "
+               "model, same seed and data order; train L1 as a moving mean over 500 steps; dashed: bicubic "
+               "upsampling on Set5",
+               lambda path: plots.plot_curves([run.curve() for run in pair], path, plots.PANELS,
+                                              references=bicubic_reference(scores), rows=2))
+    out.table("gap", lambda: gap_table(*pair, scores))
+    baseline, residual = pair
+    gaps = [r - b for b, r in zip(baseline.last(), residual.last())]
+    jump, jump_step = largest_jump(baseline)
+    test_gaps = [scores.score(residual.label(), residual.load(scores.device), s)["psnr"]
+                 - scores.score(baseline.label(), baseline.load(scores.device), s)["psnr"] for s in EVAL_SETS[1:]]
+    out.values.update({
+        "gap_Set5": pm(gaps), "gap_tests": spread(test_gaps), "baseline_jump": f"{jump:.2f}",
+        "baseline_jump_step": f"{jump_step:,}", "baseline_steps": f"{baseline.step:,}",
+        "baseline_trend": trend_text(*baseline.series("val/psnr")),
+        "residual_trend": trend_text(*residual.series("val/psnr")),
+        "baseline_start_val": f"{baseline.series('val/psnr')[1][0]:.2f}",
+        "residual_start_val": f"{residual.series('val/psnr')[1][0]:.2f}",
+        "bilinear_Set5": f"{scores.score(*upsampling('bilinear'), 'Set5')['psnr']:.2f}",
+        "parameters": f"{count_parameters(residual.load(scores.device)):,}",
+        "baseline_window": validation_window(baseline)})
 
 
 def learning_rates(out, runs, scores):
     """Task 5: the sweep's curves, table and outputs."""
     sweep, baseline = sweep_runs(runs), runs["baseline"]
-    out.figure("lr-sweep", "Figure 3: learning-rate sweep of the BasicSRModel, 5,000 steps, same seed; lr 1e-4 "
-               "is the baseline's first 5,000 steps; dashed: bicubic upsampling",
-               lambda path: plot_curves(sorted([*sweep, baseline], key=lambda r: -r.train_config["lr"]), path,
-                                        [LOSS_PANELS[0], *LOSS_PANELS[2:]], max_step=5000,
-                                        labels={"baseline": "lr_1e-4"}, references=bicubic_reference(scores)))
-    out.table("sweep", lambda: (sweep_table(runs), sweep_values(runs)))
-    panels = [(run.name, "bilinear", run.load(scores.device)) for run in sweep if run.checkpoint]
-    out.figure("lr-crops", "Figure 4: the sweep's models at step 5,000 on the crop of Figure 2",
-               lambda path: plot_crops("comic", panels + [("bicubic", "bilinear", upsampling("bicubic")[1]),
-                                                          ("HR", "bilinear", None)], path, scores.device,
-                                       thumbnail=False))
+    curves = [run.curve(5000, "lr_1e-4" if run.name == "baseline" else run.name)
+              for run in sorted([*sweep, baseline], key=lambda r: -r.train_config["lr"])]
+    out.figure("lr-sweep", "Figure 4: learning-rate sweep of the BasicSRModel, 5,000 steps, same seed; lr 1e-4 is "
+               "the baseline's first 5,000 steps; train L1 as a moving mean over 500 steps, its axis cut at 0.3 "
+               "(lr 1e-2 peaks far above); dashed: bicubic upsampling",
+               lambda path: plots.plot_curves(curves, path, [plots.PANELS[0], *plots.PANELS[2:]],
+                                              references=bicubic_reference(scores),
+                                              y_limits={f"train/{LOSS_NAME}": (0.01, 0.3)}))
+    out.table("sweep", lambda: sweep_table(runs))
+    means = {run.name: mean_sd(run.last(max_step=5000))[0] for run in [*sweep, baseline]}
+    sds = {run.name: mean_sd(run.last(max_step=5000))[1] for run in [*sweep, baseline]}
+    out.values.update({"lr_1e-4": pm(baseline.last(max_step=5000)), "lr_1e-4_sd": f"{sds['baseline']:.2f}"})
+    if "lr_1e-3" in runs:
+        out.values.update({"lr_1e-3": pm(runs["lr_1e-3"].last(max_step=5000)), "lr_1e-3_sd": f"{sds['lr_1e-3']:.2f}",
+                           "lr_1e-3_range": spread(runs["lr_1e-3"].last(max_step=5000)),
+                           "lr_gap": f"{means['baseline'] - means['lr_1e-3']:.2f}"})
+    if "lr_1e-2" in runs:
+        out.values["lr_1e-2"] = pm(runs["lr_1e-2"].last(max_step=5000))
+        out.values["lr_1e-2_peak_loss"] = f"{max(runs['lr_1e-2'].series(f'train/{LOSS_NAME}')[1]):.0f}"
+    if "lr_1e-6" in runs:
+        out.values["lr_1e-6"] = pm(runs["lr_1e-6"].last(max_step=5000))
+    if "lr_1e-5" in runs:
+        out.values["lr_1e-5_range"] = spread(runs["lr_1e-5"].last(max_step=5000))
+    panels = [(run.name.replace("_", " "), "bilinear", run.load(scores.device)) for run in sweep if run.checkpoint]
+    panels += [("bicubic", "bilinear", upsampling("bicubic")[1]), ("HR", "bilinear", None)]
+    out.figure("lr-crops", "Figure 5: the sweep's models at step 5,000 on a crop of comic (Set14), LR by bilinear "
+               "downscaling; PSNR / SSIM of the crop (lr 1e-4: no step-5,000 checkpoint is kept)",
+               lambda path: plot_crops("comic", panels, path, scores.device))
 
 
 def downscaling(out, runs, scores):
     """Task 5: the models on LR inputs made otherwise than in training."""
-    pair = [runs[n] for n in ("baseline", "residual")]
-    out.table("downscaling", lambda: (downscaling_table(pair, scores), downscaling_values(pair, scores)))
-    residual = pair[1].load(scores.device)
+    out.table("downscaling", lambda: downscaling_table(runs, scores))
+    residual = runs["residual"]
+    model = residual.load(scores.device)
+
+    def loss(good, bad):  # the residual model's PSNR with LR by `good` minus with LR by `bad`, per set
+        return spread([scores.score(residual.label(), model, s, good)["psnr"]
+                       - scores.score(residual.label(), model, s, bad)["psnr"] for s in EVAL_SETS], 1)
+
+    def versus_bicubic(degradation):
+        return spread([scores.score(residual.label(), model, s, degradation)["psnr"]
+                       - scores.score(*upsampling("bicubic"), s, degradation)["psnr"] for s in EVAL_SETS], 2)
+
+    bicubic = upsampling("bicubic")
+    out.values.update({
+        "residual_loss_bicubic": loss("bilinear", "bicubic"), "residual_loss_nearest": loss("bilinear", "nearest"),
+        "residual_loss_shift": loss("nearest_centred", "nearest"),
+        "residual_loss_blur": loss("bilinear", "nearest_centred"),
+        "residual_vs_bicubic_on_bicubic": versus_bicubic("bicubic"),
+        "residual_vs_bicubic_on_nearest": versus_bicubic("nearest"),
+        "bicubic_gain_bicubic": spread([scores.score(*bicubic, s, "bicubic")["psnr"]
+                                        - scores.score(*bicubic, s, "bilinear")["psnr"] for s in EVAL_SETS], 1),
+        "bicubic_shift": spread([scores.score(*bicubic, s, "nearest_centred")["psnr"]
+                                 - scores.score(*bicubic, s, "nearest")["psnr"] for s in EVAL_SETS], 1)})
     panels = [("LR by nearest (enlarged)", "nearest", "lr"),
-              *[(f"residual, LR by {d.replace('_', ' ')}", d, residual) for d in DOWNSCALING], ("HR", "bilinear", None)]
-    out.figure("downscaling-crops", "Figure 5: the residual model on LR inputs made four ways (it was trained on "
-               "bilinear); a crop of butterfly (Set5)",
-               lambda path: plot_crops("butterfly", panels, path, scores.device, thumbnail=False))
+              *[(f"residual, LR by {d.replace('_', ' ')}", d, model) for d in DOWNSCALING], ("HR", "bilinear", None)]
+    out.figure("downscaling-crops", "Figure 6: the residual model on LR inputs made four ways (it was trained on "
+               "bilinear); a crop of butterfly (Set5); PSNR / SSIM of the crop",
+               lambda path: plot_crops("butterfly", panels, path, scores.device))
+
+
+def fine_tune_start(run, cfg, device):
+    """(label, model, step) of the checkpoint a fine-tune started from (the residual run has trained on since)."""
+    model, payload = load_model(os.path.join(cfg["ckpt_dir"], run.init), device)
+    return f"residual, step {payload['step']:,} (GAN's start)", model, payload["step"]
 
 
 def adversarial(out, runs, scores, cfg):
     """Task 6: the GAN run's curves, its trade-off against the checkpoint it started from, its texture."""
-    gan, start = runs["gan"], fine_tune_start(runs["gan"], cfg, scores.device)
-    out.figure("gan-curves", f"Figure 6: the GAN run (the residual model fine-tuned with L1 + "
-               f"{gan.train_config['adv_weight']:g} × relativistic adversarial loss)",
-               lambda path: plot_curves([gan], path, GAN_PANELS, rows=2))
-    out.table("gan", lambda: (gan_table(gan, start, runs["residual"], scores),
-                              gan_values(gan, start, runs["residual"], scores)))
-    panels = [("bicubic", upsampling("bicubic")[1]), (f"{start[0]} (GAN's start)", start[1]),
-              ("GAN", gan.load(scores.device)), ("HR", None)]
-    out.figure("gan-crops", "Figure 7: the GAN against the model it started from, a crop of zebra (Set14, test)",
-               lambda path: plot_crops("zebra", [(label, "bilinear", up) for label, up in panels], path, scores.device))
+    gan, residual = runs["gan"], runs["residual"]
+    start = fine_tune_start(gan, cfg, scores.device)
+    start_level = {tag: mean_sd(residual.last(tag, max_step=start[2]))[0] for tag in ("val/psnr", "val/sharpness")}
+    references = {tag: [(f"start, mean of its last {LAST}", value)] for tag, value in start_level.items()}
+    panels = [plots.GAN_PANELS[i] for i in (0, 1, 2, 4, 5, 6)]  # D(real), D(fake) of the committed run: see text
+    out.figure("gan-curves", f"Figure 7: the GAN run (the residual model fine-tuned with L1 + "
+               f"{gan.train_config['adv_weight']:g} × relativistic adversarial loss); dashed: the level of the "
+               "checkpoint it started from; generator L1 as a moving mean over 500 steps",
+               lambda path: plots.plot_curves([gan.curve()], path, panels, rows=2, references=references))
+    out.table("gan", lambda: gan_table(gan, start, scores))
+    before = {s: scores.score(start[0], start[1], s) for s in EVAL_SETS[1:]}
+    after = {s: scores.score(gan.label(), gan.load(scores.device), s) for s in EVAL_SETS[1:]}
+    d_loss = gan.series("train/d_loss")[1]
+    out.values.update({
+        "gan_steps": f"{gan.step:,}", "gan_start_step": f"{start[2]:,}", "adv_weight": f"{gan.train_config['adv_weight']:g}",
+        "discriminator_parameters": f"{count_parameters(Discriminator()):,}",
+        "gan_cost_Set14": f"{before['Set14']['psnr'] - after['Set14']['psnr']:.2f}",
+        "gan_cost_BSD68": f"{before['BSD68']['psnr'] - after['BSD68']['psnr']:.2f}",
+        "gan_sharp_Set14": f"{after['Set14']['sharpness']:.3f} against {before['Set14']['sharpness']:.3f}",
+        "gan_gmsd_Set14": f"{after['Set14']['gmsd']:.4f} against {before['Set14']['gmsd']:.4f}",
+        "gan_val": pm(gan.last()), "gan_start_val": pm(residual.last(max_step=start[2])),
+        "gan_d_loss": spread(d_loss[len(d_loss) // 2:])})
+    panels = [("HR", "bilinear", None), ("bicubic", "bilinear", upsampling("bicubic")[1]),
+              ("GAN's start", "bilinear", start[1]), ("GAN", "bilinear", gan.load(scores.device))]
+    out.figure("gan-crops", "Figure 8: the GAN against the model it started from, a crop of zebra (Set14, test), LR "
+               f"by bilinear downscaling; PSNR / SSIM of the crop; below, each output's error, {ERROR_GAIN}× brighter",
+               lambda path: plot_crops("zebra", panels, path, scores.device, errors=True))
 
 
-def final_model(out, runs, scores):
-    """The final model: the standard protocol against published results, its curves, the ablation."""
-    def standard():
-        text, standard_scores = standard_table(runs, scores.device)
-        final = runs.get("final")
-        if not (final and final.checkpoint):
-            return text, recipe_values()
-        return text, {**recipe_values(), **final_values(runs, standard_scores),
-                      **moving_average_values(final, standard_scores, scores.device)}
+def final_values(runs, standard):
+    """The numbers the prose quotes about the final model, each a paired difference or a set's mean."""
+    final, t91 = runs[FINAL], runs[FINAL_T91]
+    device = standard.device
 
-    out.table("standard", standard)
-    out.table("ablation", lambda: ablation_table(runs, scores.device))
-    if "final" in runs:
-        ablation = [runs[n] for n in dict(ABLATION) if n in runs]
-        groups = [([runs["final"]], runs["final"].planned)] + ([(ablation, ablation[0].planned)] if ablation else [])
-        panels = [LOSS_PANELS[0], LOSS_PANELS[2], ("train/lr", "learning rate", False)]
-        out.figure("final-curves", "Figure 8: top, the final model's training; bottom, the ablation runs of Table 7 "
-                   "on their own step axis (validation: RGB, LR by MATLAB bicubic; with ema, the weights' moving "
-                   "average; the learning rate is logged only where it is scheduled); dashed: bicubic upsampling",
-                   lambda path: plot_curve_rows(groups, path, panels, bicubic_reference(scores, "bicubic_matlab")))
-    if "final" in runs and runs["final"].checkpoint:
-        final = runs["final"].load(scores.device)
-        panels = [("bicubic (MATLAB imresize)", lambda lr: imresize_matlab(lr, SCALE))]
-        panels += [(runs[n].label(), runs[n].load(scores.device)) for n in ("residual_matlab",) if n in runs and runs[n].checkpoint]
-        panels += [(runs["final"].label(), final), ("final model, x8 self-ensemble", self_ensemble(final)), ("HR", None)]
-        out.figure("final-crops", "Figure 9: the final model on a crop of barbara (Set14, test), LR by MATLAB bicubic "
-                   "as in the standard protocol; PSNR of each crop (RGB)",
-                   lambda path: plot_crops("barbara", [(label, "bicubic_matlab", up) for label, up in panels], path,
-                                           scores.device))
+    def single(run, set_name):
+        return standard.per_image(run.label(), run.load(device), set_name)
+
+    def mean(run, set_name):
+        return f"{standard.mean(run.label(), run.load(device), set_name)['psnr']:.2f}"
+
+    def versus(name, set_name):
+        published = dict((row[0], row[3]) for row in PUBLISHED)[name][set_name][0]
+        return signed(float(mean(final, set_name)) - published)
+
+    bicubic = {s: standard.per_image("bicubic (MATLAB imresize)", matlab_bicubic, s) for s in STANDARD_SETS}
+    x8 = {s: standard.per_image(f"{final.label()}, x8", self_ensemble(final.load(device)), s) for s in ENSEMBLE_SETS}
+    values = {
+        "final_Set5": mean(final, "Set5"), "final_Set14": mean(final, "Set14"), "final_B100": mean(final, "B100"),
+        "final_t91_Set5": mean(t91, "Set5"), "final_t91_Set14": mean(t91, "Set14"), "final_t91_B100": mean(t91, "B100"),
+        "final_vs_t91_Set5": paired(single(final, "Set5"), single(t91, "Set5")),
+        "final_vs_t91_Set14": paired(single(final, "Set14"), single(t91, "Set14")),
+        "final_vs_t91_B100": paired(single(final, "B100"), single(t91, "B100")),
+        "final_vs_bicubic_B100": paired(single(final, "B100"), bicubic["B100"]),
+        "final_x8_gain_Set5": paired(x8["Set5"], single(final, "Set5")),
+        "final_x8_gain_Set14": paired(x8["Set14"], single(final, "Set14")),
+        "final_vs_fsrcnn_Set5": versus("FSRCNN", "Set5"), "final_vs_fsrcnn_Set14": versus("FSRCNN", "Set14"),
+        "final_vs_fsrcnn_B100": versus("FSRCNN", "B100"), "final_vs_vdsr_Set5": versus("VDSR", "Set5"),
+        "final_vs_vdsr_Set14": versus("VDSR", "Set14"), "final_vs_vdsr_B100": versus("VDSR", "B100"),
+        "final_steps": f"{final.step:,}", "final_t91_steps": f"{t91.step:,}",
+        "final_hours": f"{final.summary.get('wall_time_s', final.payload.get('elapsed', 0)) / 3600:.1f}",
+        "final_t91_hours": f"{t91.summary.get('wall_time_s', t91.payload.get('elapsed', 0)) / 3600:.1f}",
+        "final_hardware": short_hardware(final.summary.get("hardware", "not recorded")),
+        "final_t91_hardware": short_hardware(t91.summary.get("hardware", "not recorded")),
+        "final_val_start": f"{final.series('val/psnr')[1][0]:.2f}", "final_val_level": pm(final.last()),
+        "final_t91_val_level": pm(t91.last()), "final_t91_window": validation_window(t91)}
+    matlab = runs.get("residual_matlab")
+    if matlab and matlab.checkpoint:
+        values["t91_vs_matlab_Set14"] = paired(single(t91, "Set14"), single(matlab, "Set14"))
+        values["t91_vs_matlab_B100"] = paired(single(t91, "B100"), single(matlab, "B100"))
+    raw_path = os.path.join(os.path.dirname(t91.checkpoint), RAW_WEIGHTS)
+    if os.path.isfile(raw_path):  # the moving average at the end of the T91 run: model.pt against model_raw.pt
+        raw = load_model(raw_path, device)[0]
+        values["t91_ema_gain_Set14"] = paired(single(t91, "Set14"), standard.per_image("T91 raw", raw, "Set14"))
+    values["final_t91_trend"] = trend_text(*t91.series("val/psnr"))
+    for key, _, text in (s.partition("=") for s in FINAL_RECIPE):
+        values[f"recipe_{key}"] = text  # recipe_lr, recipe_ema, ...: FINAL_RECIPE's settings as the text quotes them
+    return values
+
+
+def final_model(out, runs, scores, standard):
+    """The final model: its curves, the standard protocol against published results, the failure case, the ablation."""
+    out.table("standard", lambda: standard_table(runs, standard))
+    if FINAL in runs and FINAL_T91 in runs and runs[FINAL].checkpoint and runs[FINAL_T91].checkpoint:
+        out.values.update(final_values(runs, standard))
+    out.table("ablation", lambda: ablation_table(runs, standard))
+    fine_tunes = [runs[n] for n, settings in RUNS if n in runs and n != FINAL_T91 and any(
+        s.startswith("init=") and "final" in s for s in settings)]
+    ablation = [runs[n] for n in dict(ABLATION) if n in runs]
+    groups = [([runs[n].curve() for n in (FINAL_T91,) if n in runs], runs[FINAL_T91].planned if FINAL_T91 in runs else None)]
+    if fine_tunes:
+        groups.append(([run.curve() for run in fine_tunes], max(run.planned for run in fine_tunes)))
+    if ablation:
+        groups.append(([run.curve() for run in ablation], ablation[0].planned))
+    panels = [plots.PANELS[0], plots.PANELS[2], (("train/lr",), "learning rate", False)]
+    out.figure("final-curves", "Figure 9: top, the T91 run from scratch; middle, the fine-tunes on T91 + BSD200 that "
+               "start from it; bottom, the ablation runs of Table 7; each row on its own step axis (validation: RGB "
+               "on Set5, LR by MATLAB bicubic, the weights' moving average; train L1 as a moving mean over 500 "
+               "steps); dashed: bicubic upsampling",
+               lambda path: plots.plot_curve_rows(groups, path, panels, bicubic_reference(scores, "bicubic_matlab")))
+    if FINAL in runs and FINAL_T91 in runs:
+        panels = [("HR", "bicubic_matlab", None), ("bicubic", "bicubic_matlab", matlab_bicubic),
+                  (NAMES[FINAL_T91], "bicubic_matlab", runs[FINAL_T91].load(scores.device)),
+                  (NAMES[FINAL], "bicubic_matlab", runs[FINAL].load(scores.device))]
+        out.figure("final-crops", "Figure 10: a failure case: a crop of barbara (Set14), LR by MATLAB bicubic; the "
+                   "scarf's stripes are finer than the LR image can hold; PSNR / SSIM of the crop (RGB); below, "
+                   f"each output's error, {ERROR_GAIN}× brighter",
+                   lambda path: plot_crops("barbara", panels, path, scores.device, errors=True))
+        out.figure("comparison", "Figure 1: two crops of test images where the final model gains most over "
+                   "bicubic; each model gets LR made as in its training (baseline, residual, GAN: bilinear; final "
+                   "models: MATLAB bicubic), bicubic upsampling the MATLAB-bicubic LR; PSNR / SSIM of the crop (RGB)",
+                   lambda path: comparison_figure(runs, standard, path, scores.device))
 
 
 def build(cfg, out_dir, device, only=None):
     """Write every table (.md) and figure (.png) of the report to `out_dir`; returns ({block: markdown},
     {value name: text}). `only` (a set of block names) limits the work, for tests."""
-    runs, scores, out = available_runs(cfg), Scores(device), Output(out_dir, only)
+    runs, scores, standard, out = available_runs(cfg), RgbScores(device), StandardScores(device), Output(out_dir, only)
     out.table("runs", lambda: runs_table(list(runs.values())))
-    tested = [runs[n] for n in ("baseline", "residual", "gan") if n in runs and runs[n].checkpoint]
-    out.table("key-results", lambda: key_table(tested, scores))
+    out.table("key-results", lambda: key_results(runs, scores))
+    if out.want("loader"):
+        cells, shapes = loader_check(out_dir)
+        out.figure("loader", "Figure 2: Task 1's check, one shuffled DataLoader batch of T91 with the handout's "
+                   f"settings ({shapes}): random 64×64 crops, colour jitter 0.2, LR by antialiased bilinear "
+                   "downscaling (lr_image.png, hr_image.png: its first pair)",
+                   lambda path: plots.plot_image_grid(cells, path, columns=4, cell_inches=1.2))
     if all(n in runs and runs[n].checkpoint for n in ("baseline", "residual")):
         baseline_and_residual(out, runs, scores)
         if sweep_runs(runs):
@@ -768,7 +840,7 @@ def build(cfg, out_dir, device, only=None):
         downscaling(out, runs, scores)
         if "gan" in runs and runs["gan"].checkpoint:
             adversarial(out, runs, scores, cfg)
-    final_model(out, runs, scores)
+    final_model(out, runs, scores, standard)
     return out.blocks, out.values
 
 
@@ -794,7 +866,7 @@ def render_pdf(markdown_path, pdf_path, root="."):
     from markdown_pdf import MarkdownPdf, Section
 
     css = ("body {font-size: 9.5pt;} h1 {font-size: 16pt;} h2 {font-size: 12.5pt;} h3 {font-size: 10.5pt;} "
-           "table {border-collapse: collapse; font-size: 8pt;} th, td {border: 1px solid #999; padding: 1px 3px;} "
+           "table {border-collapse: collapse; font-size: 7.5pt;} th, td {border: 1px solid #999; padding: 1px 3px;} "
            "img {width: 100%;} pre, code {font-size: 8pt;}")
     pdf = MarkdownPdf(toc_level=2, optimize=True)
     pdf.meta.update({"creationDate": "", "modDate": "", "title": "x2 single-image super-resolution"})
@@ -806,7 +878,7 @@ def render_pdf(markdown_path, pdf_path, root="."):
 
 
 def publish(out_dir, blocks, values):
-    """The template filled into runs/report/report.md, rendered to README.pdf; README.md's key-results block."""
+    """The template filled into <out_dir>/report.md, rendered to README.pdf; README.md's key-results block."""
     with open(TEMPLATE) as f:
         filled = fill(f.read(), blocks, values)
     markdown = os.path.join(out_dir, "report.md")
@@ -815,25 +887,26 @@ def publish(out_dir, blocks, values):
     with open("README.md") as f:
         readme = f.read()
     with open("README.md", "w") as f:
-        f.write(fill_markers(readme, {name: blocks[name] for name in ("key-results",) if name in blocks}))
+        f.write(fill_markers(readme, {name: blocks[name] for name in ("key-results", "standard") if name in blocks}))
     return render_pdf(markdown, "README.pdf")
 
 
 def main(argv):
-    out_dir = os.path.join("runs", "report")
-    if argv == ["pdf"]:  # after editing code/report.md's prose: render again from the saved blocks and values
+    rerender = "pdf" in argv  # after editing code/report.md's prose: render again from the saved blocks and values
+    argv = [a for a in argv if a != "pdf"]
+    cfg = config.from_argv(argv, ("report", "run", "system"))
+    out_dir = cfg["report_dir"] or os.path.join(cfg["runs_dir"], "report")
+    if rerender:
         saved = read_json(os.path.join(out_dir, "report.json"))
         if saved is None:
             raise SystemExit(f"error: {out_dir}/report.json: no such file; run `make report` first")
         print(publish(out_dir, saved["blocks"], saved["values"]))
         return
-    cfg = config.from_argv(argv, ("report", "run", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = system.pick_device(cfg["device"])
-    for set_name in ("T91", *EVAL_SETS):
+    for set_name in ("T91", *EVAL_SETS, *STANDARD_SETS):
         if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):
             raise SystemExit(f"error: {DATA_ROOT}/{set_name}: no such folder; the report evaluates on the standard sets")
-    out_dir = cfg["report_dir"] or os.path.join(cfg["runs_dir"], "report")
     blocks, values = build(cfg, out_dir, device)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump({"blocks": blocks, "values": values}, f, indent=1, sort_keys=True, ensure_ascii=False)

@@ -14,17 +14,30 @@ from conftest import shared_folder
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_plateau_compares_the_mean_of_the_last_fifth_with_the_fifth_before_it():
+def test_trend_compares_the_last_fifth_with_the_fifth_before_and_says_noisy_where_it_cannot_tell():
     steps = list(range(500, 10001, 500))
     rising = [20 + 0.1 * i for i in range(len(steps))]
-    gain, se, met = report.plateau(steps, rising)
-    assert gain == pytest.approx(0.4) and se == pytest.approx(math.sqrt(2 * 0.1 ** 2 * 5 / 3 / 4)) and not met
+    gain, se, verdict = report.trend(steps, rising)
+    assert gain == pytest.approx(0.4) and se == pytest.approx(math.sqrt(2 * 0.1 ** 2 * 5 / 3 / 4))
+    assert verdict == "rising"
+    assert report.trend(steps, [30.0 + 0.001 * (i % 2) for i in range(len(steps))])[2] == "flat"
     noisy_but_flat = [30.0 + (0.5 if i % 2 else 0.0) for i in range(len(steps))]
-    assert report.plateau(steps, noisy_but_flat)[::2] == (0.0, True)
+    assert report.trend(steps, noisy_but_flat)[::2] == (0.0, "no detectable trend (noisy)")  # no power: not "flat"
     noisy_and_rising_a_little = [v + 0.02 * i for i, v in enumerate(noisy_but_flat)]  # 0.08 dB within 2 se
-    gain, se, met = report.plateau(steps, noisy_and_rising_a_little)
-    assert gain == pytest.approx(0.08) and gain < 2 * se and met
-    assert math.isnan(report.plateau([500], [30.0])[0])
+    gain, se, verdict = report.trend(steps, noisy_and_rising_a_little)
+    assert gain == pytest.approx(0.08) and gain < 2 * se and verdict == "no detectable trend (noisy)"
+    assert math.isnan(report.trend([500], [30.0])[0])
+
+
+def test_signed_numbers_never_print_minus_zero():
+    assert [report.signed(v) for v in (0.126, -0.051, -0.004, 0.0)] == ["+0.13", "-0.05", "0.00", "0.00"]
+    assert report.signed_pm(-0.001, 0.004) == "0.00\xa0±\xa00.00"
+
+
+def test_best_window_finds_the_square_with_the_largest_mean_gain():
+    gain = torch.zeros(64, 80)
+    gain[20:36, 44:60] = 1.0
+    assert report.best_window(gain, 16) == (20, 44)
 
 
 def test_fill_replaces_every_placeholder_and_refuses_an_unknown_one():
@@ -46,7 +59,7 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
     without a checkpoint yet, a GAN, a final run and a two-step ablation; the eval 'sets' all point at the
     tiny eval folder."""
     root = tmp_path / "data"
-    for name in ("T91", "Set5", "Set14", "BSD68"):
+    for name in ("T91", "Set5", "Set14", "BSD68", "B100"):
         os.makedirs(root, exist_ok=True)
         os.symlink(tiny_cfg["eval_dir"] if name != "T91" else tiny_cfg["data_dir"], root / name)
     tiny = ["num_blocks=1", "channels=8", "patch_size=32", "batch_size=4", "val_every=2", "ckpt_every=2",
@@ -58,12 +71,16 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
             ("lr_1e-3", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
             ("gan", [*tiny, "model=residual", "gan=true", f"init={tiny_cfg['ckpt_dir']}/residual/model.pt", "lr=1e-3",
                      "max_steps=2"]),
-            ("final", [*tiny, "model=residual", "degradation=bicubic_matlab", "ema=0.5", "max_steps=2"]),
+            ("residual_matlab", [*tiny, "model=residual", "degradation=bicubic_matlab", "max_steps=2"]),
+            ("final_t91", [*tiny, "model=residual", "degradation=bicubic_matlab", "ema=0.5", "max_steps=2"]),
+            ("final", [*tiny, "model=residual", "degradation=bicubic_matlab", "ema=0.5",
+                       f"init={tiny_cfg['ckpt_dir']}/final_t91/model.pt", "max_steps=2"]),
             *[(name, [*tiny, "model=residual", *settings, "max_steps=2"]) for name, settings in ablation]]
     monkeypatch.setattr(report, "RUNS", runs)
     monkeypatch.setattr(report, "ABLATION", ablation)
     monkeypatch.setattr(report, "DATA_ROOT", str(root))
     monkeypatch.setattr(report, "CROPS", {name: ("Set5", "img00.png", 4, 4, 24) for name in report.CROPS})
+    monkeypatch.setattr(report, "COMPARISON_SIDE", 16)
     where = [f"data_dir={root / 'T91'}", f"eval_dir={root / 'Set5'}", f"runs_dir={tiny_cfg['runs_dir']}",
              f"ckpt_dir={tiny_cfg['ckpt_dir']}", "num_workers=0", "device=cpu"]
     for name, settings in runs:
@@ -86,7 +103,9 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     blocks, values = report.build(tiny_experiments, str(first), torch.device("cpu"))
     report.build(tiny_experiments, str(second), torch.device("cpu"))
     names = sorted(os.listdir(first))
-    assert names == sorted(os.listdir(second)) and len(names) == 17
+    assert names == sorted(os.listdir(second)) and len(names) == 20
+    assert {'lr_image.png', 'hr_image.png', 'loader.png', 'comparison.png'} <= set(names)
+    print(json.dumps(blocks, indent=1, ensure_ascii=False)); print(json.dumps(values, indent=1, ensure_ascii=False))
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     runs = blocks["runs"]
