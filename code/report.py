@@ -153,6 +153,7 @@ class Run:
         self.scalars = plots.read_scalars(self.run_dir) if os.path.isdir(self.run_dir) else {}
         self.summary = read_json(os.path.join(self.run_dir, "summary.json")) or {}
         self.train_config = read_json(os.path.join(self.run_dir, "config.json")) or {}
+        self.config = {**self.planned_config, **self.train_config}  # as trained where it has run, else as planned
         self.payload = load_checkpoint(self.checkpoint) if self.checkpoint else {}  # step, elapsed, hardware
         self.step = self.payload.get("step")
         self.models = {}
@@ -283,17 +284,24 @@ def validation_window(run, count=LAST):
 
 # ---- tables -------------------------------------------------------------------------------------------------
 
+def training_data(data_dir):
+    """'T91 + BSD200 (291)': the training folders of a run and their number of images."""
+    folders = data_dir.split(",")
+    count = sum(len([n for n in os.listdir(f) if not n.startswith(".")]) for f in folders if os.path.isdir(f))
+    return f"{' + '.join(os.path.basename(os.path.normpath(f)) for f in folders)} ({count})"
+
+
 def runs_table(runs):
     """Every run: its data and batch, steps, samples seen, wall time, hardware, validation level and trend."""
     rows = []
     for run in runs:
-        cfg = {**run.planned_config, **run.train_config}
+        cfg = run.config
         steps, psnrs = run.series("val/psnr")
         long_run = not run.init and run.planned > 5000  # a verdict for the long runs from scratch only
         gain, se, verdict = trend(steps, psnrs) if steps and long_run else (math.nan, math.nan, "—")
         elapsed = run.summary.get("wall_time_s", run.payload.get("elapsed"))
         hardware = run.summary.get("hardware") or run.payload.get("hardware", "—")
-        data = "+".join(os.path.basename(folder) for folder in cfg["data_dir"].split(","))
+        data = training_data(cfg["data_dir"])
         step = "—" if run.step is None else f"{run.step:,}"
         samples = "—" if run.step is None else f"{run.step * cfg['batch_size'] / 1000:,.0f}k"
         trend_cell = "—" if math.isnan(gain) else f"{signed_pm(gain, se)}, {verdict}"  # the table's unit: dB
@@ -411,9 +419,7 @@ def standard_table(runs, standard):
     for run, kind in standard_rows(runs):
         label, upscale = standard_method(run, kind, standard.device)
         model = run.load(standard.device) if run else None
-        data = "+".join(os.path.basename(f) for f in run.planned_config["data_dir"].split(",")) if run else "—"
-        if run:
-            data += f" ({sum(len(os.listdir(f)) for f in run.planned_config['data_dir'].split(','))})"
+        data = training_data(run.config["data_dir"]) if run else "—"
         cells = [cell(standard.mean(label, upscale, s)) if run is None or kind == "single model" or s in ENSEMBLE_SETS
                  else "not run" for s in STANDARD_SETS]
         rows.append([run.label() if run else label, kind, f"{count_parameters(model) / 1000:.0f}k" if model else "—",
@@ -494,16 +500,18 @@ def crop_cells(hr, box, panels, device, errors=False):
         images.append(crop)
         scored = upscale is not None and upscale != "lr"
         cells.append((label, to_pixels(crop), crop_scores(crop, reference) if scored else ""))
-    if errors:
-        cells += [(f"|{label} − HR| ×{ERROR_GAIN}", error_map(crop, reference) if upscale not in (None, "lr") else None,
-                   "") for (label, _, upscale), crop in zip(panels, images)]
+    if errors:  # under HR, the LR input the outputs were made from (the first model's degradation)
+        degradation = next(d for _, d, upscale in panels if upscale not in (None, "lr"))
+        low_res = upscaled("lr", hr, degradation, device)[:, top:top + side, left:left + side]
+        cells += [(f"|{label} − HR| ×{ERROR_GAIN}", error_map(crop, reference), "") if upscale not in (None, "lr")
+                  else ("LR input, enlarged", to_pixels(low_res), "") for (label, _, upscale), crop in zip(panels, images)]
     return cells
 
 
-def plot_crops(crop_name, panels, out_path, device, errors=False):
+def plot_crops(crop_name, panels, out_path, device, errors=False, columns=None):
     set_name, file_name, top, left, side = CROPS[crop_name]
     cells = crop_cells(high_res(set_name, file_name), (top, left, side), panels, device, errors)
-    return plots.plot_image_grid(cells, out_path, columns=len(panels))
+    return plots.plot_image_grid(cells, out_path, columns=columns or len(panels))
 
 
 def best_window(gain, side):
@@ -602,10 +610,11 @@ def bicubic_reference(scores, degradation="bilinear"):
     return {"val/psnr": [("bicubic upsampling", scores.score(label, upscale, "Set5", degradation)["psnr"])]}
 
 
-def largest_jump(run):
-    """(dB, step) of the largest change of the validation PSNR between two validations."""
+def largest_jump(run, after=5000):
+    """(dB, step) of the largest change of the validation PSNR between two validations after step `after` (before it,
+    the curve is still rising from its start)."""
     steps, values = run.series("val/psnr")
-    jumps = [(abs(b - a), s) for a, b, s in zip(values, values[1:], steps[1:])]
+    jumps = [(abs(b - a), s) for a, b, s in zip(values, values[1:], steps[1:]) if s > after]
     return max(jumps) if jumps else (math.nan, None)
 
 
@@ -618,6 +627,8 @@ def baseline_and_residual(out, runs, scores):
                lambda path: plots.plot_curves([run.curve() for run in pair], path, plots.PANELS,
                                               references=bicubic_reference(scores), rows=2))
     out.table("gap", lambda: gap_table(*pair, scores))
+    if not out.want("gap"):  # the values the prose quotes beside Table 2
+        return
     baseline, residual = pair
     gaps = [r - b for b, r in zip(baseline.last(), residual.last())]
     jump, jump_step = largest_jump(baseline)
@@ -647,6 +658,17 @@ def learning_rates(out, runs, scores):
                                               references=bicubic_reference(scores),
                                               y_limits={f"train/{LOSS_NAME}": (0.01, 0.3)}))
     out.table("sweep", lambda: sweep_table(runs))
+    if out.want("sweep"):
+        sweep_values(out, sweep, baseline, runs)
+    panels = [(run.name.replace("_", " "), "bilinear", run.load(scores.device)) for run in sweep if run.checkpoint]
+    panels += [("bicubic", "bilinear", upsampling("bicubic")[1]), ("HR", "bilinear", None)]
+    out.figure("lr-crops", "Figure 5: the sweep's models at step 5,000 on a crop of comic (Set14), LR by bilinear "
+               "downscaling; PSNR / SSIM of the crop (lr 1e-4: no step-5,000 checkpoint is kept)",
+               lambda path: plot_crops("comic", panels, path, scores.device))
+
+
+def sweep_values(out, sweep, baseline, runs):
+    """The numbers the prose quotes beside Table 3."""
     means = {run.name: mean_sd(run.last(max_step=5000))[0] for run in [*sweep, baseline]}
     sds = {run.name: mean_sd(run.last(max_step=5000))[1] for run in [*sweep, baseline]}
     out.values.update({"lr_1e-4": pm(baseline.last(max_step=5000)), "lr_1e-4_sd": f"{sds['baseline']:.2f}"})
@@ -661,11 +683,6 @@ def learning_rates(out, runs, scores):
         out.values["lr_1e-6"] = pm(runs["lr_1e-6"].last(max_step=5000))
     if "lr_1e-5" in runs:
         out.values["lr_1e-5_range"] = spread(runs["lr_1e-5"].last(max_step=5000))
-    panels = [(run.name.replace("_", " "), "bilinear", run.load(scores.device)) for run in sweep if run.checkpoint]
-    panels += [("bicubic", "bilinear", upsampling("bicubic")[1]), ("HR", "bilinear", None)]
-    out.figure("lr-crops", "Figure 5: the sweep's models at step 5,000 on a crop of comic (Set14), LR by bilinear "
-               "downscaling; PSNR / SSIM of the crop (lr 1e-4: no step-5,000 checkpoint is kept)",
-               lambda path: plot_crops("comic", panels, path, scores.device))
 
 
 def downscaling(out, runs, scores):
@@ -683,7 +700,7 @@ def downscaling(out, runs, scores):
                        - scores.score(*upsampling("bicubic"), s, degradation)["psnr"] for s in EVAL_SETS], 2)
 
     bicubic = upsampling("bicubic")
-    out.values.update({
+    out.values.update({} if not out.want("downscaling") else {  # the values the prose quotes beside Table 4
         "residual_loss_bicubic": loss("bilinear", "bicubic"), "residual_loss_nearest": loss("bilinear", "nearest"),
         "residual_loss_shift": loss("nearest_centred", "nearest"),
         "residual_loss_blur": loss("bilinear", "nearest_centred"),
@@ -693,11 +710,11 @@ def downscaling(out, runs, scores):
                                         - scores.score(*bicubic, s, "bilinear")["psnr"] for s in EVAL_SETS], 1),
         "bicubic_shift": spread([scores.score(*bicubic, s, "nearest_centred")["psnr"]
                                  - scores.score(*bicubic, s, "nearest")["psnr"] for s in EVAL_SETS], 1)})
-    panels = [("LR by nearest (enlarged)", "nearest", "lr"),
-              *[(f"residual, LR by {d.replace('_', ' ')}", d, model) for d in DOWNSCALING], ("HR", "bilinear", None)]
-    out.figure("downscaling-crops", "Figure 6: the residual model on LR inputs made four ways (it was trained on "
+    panels = [("LR by nearest, enlarged", "nearest", "lr"),
+              *[(f"LR by {d.replace('_', ' ')}", d, model) for d in DOWNSCALING], ("HR", "bilinear", None)]
+    out.figure("downscaling-crops", "Figure 6: the residual model's output from LR made four ways (it was trained on "
                "bilinear); a crop of butterfly (Set5); PSNR / SSIM of the crop",
-               lambda path: plot_crops("butterfly", panels, path, scores.device))
+               lambda path: plot_crops("butterfly", panels, path, scores.device, columns=3))
 
 
 def fine_tune_start(run, cfg, device):
@@ -718,6 +735,17 @@ def adversarial(out, runs, scores, cfg):
                "checkpoint it started from; generator L1 as a moving mean over 500 steps",
                lambda path: plots.plot_curves([gan.curve()], path, panels, rows=2, references=references))
     out.table("gan", lambda: gan_table(gan, start, scores))
+    if out.want("gan"):
+        gan_values(out, gan, start, residual, scores)
+    panels = [("HR", "bilinear", None), ("bicubic", "bilinear", upsampling("bicubic")[1]),
+              ("GAN's start", "bilinear", start[1]), ("GAN", "bilinear", gan.load(scores.device))]
+    out.figure("gan-crops", "Figure 8: the GAN against the model it started from, a crop of zebra (Set14, test), LR "
+               f"by bilinear downscaling; PSNR / SSIM of the crop; below, each output's error, {ERROR_GAIN}× brighter",
+               lambda path: plot_crops("zebra", panels, path, scores.device, errors=True))
+
+
+def gan_values(out, gan, start, residual, scores):
+    """The numbers the prose quotes beside Table 5."""
     before = {s: scores.score(start[0], start[1], s) for s in EVAL_SETS[1:]}
     after = {s: scores.score(gan.label(), gan.load(scores.device), s) for s in EVAL_SETS[1:]}
     d_loss = gan.series("train/d_loss")[1]
@@ -730,11 +758,6 @@ def adversarial(out, runs, scores, cfg):
         "gan_gmsd_Set14": f"{after['Set14']['gmsd']:.4f} against {before['Set14']['gmsd']:.4f}",
         "gan_val": pm(gan.last()), "gan_start_val": pm(residual.last(max_step=start[2])),
         "gan_d_loss": spread(d_loss[len(d_loss) // 2:])})
-    panels = [("HR", "bilinear", None), ("bicubic", "bilinear", upsampling("bicubic")[1]),
-              ("GAN's start", "bilinear", start[1]), ("GAN", "bilinear", gan.load(scores.device))]
-    out.figure("gan-crops", "Figure 8: the GAN against the model it started from, a crop of zebra (Set14, test), LR "
-               f"by bilinear downscaling; PSNR / SSIM of the crop; below, each output's error, {ERROR_GAIN}× brighter",
-               lambda path: plot_crops("zebra", panels, path, scores.device, errors=True))
 
 
 def final_values(runs, standard):
@@ -790,7 +813,7 @@ def final_values(runs, standard):
 def final_model(out, runs, scores, standard):
     """The final model: its curves, the standard protocol against published results, the failure case, the ablation."""
     out.table("standard", lambda: standard_table(runs, standard))
-    if FINAL in runs and FINAL_T91 in runs and runs[FINAL].checkpoint and runs[FINAL_T91].checkpoint:
+    if out.want("standard") and all(n in runs and runs[n].checkpoint for n in (FINAL, FINAL_T91)):
         out.values.update(final_values(runs, standard))
     out.table("ablation", lambda: ablation_table(runs, standard))
     fine_tunes = [runs[n] for n, settings in RUNS if n in runs and n != FINAL_T91 and any(
@@ -821,6 +844,22 @@ def final_model(out, runs, scores, standard):
                    lambda path: comparison_figure(runs, standard, path, scores.device))
 
 
+COMPARE_SET, COMPARE_CROP = "Set14", 160  # the page: Set14's images cut to 160x160 around their first view (< 10 MB)
+
+
+def comparison_page(runs, out_dir, device):
+    """runs/report/compare/index.html: Set14 in the browser (compare.py), the models trained on MATLAB-bicubic
+    LR beside HR, the LR input, bilinear and bicubic, with a slider between any two."""
+    import compare
+
+    models = [(runs[n].label(), runs[n].load(device)) for n in ("residual_matlab", FINAL_T91, FINAL)
+              if n in runs and runs[n].checkpoint]
+    dataset = SRDataset(os.path.join(DATA_ROOT, COMPARE_SET), scale=SCALE, degradation="bicubic_matlab", train=False)
+    title = f"x{SCALE} on {COMPARE_SET}, LR by MATLAB bicubic: the final models of README.pdf"
+    return compare.write_page(os.path.join(out_dir, "compare"), title,
+                              compare.method_images(dataset, models, device, crop=COMPARE_CROP))
+
+
 def build(cfg, out_dir, device, only=None):
     """Write every table (.md) and figure (.png) of the report to `out_dir`; returns ({block: markdown},
     {value name: text}). `only` (a set of block names) limits the work, for tests."""
@@ -841,6 +880,8 @@ def build(cfg, out_dir, device, only=None):
         if "gan" in runs and runs["gan"].checkpoint:
             adversarial(out, runs, scores, cfg)
     final_model(out, runs, scores, standard)
+    if out.want("compare") and FINAL in runs and runs[FINAL].checkpoint:
+        out.values["compare_page"] = os.path.relpath(comparison_page(runs, out_dir, device))
     return out.blocks, out.values
 
 

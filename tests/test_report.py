@@ -103,34 +103,39 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     blocks, values = report.build(tiny_experiments, str(first), torch.device("cpu"))
     report.build(tiny_experiments, str(second), torch.device("cpu"))
     names = sorted(os.listdir(first))
-    assert names == sorted(os.listdir(second)) and len(names) == 20
-    assert {'lr_image.png', 'hr_image.png', 'loader.png', 'comparison.png'} <= set(names)
-    print(json.dumps(blocks, indent=1, ensure_ascii=False)); print(json.dumps(values, indent=1, ensure_ascii=False))
+    assert names == sorted(os.listdir(second)) and len(names) == 21
+    assert {"lr_image.png", "hr_image.png", "loader.png", "comparison.png", "compare"} <= set(names)
     for name in names:
-        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+        if name != "compare":  # the page: tests/test_compare.py
+            assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert (first / "compare" / "index.html").read_bytes() == (second / "compare" / "index.html").read_bytes()
     runs = blocks["runs"]
-    assert re.search(r"\| baseline \| basic \| 0\.001 \| 4 \|.*\| in progress: step 4 of 6 \|", runs)
-    assert re.search(r"\| residual \| residual \| 0\.001 \| 4 \|.*\| done \|", runs)  # short runs get no verdict
-    assert "| lr_1e-2 |" in runs and re.search(r"diverged at step \d; last finite checkpoint: none", runs)
-    assert re.search(r"\| lr_1e-3 \| basic \| 0\.001 \| — \|.*\| in progress: no checkpoint yet \|", runs)
-    assert re.search(r"\| gan \| residual from residual/model\.pt \| 0\.001 \| 2 \|.*\| done \|", runs)
-    assert "baseline (BasicSRModel) [step 4 of 6] |" in blocks["key-results"]
+    assert re.search(r"\| baseline \[in progress: step 4 of 6\] \| basic \| T91 \(4\) \| 4×32² \| 0\.001 \| 4 \|", runs)
+    assert re.search(r"\| residual \| residual \| T91 \(4\) \| 4×32² \| 0\.001 \| 4 \|.*\| — \|\n", runs)  # no verdict: short
+    assert re.search(r"\| lr_1e-2 \[diverged at step \d; last finite checkpoint: none\] \|", runs)
+    assert re.search(r"\| lr_1e-3 \[in progress: no checkpoint yet\] \| basic \| T91 \(4\) \| 4×32² \| 0\.001 \| — \|", runs)
+    assert "| gan | residual from residual/model.pt |" in runs and "| final | residual from final_t91/model.pt |" in runs
+    assert "| baseline [in progress: step 4 of 6] |" in blocks["key-results"]
     assert re.search(r"\| bicubic upsampling \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \|",
                      blocks["key-results"])
-    assert "| VDSR (published) | single model | 665k | 291 |" in blocks["standard"]
-    assert "| final model | single model |" in blocks["standard"] and "| x8 self-ensemble |" in blocks["standard"]
+    standard = blocks["standard"]
+    assert "| B100 |" in standard.split("\n")[0]
+    assert "| VDSR (published) | single model | 665k | T91 + BSD200 (291) | 37.53 / 0.9587 | 33.03 / 0.9124 | 31.90 / 0.8960 |" in standard
+    assert re.search(r"\| final \| x8 self-ensemble \| 1k \| T91 \(4\) \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| not run \|", standard)
+    assert "| final, T91 only | single model |" in standard and "| residual_matlab | single model |" in standard
     assert re.search(r"\| ablate_a \| `lr=1e-3` \| [\d.]+\xa0±\xa0[\d.]+ \| [\d.]+ \| — \| [\d.]+ \| — \|", blocks["ablation"])
-    assert re.search(r"\| ablate_b \| `jitter=0` \| [\d.]+\xa0±\xa0[\d.]+ \| [\d.]+ \| [+-][\d.]+\xa0±\xa0[\d.]+ \|", blocks["ablation"])
-    assert values["ablate_b_gain_BSD68"] == values["ablation_total_BSD68"] and values["ablation_steps"] == "2"
-    assert values["recipe_lr"] == "5e-4" and values["published_params"] == "12k (FSRCNN) to 665k (VDSR)"
-    assert blocks["final-crops"].startswith("![Figure 9")
-    for name in ("final_x8_gain_Set14", "final_ema_gain_BSD68"):  # ema_gain: model.pt against model_raw.pt
-        assert re.fullmatch(r"[+-]\d+\.\d\d\xa0±\xa0\d+\.\d\d", values[name]), name
-    assert "| BSD68 | residual model | " in blocks["downscaling"] and "LR by nearest centred" in blocks["downscaling"]
-    assert "| residual, step 4 (GAN's start) |" in blocks["gan"]
-    assert blocks["crops"].startswith("![Figure 2") and blocks["gan-crops"].startswith("![Figure 7")
-    assert values["gap_set5"].count("±") == 1 and math.isfinite(float(values["gan_cost_Set14"]))
-    assert math.isfinite(float(values["residual_loss_shift"]))
+    assert re.search(r"\| ablate_b \| `jitter=0` \| [\d.]+\xa0±\xa0[\d.]+ \| [\d.]+ \| [+-]?[\d.]+\xa0±\xa0[\d.]+ \|",
+                     blocks["ablation"])
+    assert values["ablation_steps"] == "2" and values["recipe_lr"] == "5e-4"
+    for name in ("final_vs_t91_B100", "final_x8_gain_Set14", "t91_ema_gain_Set14", "ablation_total_B100"):
+        assert re.fullmatch(r"[+-]?\d+\.\d\d\xa0±\xa0\d+\.\d\d", values[name]), name
+    assert "| BSD68 | residual | " in blocks["downscaling"] and "LR by nearest centred" in blocks["downscaling"]
+    assert "| residual, step 4 (GAN's start) |" in blocks["gan"] and "GMSD" in blocks["gan"]
+    assert blocks["comparison"].startswith("![Figure 1") and blocks["loader"].startswith("![Figure 2")
+    assert blocks["gan-crops"].startswith("![Figure 8") and blocks["final-crops"].startswith("![Figure 10")
+    assert re.fullmatch(r"Set14/img\d\d\.png at \(\d+, \d+\) and B100/img\d\d\.png at \(\d+, \d+\)", values["comparison_crops"])
+    assert values["gap_Set5"].count("±") == 1 and math.isfinite(float(values["gan_cost_Set14"]))
+    assert math.isfinite(float(values["residual_loss_shift"])) and values["baseline_trend"] == "—"
 
 
 def test_render_pdf_is_reproducible_and_holds_the_tables(tmp_path):
@@ -163,7 +168,7 @@ def test_the_committed_report_is_the_template_filled_with_the_committed_blocks_a
             assert open(table).read() == body, name
     with open(os.path.join(REPO, "README.md")) as f:
         readme = {m.group("name"): m.group(3) for m in report.MARKER.finditer(f.read())}
-    assert readme == {"key-results": saved["blocks"]["key-results"]}
+    assert readme == {"key-results": saved["blocks"]["key-results"], "standard": saved["blocks"]["standard"]}
 
 
 def test_the_committed_pdf_has_at_most_10_pages_and_the_key_results_on_page_1():
@@ -193,6 +198,11 @@ def assert_same_as_committed(tmp_path, names):
     from PIL import Image
 
     for name in names:
+        if os.path.isdir(tmp_path / name):  # the comparison page: its index.html and images
+            inside = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, files in os.walk(tmp_path / name)
+                            for f in files)
+            assert_same_as_committed(tmp_path, inside)
+            continue
         committed = os.path.join(REPO, "runs", "report", name)
         made, kept = open(tmp_path / name, "rb").read(), open(committed, "rb").read()
         if made == kept or not name.endswith(".png"):
@@ -206,8 +216,8 @@ def assert_same_as_committed(tmp_path, names):
 
 
 def test_committed_plots_and_tables_are_reproduced_from_the_committed_checkpoints_and_logs(tmp_path):
-    names = regenerate(tmp_path, {"runs", "curves", "lr-sweep", "sweep", "crops"})
-    assert len(names) == 5
+    names = regenerate(tmp_path, {"runs", "curves", "lr-sweep", "sweep", "loader"})
+    assert names == ["curves.png", "hr_image.png", "loader.png", "lr-sweep.png", "lr_image.png", "runs.md", "sweep.md"]
     assert_same_as_committed(tmp_path, names)
 
 
