@@ -31,7 +31,9 @@ def save_checkpoint(path, model, cfg, step, **extra):
     """Write {"model": state_dict, "config": architecture keys, "step": step, **extra} atomically.
 
     Only tensors, numbers and strings go in, so `torch.load(..., weights_only=True)` can read it.
-    A temporary file + os.replace means a crash mid-write never leaves a truncated checkpoint.
+    A temporary file + os.replace means a crash mid-write never leaves a truncated checkpoint, and a full disk
+    leaves the previous file as it was. A failed write raises OSError naming `path` (torch's own error says
+    "unexpected pos" and names nothing).
     """
     payload = {"model": model.state_dict(), "config": {k: cfg[k] for k in MODEL_KEYS}, "step": step,
                "run": cfg["run"], **extra}
@@ -39,10 +41,17 @@ def save_checkpoint(path, model, cfg, step, **extra):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            try:
+                torch.save(payload, f)
+            except RuntimeError as err:  # the zip writer's "[enforce fail ...] unexpected pos": the OSError behind it
+                if not isinstance(err.__context__, OSError):
+                    raise
+                raise err.__context__ from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

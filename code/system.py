@@ -1,13 +1,18 @@
-"""The machine a script runs on: device, precision, memory layout, data path, malloc, generator states.
+"""The machine a script runs on: device, precision, memory layout, data path, malloc, generator states, and
+the file systems it writes to (a full disk, a quota or a read-only folder ends in one line).
 
 Every entry point asks here instead of deciding for itself, so that the training loop reads as training
 and one place knows the hardware. Measured speeds behind these choices: README.md, Performance.
 """
+import contextlib
 import ctypes
 import os
 import platform
 import random
+import shutil
 import signal
+import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -143,6 +148,14 @@ def tune_malloc(cfg):
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
+def bound_kernel_cache(capacity=16):
+    """oneDNN keeps a compiled convolution for every input shape it has seen (1024 by default), each with buffers
+    of its size: evaluating photos of many sizes (SSIM's filters on each, the model on its edge tiles) grew by
+    ~10 MB an image (100 photos of 564x1024 to 1280x960: +1 GB). Whole-image scripts keep the `capacity` most
+    recent, enough for the tiles of one size. Results are unchanged. Before the first convolution."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
 def describe(device, bf16):
     """What a run computed on, for its checkpoints and summary: a resumed run says when this changes."""
     if device.type == "cuda":
@@ -183,3 +196,50 @@ def ignore_stop_signals(worker_id=None):
     """For DataLoader workers: stopping is the training process's job, which needs them for the current step."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+# ---- writing outputs ----
+
+def write_failure(path, err):
+    """The one line for a write that failed (full disk, quota, read-only or forbidden folder): the file, the reason
+    and the space left where it was going, so that the user knows what to free or where to write instead."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    try:
+        free = f"{shutil.disk_usage(parent).free / 1e6:,.1f} MB free on {parent}"
+    except OSError:
+        free = f"free space on {parent} unknown"
+    reason = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
+    return f"error: cannot write {path}: {reason} ({free})"
+
+
+@contextlib.contextmanager
+def failed_writes_exit(path):
+    """A write that fails inside ends the script with the line of `write_failure`, naming the file the error
+    names, else `path`."""
+    try:
+        yield
+    except OSError as err:
+        raise SystemExit(write_failure(err.filename or path, err)) from None
+
+
+def check_writable(folder):
+    """Create `folder` if needed and create a file in it, so that an output that cannot be written (read-only file
+    system, no permission) stops the script with one line before its work instead of after it."""
+    with failed_writes_exit(folder):
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+
+
+def quiet_writer_threads():
+    """TensorBoard writes its event file in a thread, which prints a traceback when a write fails and leaves the
+    OSError for the main thread's next write to raise again, where it is reported in one line: that traceback
+    is not printed. Other errors of threads are printed as before."""
+    threading.excepthook = _print_thread_error_but_oserror
+
+
+def _print_thread_error_but_oserror(args):
+    if not issubclass(args.exc_type, OSError):
+        threading.__excepthook__(args)

@@ -17,6 +17,7 @@ and checkpoint.
 Exit status: 0 done, 1 bad config/data/checkpoint, 3 diverged (non-finite loss),
 75 interrupted by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run again with resume=auto).
 """
+import contextlib
 import fcntl
 import json
 import math
@@ -161,8 +162,8 @@ def prepare_folders(cfg, run_dir, ckpt_dir):
                              f"overwrite=true starts it over, or choose another run=name")
         for folder in existing:
             shutil.rmtree(folder)
-    os.makedirs(run_dir, exist_ok=True)
-    os.makedirs(ckpt_dir, exist_ok=True)
+    system.check_writable(run_dir)  # a read-only or forbidden folder: one line now, not a traceback at the first log
+    system.check_writable(ckpt_dir)
     return state_path, state
 
 
@@ -176,7 +177,7 @@ def lock_run(cfg):
         os.makedirs(cfg["ckpt_dir"], exist_ok=True)
         lock = open(path, "a+")
     except OSError as err:
-        raise SystemExit(f"error: cannot write to {cfg['ckpt_dir']}: {err.strerror}") from None
+        raise SystemExit(system.write_failure(err.filename or path, err)) from None
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -503,6 +504,16 @@ class Bookkeeper:
         if code:
             raise SystemExit(code)
 
+    def failed_write(self, err):
+        """Stop with one line naming the file, the reason and the free space; the newest step checkpoint written
+        before stays, and resume=auto continues from it once there is room."""
+        if self.writer is not None:
+            with contextlib.suppress(OSError):  # TensorBoard's writer raises its own failure again
+                self.writer.close()
+            self.writer = None
+        self.finish()
+        raise SystemExit(system.write_failure(err.filename or self.run_dir, err))
+
     def summary(self):
         """The final model.pt, runs/<run>/summary.json and curves.png."""
         cfg, progress = self.cfg, self.progress
@@ -527,6 +538,7 @@ def train(cfg):
         raise SystemExit(f"config error: {err}") from None
     # setup: the device and processes, the data, the folders, the networks, and where the run stands
     system.tune_malloc(cfg)
+    system.quiet_writer_threads()
     device, rank, world_size = start_processes(cfg)
     main_process = rank == 0  # only rank 0 validates, logs and saves
     say = print if main_process else (lambda *args, **kwargs: None)
@@ -546,8 +558,9 @@ def train(cfg):
     model = DistributedDataParallel(networks.model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else networks.model
     if main_process:
-        config.save(cfg, run_dir)
-        config.save(cfg, ckpt_dir)
+        with system.failed_writes_exit(run_dir):  # a disk already full
+            config.save(cfg, run_dir)
+            config.save(cfg, ckpt_dir)
     say(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
         f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
     batches = training_batches(cfg, train_set, progress.samples, rank, world_size, device)
@@ -556,23 +569,26 @@ def train(cfg):
                        hardware, resumed=state is not None)
 
     model.train()
-    while progress.step < cfg["max_steps"]:
-        low_res, high_res = (t.to(device, non_blocking=True, memory_format=layout) for t in next(batches))
-        if cfg["lr_schedule"] != "constant":
-            for group in networks.optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, progress.step)
-        if cfg["gan"]:
-            values = gan_step(model, networks, low_res, high_res, autocast, cfg["gan_loss"], cfg["adv_weight"],
-                              cfg["loss_border"])
-        else:
-            values = training_step(model, networks, low_res, high_res, autocast, cfg["loss"], cfg["loss_border"])
-        if networks.ema is not None:
-            networks.ema.update_parameters(networks.model)
-        progress.step += 1
-        progress.samples += cfg["batch_size"] * world_size
-        books.after_step(values)
-    books.finish()
-    return books.summary() if main_process else None
+    try:
+        while progress.step < cfg["max_steps"]:
+            low_res, high_res = (t.to(device, non_blocking=True, memory_format=layout) for t in next(batches))
+            if cfg["lr_schedule"] != "constant":
+                for group in networks.optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, progress.step)
+            if cfg["gan"]:
+                values = gan_step(model, networks, low_res, high_res, autocast, cfg["gan_loss"], cfg["adv_weight"],
+                                  cfg["loss_border"])
+            else:
+                values = training_step(model, networks, low_res, high_res, autocast, cfg["loss"], cfg["loss_border"])
+            if networks.ema is not None:
+                networks.ema.update_parameters(networks.model)
+            progress.step += 1
+            progress.samples += cfg["batch_size"] * world_size
+            books.after_step(values)
+        books.finish()
+        return books.summary() if main_process else None
+    except OSError as err:  # a full disk or quota: checkpoints, logs, summary
+        books.failed_write(err)
 
 
 if __name__ == "__main__":

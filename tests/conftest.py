@@ -91,3 +91,58 @@ def run_script(script, args):
     from speed import run_measured
 
     return run_measured([sys.executable, os.path.join(CODE, script), *args])
+
+
+def mount_tmpfs(folder, options):
+    """Mount a tmpfs on `folder` (`options`: size=2500k, ro): True where root may mount, else False (the tests then
+    mock the OSError instead). Unmount with `unmount`."""
+    import subprocess
+
+    os.makedirs(folder, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    return done.returncode == 0
+
+
+def unmount(folder):
+    import subprocess
+
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A folder on a read-only file system: a tmpfs mounted ro, or where mounting is not allowed, folder creation
+    and file creation under it mocked to fail with EROFS (in this process only: `mounted` says which)."""
+    import errno
+    import tempfile
+    import types
+
+    folder = tmp_path / "read_only"
+    mounted = mount_tmpfs(folder, "ro")
+    if not mounted:
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and str(dir).startswith(str(folder)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+            return real_temporary_file(*args, dir=dir, **kwargs)
+        real_temporary_file = tempfile.TemporaryFile
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    try:
+        yield types.SimpleNamespace(path=folder, mounted=mounted)
+    finally:
+        if mounted:
+            unmount(folder)
+
+
+def run_or_call(script, args, call, real):
+    """(exit status, stderr) of `python code/<script> args` where the situation is `real` (a mounted file system),
+    else of call() in this process, where it is mocked: a SystemExit's message is what stderr would hold."""
+    if real:
+        status, err, _ = run_script(script, args)
+        return status, err
+    try:
+        call()
+    except SystemExit as stop:
+        return (1, f"{stop.code}\n") if isinstance(stop.code, str) else (stop.code, "")
+    return 0, ""

@@ -414,3 +414,70 @@ def test_a_decompression_bomb_in_the_data_folder_gives_one_line_and_little_memor
         f"data error: {bomb}: 30000x30000 px (900 megapixels) is above max_pixels=100000000; raise max_pixels to "
         "read it (bad_files=skip leaves such files out)")
     assert peak_mb < 1500
+
+
+def test_a_read_only_runs_or_checkpoint_folder_stops_before_the_work_in_one_line(tiny_cfg, read_only_dir):
+    from conftest import run_or_call
+
+    for key in ("runs_dir", "ckpt_dir"):
+        cfg = dict(tiny_cfg, run="ro", max_steps=2, **{key: str(read_only_dir.path / key)})
+        status, err = run_or_call("train.py", cli_args(cfg)[2:], lambda: train.train(cfg), read_only_dir.mounted)
+        assert status == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith(f"error: cannot write {read_only_dir.path / key}"), err
+        assert "Read-only file system (" in err and " MB free on " in err
+
+
+def test_a_disk_that_fills_up_stops_in_one_line_and_resume_continues_after_freeing_space(tiny_cfg, tmp_path,
+                                                                                         monkeypatch):
+    """A 2.5 MB tmpfs, filled so that the step-5 checkpoint and model_best.pt fit and step 10 does not (where root
+    may not mount, torch.save fails as on a full disk: RuntimeError 'unexpected pos' from an ENOSPC)."""
+    import errno
+    import shutil
+
+    from conftest import mount_tmpfs, run_or_call, unmount
+
+    tiny_cfg = dict(tiny_cfg, channels=32, num_blocks=2)  # checkpoints of ~0.5 MB: the tmpfs' pages do not matter
+    train.train(dict(tiny_cfg, run="probe", max_steps=5, ckpt_every=5, val_every=5))
+    probe = os.path.join(tiny_cfg["ckpt_dir"], "probe")
+    sizes = {name: os.path.getsize(os.path.join(probe, name)) for name in ("step000005.pt", "model_best.pt")}
+    disk = tmp_path / "disk"
+    mounted = mount_tmpfs(disk, "size=2500k")
+    cfg = dict(tiny_cfg, run="full", ckpt_dir=str(disk), max_steps=10, ckpt_every=5, val_every=5)
+    try:
+        if mounted:
+            room = sizes["step000005.pt"] * 1.5 + sizes["model_best.pt"] + 8192  # + config.json; step 10 does not fit
+            with open(disk / "filler", "wb") as f:
+                f.write(b"\0" * int(shutil.disk_usage(disk).free - room))
+        else:
+            real_save, saves = checkpoints.torch.save, []
+
+            def full_disk_save(payload, f):
+                saves.append(f.name)
+                if len(saves) > 2:  # step 5 and model_best.pt are written
+                    try:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    except OSError:
+                        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+                return real_save(payload, f)
+            monkeypatch.setattr(checkpoints.torch, "save", full_disk_save)
+        status, err = run_or_call("train.py", cli_args(cfg)[2:], lambda: train.train(cfg), mounted)
+        step10 = disk / "full" / "step000010.pt"
+        assert status == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith(f"error: cannot write {step10}: No space left on device ("), err
+        assert " MB free on " in err.strip().splitlines()[-1]
+        assert sorted(os.listdir(disk / "full")) == ["config.json", "model_best.pt", "step000005.pt"]  # no tmp file
+        assert checkpoints.load_checkpoint(str(disk / "full" / "step000005.pt"))["step"] == 5
+        if mounted:
+            os.remove(disk / "filler")
+        else:
+            monkeypatch.setattr(checkpoints.torch, "save", real_save)
+        if mounted:
+            resumed = subprocess.run(cli_args(cfg) + ["resume=auto"], capture_output=True, text=True, timeout=300)
+            assert resumed.returncode == 0, resumed.stderr
+            assert "Resuming run 'full' at step 5" in resumed.stdout
+        else:
+            assert train.train(dict(cfg, resume="auto"))["steps"] == 10
+        assert checkpoints.load_checkpoint(str(disk / "full" / "model.pt"))["step"] == 10
+    finally:
+        if mounted:
+            unmount(disk)
