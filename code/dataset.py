@@ -7,6 +7,7 @@ correspond. batches.py makes the same samples a whole batch at a time.
 
     python code/dataset.py [data_dir=...]   # the handout's data-loader check
 """
+import collections.abc
 import contextlib
 import functools
 import math
@@ -196,12 +197,13 @@ class SRDataset(Dataset):
 
     Every image is decoded once, here, and kept in memory (uint8, 3 bytes a pixel; DataLoader
     workers share it): a broken file is found before any work, and a 64x64 crop does not pay for
-    decoding a whole photo. bad_files="error" stops at the first unusable file; "skip" leaves it
-    out with a one-line warning.
+    decoding a whole photo. With stream=True (evaluation) each is checked here but decoded again when
+    it is used (`FolderImages`), so that memory holds one image, not the set. bad_files="error" stops at
+    the first unusable file; "skip" leaves it out with a one-line warning.
     """
 
     def __init__(self, folder, patch_size=64, scale=2, jitter=0.2, degradation="bilinear", train=True,
-                 bad_files="error", augment="none", max_pixels=MAX_PIXELS):
+                 bad_files="error", augment="none", max_pixels=MAX_PIXELS, stream=False):
         self.scale, self.degradation, self.train, self.augment = scale, degradation, train, augment
         # crop while still 8-bit, so only the patch is converted to float
         steps = [transforms.RandomCrop(patch_size), transforms.ConvertImageDtype(torch.float32)]
@@ -210,16 +212,18 @@ class SRDataset(Dataset):
         self.transform = transforms.Compose(steps)
         # whole eval images must still leave SSIM's 11x11 window room after downscaling
         self.files, self.images = read_folder(folder, patch_size if train else MIN_EVAL_SIZE * scale,
-                                              "training" if train else "evaluation", scale, bad_files, max_pixels)
+                                              "training" if train else "evaluation", scale, bad_files, max_pixels,
+                                              stream=stream)
+        self.sizes = self.images.sizes if stream else [tuple(image.shape[-2:]) for image in self.images]
 
     @classmethod
-    def from_config(cls, cfg, train=True):
+    def from_config(cls, cfg, train=True, stream=False):
         """The training set (data_dir) or the validation set (eval_dir) that a config describes."""
         if train:
             return cls(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
                        bad_files=cfg["bad_files"], augment=cfg["augment"], max_pixels=cfg["max_pixels"])
         return cls(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False,
-                   bad_files=cfg["bad_files"], max_pixels=cfg["max_pixels"])
+                   bad_files=cfg["bad_files"], max_pixels=cfg["max_pixels"], stream=stream)
 
     def __len__(self):
         return len(self.files)
@@ -245,8 +249,28 @@ def dihedral(images, k):
     return images.flip(-1) if k >= 4 else images
 
 
-def read_folder(folder, minimum, purpose, scale=2, bad_files="error", max_pixels=MAX_PIXELS, keep_gray=False):
-    """([path], [decoded image]) of every usable image of `folder`, at least `minimum` px on each side.
+class FolderImages(collections.abc.Sequence):
+    """Checked image files, decoded again each time one is read instead of held: evaluation memory then holds
+    one image at a time whatever the number of images, for a decoding (~20 ms a megapixel) per use.
+    `sizes`: the (height, width) of each, as decoded."""
+
+    def __init__(self, files, sizes, keep_gray, max_pixels):
+        self.files, self.sizes, self.keep_gray, self.max_pixels = files, sizes, keep_gray, max_pixels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        try:
+            return decode_image(self.files[index], self.keep_gray, self.max_pixels)
+        except DataError as err:  # changed since it was checked
+            raise DataError(f"{err} (it was readable when the folder was read)") from None
+
+
+def read_folder(folder, minimum, purpose, scale=2, bad_files="error", max_pixels=MAX_PIXELS, keep_gray=False,
+                stream=False):
+    """([path], [decoded image]) of every usable image of `folder`, at least `minimum` px on each side; with
+    stream=True the images are checked (decoded) and dropped, and come as `FolderImages`.
     bad_files="error" stops at the first unusable file; "skip" leaves it out with a one-line warning."""
     files, images = [], []
     for path in list_images(folder):
@@ -264,10 +288,10 @@ def read_folder(folder, minimum, purpose, scale=2, bad_files="error", max_pixels
             print(f"warning: skipped {err}", file=sys.stderr)
             continue
         files.append(path)
-        images.append(image)
+        images.append(tuple(image.shape[-2:]) if stream else image)
     if not files:
         raise DataError(f"{folder}: no usable image")
-    return files, images
+    return files, FolderImages(files, images, keep_gray, max_pixels) if stream else images
 
 
 @contextlib.contextmanager

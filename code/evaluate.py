@@ -56,15 +56,21 @@ def method_name(payload):
 def main(argv):
     cfg = config.from_argv(argv, ("checkpoint", "evaluate", "data", "input", "run", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
+    system.bound_kernel_cache()
     device = system.pick_device(cfg["device"])
     standard = cfg["protocol"] == "standard"
+    eval_name = os.path.basename(os.path.normpath(cfg["eval_dir"]))
+    default_out = f"eval_{eval_name}_standard_x{cfg['scale']}" if standard else f"eval_{eval_name}_{cfg['degradation']}"
+    out = cfg["out"] or os.path.join(cfg["runs_dir"], default_out)
+    system.check_writable(os.path.dirname(out) or ".")  # before the work, not after it
     try:
         models = load_models(cfg, device)
+        # streamed: each image is decoded when it is scored, so memory does not grow with the set
         if standard:
-            images = standard_set(cfg["eval_dir"], cfg["scale"], cfg["bad_files"], cfg["max_pixels"])
+            images = standard_set(cfg["eval_dir"], cfg["scale"], cfg["bad_files"], cfg["max_pixels"], stream=True)
             count = len(images)
         else:
-            dataset = SRDataset.from_config(cfg, train=False)
+            dataset = SRDataset.from_config(cfg, train=False, stream=True)
             count = len(dataset)
     except (CheckpointError, DataError) as err:
         raise SystemExit(f"error: {err}") from None
@@ -72,30 +78,29 @@ def main(argv):
         print(f"note: no checkpoints given or found under {cfg['ckpt_dir']}/*/model.pt; baselines only",
               file=sys.stderr)
 
+    def score(upscale):
+        try:  # an image decoded again may have changed on disk since it was checked
+            return evaluate_standard(upscale, images, cfg["scale"], device) if standard else \
+                evaluate(upscale, dataset, device)
+        except DataError as err:
+            raise SystemExit(f"error: {err}") from None
     if standard:
-        def score(upscale):
-            return evaluate_standard(upscale, images, cfg["scale"], device)
         rows = [("bicubic (MATLAB imresize)", score(lambda lr: imresize_matlab(lr, cfg["scale"])))]
     else:
-        def score(upscale):
-            return evaluate(upscale, dataset, device)
         rows = [(f"{mode} upsampling", score(lambda lr, m=mode: interpolate(lr, cfg["scale"], m)))
                 for mode in ("bilinear", "bicubic")]
     for path, model, payload in models:
         rows.append((method_name(payload), score(bounded(model))))
 
-    eval_name = os.path.basename(os.path.normpath(cfg["eval_dir"]))
     if standard:
         title = (f"x{cfg['scale']} on {eval_name} ({count} images), standard protocol: LR by MATLAB bicubic "
                  f"imresize, 8-bit outputs, Y channel (BT.601), {cfg['scale']} px border shaved")
-        default_out = f"eval_{eval_name}_standard_x{cfg['scale']}"
     else:
         title = f"x{cfg['scale']} on {eval_name} ({count} images), LR made by {cfg['degradation']} downscaling"
-        default_out = f"eval_{eval_name}_{cfg['degradation']}"
-    out = cfg["out"] or os.path.join(cfg["runs_dir"], default_out)
     print(markdown_table(title, rows))
-    for path in write_tables(out, title, rows):
-        print(f"wrote {path}")
+    with system.failed_writes_exit(out + ".md"):  # a disk that filled meanwhile
+        for path in write_tables(out, title, rows):
+            print(f"wrote {path}")
     return rows
 
 

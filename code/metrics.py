@@ -68,8 +68,8 @@ def evaluate(upscale, dataset, device, batch_pixels=512 * 512):
     the raw output (as the training loss is); PSNR, SSIM and sharpness on the output clamped to [0, 1].
     """
     by_shape = {}  # image indices by HR shape, in order; pairs are made a batch at a time (bounded memory)
-    for index, image in enumerate(dataset.images):
-        height, width = (side // dataset.scale * dataset.scale for side in image.shape[-2:])
+    for index, size in enumerate(dataset.sizes):
+        height, width = (side // dataset.scale * dataset.scale for side in size)
         by_shape.setdefault((height, width), []).append(index)
     totals = {LOSS_NAME: 0.0, "psnr": 0.0, "ssim": 0.0, "sharpness": 0.0, "gmsd": 0.0}
     identical = 0
@@ -109,9 +109,11 @@ def standard_scores(sr, hr, scale):
     return {LOSS_NAME: (sr_y - hr_y).abs().mean().item() / 255, "psnr": psnr_db.item(), "ssim": ssim_y.item()}
 
 
-def standard_set(folder, scale, bad_files="error", max_pixels=MAX_PIXELS):
-    """The HR images of `folder` for `evaluate_standard`: 8-bit (or 16-bit), gray kept gray, read once."""
-    return read_folder(folder, MIN_EVAL_SIZE * scale, "evaluation", scale, bad_files, max_pixels, keep_gray=True)[1]
+def standard_set(folder, scale, bad_files="error", max_pixels=MAX_PIXELS, stream=False):
+    """The HR images of `folder` for `evaluate_standard`: 8-bit (or 16-bit), gray kept gray, read once (with
+    stream=True checked once and decoded again at each use: `dataset.FolderImages`)."""
+    return read_folder(folder, MIN_EVAL_SIZE * scale, "evaluation", scale, bad_files, max_pixels, keep_gray=True,
+                       stream=stream)[1]
 
 
 @torch.inference_mode()

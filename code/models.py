@@ -8,6 +8,7 @@ import sys
 
 import torch
 from torch import nn
+from torchvision.transforms.functional import convert_image_dtype
 
 # The config keys that define an architecture; a checkpoint stores them so it can rebuild its model.
 MODEL_KEYS = ("model", "num_blocks", "channels", "scale")
@@ -90,19 +91,25 @@ def _spans(length, tile, margin):
 
 
 @torch.no_grad()
-def upscale_tiled(model, low_res, scale, tile, margin, progress=None, out_device=None):
+def upscale_tiled(model, low_res, scale, tile, margin, progress=None, out_device=None, output=None):
     """model(low_res) for an Nx3xHxW batch, computed in tiles of `tile` LR px a side, each seen with `margin` px
     of context (the result equals the whole image's when the margin covers the receptive field); returns a float
-    Nx3x(sH)x(sW) tensor on `out_device` (default: the input's; the CPU keeps a huge output off a GPU)."""
+    Nx3x(sH)x(sW) tensor on `out_device` (default: the input's; the CPU keeps a huge output off a GPU).
+    An 8- or 16-bit `low_res` is converted to [0, 1] a window at a time, and a given 8-bit `output` receives each
+    tile clamped and rounded, so that a huge photo is held in 8 bits, never whole in floats (upscale.py)."""
     height, width = low_res.shape[-2:]
-    output = torch.empty(low_res.shape[0], 3, height * scale, width * scale, device=out_device or low_res.device)
+    if output is None:
+        output = torch.empty(low_res.shape[0], 3, height * scale, width * scale, device=out_device or low_res.device)
     for top, bottom, window_top, window_bottom in _spans(height, tile, margin):
         for left, right, window_left, window_right in _spans(width, tile, margin):
             window = low_res[..., window_top:window_bottom, window_left:window_right]
-            result = model(window).to(output.device)
+            if not window.is_floating_point():
+                window = convert_image_dtype(window, torch.float32)
             y0, x0 = (top - window_top) * scale, (left - window_left) * scale
-            output[..., top * scale:bottom * scale, left * scale:right * scale] = \
-                result[..., y0:y0 + (bottom - top) * scale, x0:x0 + (right - left) * scale]
+            result = model(window)[..., y0:y0 + (bottom - top) * scale, x0:x0 + (right - left) * scale]
+            if output.dtype == torch.uint8:
+                result = result.clamp(0, 1).mul_(255).round_().byte()
+            output[..., top * scale:bottom * scale, left * scale:right * scale] = result.to(output.device)
             if progress is not None:
                 progress.update(1)
     return output

@@ -229,8 +229,11 @@ def check_writable(folder):
     system, no permission) stops the script with one line before its work instead of after it."""
     with failed_writes_exit(folder):
         os.makedirs(folder, exist_ok=True)
+    try:
         with tempfile.TemporaryFile(dir=folder):
             pass
+    except OSError as err:  # named after the folder, not the probe's random name
+        raise SystemExit(write_failure(folder, err)) from None
 
 
 def quiet_writer_threads():

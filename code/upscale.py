@@ -10,6 +10,7 @@ as an 8-bit PNG: gray stays gray, and an alpha channel is upscaled bilinearly an
 through the model in overlapping tiles, so memory stays bounded; with an overlap that covers the
 model's receptive field the result equals that of the whole image at once.
 """
+import math
 import os
 import sys
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 import compare
 import config
 import system
-from dataset import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, decode_image, list_images, open_image, to_float
+from dataset import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, decode_image, list_images, open_image
 from checkpoints import CheckpointError, load_model
 from models import self_ensemble, upscale_tiled
 
@@ -38,31 +39,67 @@ def read_extras(path, scale, max_pixels):
         options = {"icc_profile": pil.info["icc_profile"]} if pil.info.get("icc_profile") else {}
         if "dpi" in pil.info:
             options["dpi"] = tuple(float(d) * scale for d in pil.info["dpi"])
-        if pil.mode not in ("RGBA", "LA", "PA") and not (pil.mode == "P" and "transparency" in pil.info):
+        if not has_alpha(pil):
             return None, options
         alpha = np.asarray(ImageOps.exif_transpose(pil).convert("RGBA"))[..., 3]
     return torch.from_numpy(alpha.copy())[None].float() / 255, options
 
 
+# What max_pixels let upscale.py hold before it kept its output in 8 bits, per pixel of a max_pixels input at x2:
+# the 8-bit input and its float copy, the float output and its 8-bit copy (3 + 12 + 48 + 12 bytes). The limit
+# below keeps that budget (7.5 GB at the default) for what it holds now, about 31 bytes an input pixel.
+BUDGET_BYTES_PER_MAX_PIXEL = 75
+
+
+def held_bytes(width, height, scale, alpha):
+    """What `upscale_file` holds at its peak for a width x height input: the decoded input (6 bytes a pixel at
+    most, 16-bit RGB), the 8-bit output and Pillow's copy of it while the PNG is written (3 + 4 bytes an
+    output pixel) and, with an alpha channel, its bilinear upsampling (4 bytes an output pixel). The model's
+    tiles add a bounded amount, whatever the image."""
+    return width * height * (6 + scale * scale * (7 + 5 * alpha))
+
+
+def check_size(path, scale, max_pixels):
+    """Refuse from the header alone, before decoding, an image whose upscaling would hold more than max_pixels
+    allows (a decompression bomb among them). Returns the number of pixels to let the decoder read."""
+    with open_image(path, max_pixels=math.inf) as pil:
+        (width, height), alpha = pil.size, has_alpha(pil)
+    needed, budget = held_bytes(width, height, scale, alpha), max_pixels * BUDGET_BYTES_PER_MAX_PIXEL
+    if needed > budget:
+        raise DataError(f"{path}: {width}x{height} px ({width * height / 1e6:.0f} megapixels) would hold "
+                        f"{needed / 1e9:.1f} GB to upscale x{scale}, above the {budget / 1e9:.1f} GB that "
+                        f"max_pixels={max_pixels} allows; raise max_pixels to read it")
+    return width * height
+
+
+def has_alpha(pil):
+    return pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info)
+
+
 def upscale_file(model, path, out_path, scale, tile, margin, ensemble, device, max_pixels=MAX_PIXELS):
-    image = decode_image(path, keep_gray=True, max_pixels=max_pixels)
+    """Write the x`scale` PNG of `path`. The output is held in 8 bits, filled tile by tile, in the
+    height x width x channels layout that Pillow takes without another copy."""
+    image = decode_image(path, keep_gray=True, max_pixels=check_size(path, scale, max_pixels)).to(device)
     gray = image.shape[0] == 1
-    low_res = to_float(image.expand(3, -1, -1))[None].to(device)
-    tiles = len(range(0, low_res.shape[-2], tile)) * len(range(0, low_res.shape[-1], tile)) * (8 if ensemble else 1)
+    alpha, options = read_extras(path, scale, max_pixels=image.shape[-2] * image.shape[-1])
+    height, width = image.shape[-2] * scale, image.shape[-1] * scale
+    pixels = torch.empty(height, width, 3 + (alpha is not None), dtype=torch.uint8)
+    tiles = len(range(0, image.shape[-2], tile)) * len(range(0, image.shape[-1], tile))
     with tqdm(total=tiles, unit="tile", desc=os.path.basename(path), leave=False) as progress:
-        def upscale(x):
-            return upscale_tiled(model, x, scale, tile, margin, progress, out_device="cpu")
-        output = (self_ensemble(upscale) if ensemble else upscale)(low_res)[0]
-    output = output.clamp_(0, 1).mul_(255).round_().byte()  # in place: the float image may be gigabytes
-    channels = [output.float().mean(0, keepdim=True).round().byte()] if gray else [output]
-    alpha, options = read_extras(path, scale, max_pixels)
+        upscale_tiled(self_ensemble(model) if ensemble else model, image.expand(3, -1, -1)[None], scale, tile, margin,
+                      progress, output=pixels[..., :3].permute(2, 0, 1)[None])
+    if gray:  # the mean of the three channels, rounded: (sum + 1) // 3, a band at a time
+        for top in range(0, height, 256):
+            band = pixels[top:top + 256, :, :3].sum(-1, dtype=torch.int16)
+            pixels[top:top + 256, :, 0] = band.add_(1).div_(3, rounding_mode="floor")
+        pixels = pixels[..., [0, 3]] if alpha is not None else pixels[..., :1]
     if alpha is not None:
-        alpha = F.interpolate(alpha[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
-        channels.append(alpha.mul_(255).round_().byte())
-    pixels = torch.cat(channels).permute(1, 2, 0).numpy()
+        pixels[..., -1] = F.interpolate(alpha[None], scale_factor=scale, mode="bilinear",
+                                        align_corners=False)[0, 0].mul_(255).round_().byte()
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode=mode).save(out_path, **options)
+    array = pixels.numpy()
+    Image.fromarray(array[..., 0] if mode == "L" else np.ascontiguousarray(array), mode=mode).save(out_path, **options)
     return out_path
 
 
@@ -82,6 +119,7 @@ def plan(input_path, output):
 def main(argv):
     cfg = config.from_argv(argv, ("checkpoint", "upscale", "input", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
+    system.bound_kernel_cache()
     device = system.pick_device(cfg["device"])
     if not cfg["input"]:
         raise SystemExit("error: give input=IMAGE_OR_FOLDER (and optionally output=PATH, checkpoint=PATH)")
@@ -98,12 +136,15 @@ def main(argv):
             compare.check_out(cfg["page"])  # before the work
     except (CheckpointError, DataError, compare.PageError) as err:
         raise SystemExit(f"error: {err}") from None
+    for folder in sorted({os.path.dirname(out) or "." for _, out in jobs}):
+        system.check_writable(folder)  # before the work, not after it
     scale = payload["config"]["scale"]
     margin = cfg["overlap"] or model.receptive_margin()
     for path, out_path in tqdm(jobs, unit="image", disable=len(jobs) == 1):
         try:
-            written = upscale_file(model, path, out_path, scale, cfg["tile"], margin, cfg["ensemble"], device,
-                                   cfg["max_pixels"])
+            with system.failed_writes_exit(out_path):
+                written = upscale_file(model, path, out_path, scale, cfg["tile"], margin, cfg["ensemble"], device,
+                                       cfg["max_pixels"])
             print(f"wrote {written}")
         except DataError as err:
             raise SystemExit(f"error: {err}") from None

@@ -89,9 +89,47 @@ def test_a_decompression_bomb_gives_one_line_and_little_memory(model_path, tmp_p
 
     bomb = write_bomb_png(tmp_path / "bomb.png")
     status, err, peak_mb = run_script("upscale.py", [f"checkpoint={model_path}", f"input={bomb}", "device=cpu"])
-    assert status == 1 and err.strip() == (f"error: {bomb}: 30000x30000 px (900 megapixels) is above "
-                                          "max_pixels=100000000; raise max_pixels to read it")
+    assert status == 1 and err.strip() == (f"error: {bomb}: 30000x30000 px (900 megapixels) would hold 30.6 GB to "
+                                          "upscale x2, above the 7.5 GB that max_pixels=100000000 allows; raise "
+                                          "max_pixels to read it")
     assert peak_mb < 1500
+
+
+@pytest.mark.parametrize("side, accepted", [(14143, True), (10392, True), (15500, False)])
+def test_the_limit_is_what_upscaling_holds_read_from_the_header(tmp_path, side, accepted):
+    """200 and 108 megapixel camera photos fit the default budget (their 8-bit x2 output and Pillow's copy of it,
+    6.2 and 3.4 GB); 240 megapixels do not. Header-only files: nothing here is decoded."""
+    from conftest import write_bomb_png
+
+    path = write_bomb_png(tmp_path / "header.png", side=side, zeros=1)
+    if accepted:
+        assert upscale.check_size(path, 2, upscale.MAX_PIXELS) == side * side
+    else:
+        with pytest.raises(upscale.DataError, match=f"{side}x{side} px .* above the 7.5 GB that max_pixels="):
+            upscale.check_size(path, 2, upscale.MAX_PIXELS)
+
+
+def test_an_image_above_max_pixels_upscales_when_its_output_fits_the_budget(model_path, tmp_path):
+    """max_pixels=1000 allows 75,000 bytes: a 40x40 RGB input holds 1600 x (6 + 4 x 7) = 54,400 and is upscaled
+    (the readers' limit alone would refuse it), a 60x60 one would hold 122,400 and is refused in one line."""
+    for side in (40, 60):
+        Image.fromarray(photo_crops(side, 1)[0]).save(tmp_path / f"p{side}.png")
+    [written] = upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'p40.png'}", "max_pixels=1000"])
+    assert Image.open(written).size == (80, 80)
+    with pytest.raises(SystemExit, match=r"p60.png: 60x60 px \(0 megapixels\) would hold 0.0 GB"):
+        upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'p60.png'}", "max_pixels=1000"])
+
+
+def test_the_8_bit_tiled_output_equals_the_float_one_rounded(model_path):
+    """upscale.py holds its output in 8 bits, rounded tile by tile from an 8-bit input converted a window at a
+    time: the same pixels as rounding the float output of the whole image."""
+    model, _ = load_model(model_path)
+    image = torch.from_numpy(photo_crops(45, 1)[0]).permute(2, 0, 1)[None].contiguous()
+    whole = model(image.float() / 255).clamp(0, 1).mul(255).round().byte()
+    output = torch.zeros(90, 90, 3, dtype=torch.uint8)
+    upscale_tiled(model, image, 2, tile=16, margin=model.receptive_margin(), output=output.permute(2, 0, 1)[None])
+    assert (output.permute(2, 0, 1)[None].int() - whole.int()).abs().max() <= 1
+    assert (output.permute(2, 0, 1)[None] == whole).float().mean() > 0.999
 
 
 def test_a_phone_photo_comes_out_the_right_way_up_with_its_colour_profile(model_path, tmp_path):
@@ -129,3 +167,26 @@ def test_every_file_of_the_bad_input_corpus_is_upscaled_or_refused_in_one_line(m
             shown = upscale.decode_image(str(source))  # as a viewer shows it
             assert result.size == (2 * shown.shape[-1], 2 * shown.shape[-2]), name
         assert outcome == "rgb" or "too small" in outcome or "patch_size" in outcome, name  # any size works
+
+
+def test_a_read_only_output_folder_stops_before_the_work_in_one_line(model_path, tmp_path, read_only_dir):
+    from conftest import run_or_call
+
+    Image.fromarray(photo_crops(20, 1)[0]).save(tmp_path / "small.png")
+    out = read_only_dir.path / "small_x2.png"
+    args = [f"checkpoint={model_path}", f"input={tmp_path / 'small.png'}", f"output={out}", "device=cpu"]
+    status, err = run_or_call("upscale.py", args, lambda: upscale.main(args), read_only_dir.mounted)
+    assert status == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"error: cannot write {read_only_dir.path}: Read-only file system (") and " MB free " in err
+
+
+def test_a_disk_that_fills_while_the_png_is_written_is_one_line(model_path, tmp_path, monkeypatch):
+    import errno
+
+    Image.fromarray(photo_crops(20, 1)[0]).save(tmp_path / "small.png")
+
+    def full(self, path, **options):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(SystemExit, match=rf"^error: cannot write {tmp_path / 'out.png'}: No space left on device \("):
+        upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'small.png'}", f"output={tmp_path / 'out.png'}"])
