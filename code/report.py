@@ -636,7 +636,8 @@ def baseline_and_residual(out, runs, scores):
                  - scores.score(baseline.label(), baseline.load(scores.device), s)["psnr"] for s in EVAL_SETS[1:]]
     out.values.update({
         "gap_Set5": pm(gaps), "gap_tests": spread(test_gaps), "baseline_jump": f"{jump:.2f}",
-        "baseline_jump_step": f"{jump_step:,}", "baseline_steps": f"{baseline.step:,}",
+        "baseline_jump_step": "—" if jump_step is None else f"{jump_step:,}",  # None: a run of 5,000 steps or less
+        "baseline_steps": f"{baseline.step:,}",
         "baseline_trend": trend_text(*baseline.series("val/psnr")),
         "residual_trend": trend_text(*residual.series("val/psnr")),
         "baseline_start_val": f"{baseline.series('val/psnr')[1][0]:.2f}",
