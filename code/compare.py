@@ -38,11 +38,11 @@ class PageError(ValueError):
     """An output folder or images that cannot make a page; the message says why in one line."""
 
 
-def focus_window(gain):
-    """The square of an HxW map where `gain` is largest on average: the page's first view. Its side is a quarter of
-    the image's shorter side (at least 16 px), searched with a stride of a quarter of that side."""
+def focus_window(gain, size=None):
+    """The square of an HxW map where `gain` is largest on average: the page's first view. Its side is `size`, by
+    default a quarter of the image's shorter side (at least 16 px), searched with a stride of a quarter of that side."""
     height, width = gain.shape
-    size = min(height, width, max(16, min(height, width) // 4))
+    size = min(height, width, size or max(16, min(height, width) // 4))
     stride = max(1, size // 4)
     means = F.avg_pool2d(gain[None, None].float(), size, stride)[0, 0]
     row, col = divmod(int(means.argmax()), means.shape[1])

@@ -306,6 +306,15 @@ def seeded(seed):
         generator.set_state(saved)
 
 
+def save_first_pair(lr_image, hr_image, out):
+    """The handout's lr_image.png and hr_image.png: the first pair of a DataLoader batch, in folder `out`."""
+    paths = []
+    for name, image in (("lr_image.png", lr_image), ("hr_image.png", hr_image)):
+        paths.append(os.path.join(out, name))
+        torchvision.io.write_png(image[0].mul(255).round().byte(), paths[-1])
+    return paths
+
+
 def main(argv):
     """The handout's check: one shuffled mini-batch from a DataLoader, its first pair saved as PNG."""
     import config
@@ -325,9 +334,8 @@ def main(argv):
         lr_image, hr_image = batch
         print(f" * batch: lr {tuple(lr_image.shape)}, hr {tuple(hr_image.shape)}, "
               f"values in [{hr_image.min():.3f}, {hr_image.max():.3f}]")
-        for name, image in (("lr_image.png", lr_image), ("hr_image.png", hr_image)):
-            torchvision.io.write_png(image[0].mul(255).round().byte(), os.path.join(out, name))
-            print(f" * wrote {os.path.join(out, name)}")
+        for path in save_first_pair(lr_image, hr_image, out):
+            print(f" * wrote {path}")
         break  # one batch is enough for a check
 
 
