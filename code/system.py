@@ -4,8 +4,10 @@ the file systems it writes to (a full disk, a quota or a read-only folder ends i
 Every entry point asks here instead of deciding for itself, so that the training loop reads as training
 and one place knows the hardware. Measured speeds behind these choices: README.md, Performance.
 """
+import atexit
 import contextlib
 import ctypes
+import multiprocessing.util  # before the atexit registration below, so that ours runs first
 import os
 import platform
 import random
@@ -193,9 +195,24 @@ def set_rng_states(states, device):
 
 
 def ignore_stop_signals(worker_id=None):
-    """For DataLoader workers: stopping is the training process's job, which needs them for the current step."""
+    """For DataLoader workers: stopping is the training process's job, which needs them for the current step.
+    (train() shuts them down when it leaves; kill_data_workers covers any that a kept traceback holds alive.)"""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def kill_data_workers():
+    """At interpreter exit, kill the daemonic children (DataLoader workers) still alive. multiprocessing's own exit
+    handler, which runs after this one, stops them with SIGTERM and waits: workers that ignore SIGTERM
+    (ignore_stop_signals) would make the process hang there for ever, after its work and its last line.
+    Runs in the main thread (atexit), where signal handlers may be set."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would report each kill as a failure
+    for worker in workers:
+        worker.kill()
+        worker.join()
 
 
 # ---- writing outputs ----

@@ -589,6 +589,8 @@ def train(cfg):
         return books.summary() if main_process else None
     except OSError as err:  # a full disk or quota: checkpoints, logs, summary
         books.failed_write(err)
+    finally:  # the DataLoader workers stop now, even where a kept traceback holds this frame (plots, errors)
+        del batches
 
 
 if __name__ == "__main__":

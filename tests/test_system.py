@@ -1,7 +1,10 @@
 """system.py: device, precision, layout and data-path choices, malloc, and the generator states of a checkpoint.
 CUDA is mocked where a CPU cannot show the behaviour (fewer GPUs on resume, old GPUs, Turing's emulated bf16)."""
+import os
 import platform
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -169,3 +172,16 @@ def test_instructions_capped_by_aten_or_onednn_count_as_missing(monkeypatch):
     assert system.use_bf16(auto, cpu)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not system.use_bf16(auto, cpu) and not system.channels_last_helps("auto", cpu)
+
+
+def test_a_process_whose_data_workers_outlive_their_loader_still_exits():
+    """Workers ignore SIGTERM (ignore_stop_signals), which multiprocessing's exit handler sends them before waiting
+    for them: a loader kept alive to the end (by a traceback, a global) hung the process there, after its last line
+    (the CI run that passed its tests and never ended). kill_data_workers ends them first."""
+    code = ("import sys, system; from torch.utils.data import DataLoader; "
+            "loader = iter(DataLoader(list(range(100)), batch_size=2, num_workers=2, "
+            "worker_init_fn=system.ignore_stop_signals)); next(loader); print('done', flush=True)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(os.path.dirname(__file__), "..", "code"),
+                          capture_output=True, text=True, timeout=120)  # a hang fails here, not the whole suite
+    assert done.returncode == 0 and done.stdout == "done\n", done.stderr
+    assert done.stderr == ""

@@ -108,6 +108,24 @@ def test_divergence_stops_cleanly_with_the_step(tiny_cfg, monkeypatch, capsys):
     assert "training loss is nan at step 1 (diverged)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("ending", ["finished", "diverged"])
+def test_training_leaves_no_data_workers_behind(tiny_cfg, monkeypatch, ending):
+    """The workers ignore stop signals, so a worker left alive would make the process hang at exit; train() stops
+    them whichever way it ends, although plotting and errors keep tracebacks that hold its frame."""
+    import multiprocessing
+
+    cfg = dict(tiny_cfg, max_steps=4, val_every=4, num_workers=2)
+    if ending == "diverged":
+        original = train.SRDataset.__getitem__
+        monkeypatch.setattr(train.SRDataset, "__getitem__",
+                            lambda self, index: tuple(t * float("nan") for t in original(self, index)))
+        with pytest.raises(SystemExit):
+            train.train(cfg)
+    else:
+        train.train(cfg)
+    assert multiprocessing.active_children() == []
+
+
 def test_command_line_trains_and_rejects_bad_keys(tiny_cfg, tmp_path):
     args = [f"{k}={tiny_cfg[k]}" for k in ("data_dir", "eval_dir", "runs_dir", "ckpt_dir", "num_blocks", "channels",
                                            "patch_size", "batch_size", "num_workers")]
