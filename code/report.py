@@ -797,17 +797,19 @@ def final_model(out, runs, scores, standard):
     out.table("ablation", lambda: ablation_table(runs, standard))
     fine_tunes = [run for run in runs.values() if run.init.startswith(f"{FINAL_T91}{os.sep}")]
     ablation = [runs[n] for n in dict(ABLATION) if n in runs]
-    groups = [([runs[n].curve() for n in (FINAL_T91,) if n in runs], runs[FINAL_T91].planned if FINAL_T91 in runs else None)]
-    if fine_tunes:
-        groups.append(([run.curve() for run in fine_tunes], max(run.planned for run in fine_tunes)))
+    bicubic = bicubic_reference(scores, "bicubic_matlab")
+    groups = [([runs[n].curve() for n in (FINAL_T91,) if n in runs], runs[FINAL_T91].planned if FINAL_T91 in runs else None,
+               bicubic)]
+    if fine_tunes:  # no bicubic line: far below these runs, it would flatten their rise to a line
+        groups.append(([run.curve() for run in fine_tunes], max(run.planned for run in fine_tunes), None))
     if ablation:
-        groups.append(([run.curve() for run in ablation], ablation[0].planned))
+        groups.append(([run.curve() for run in ablation], ablation[0].planned, bicubic))
     panels = [plots.PANELS[0], plots.PANELS[2], (("train/lr",), "learning rate", False)]
     out.figure("final-curves", "Figure 9: top, the T91 run from scratch; middle, the fine-tunes on T91 + BSD200 that "
                "start from it; bottom, the ablation runs of Table 7; each row on its own step axis (validation: RGB "
                "on Set5, LR by MATLAB bicubic, the weights' moving average; train L1 as a moving mean over 500 "
-               "steps); dashed: bicubic upsampling",
-               lambda path: plots.plot_curve_rows(groups, path, panels, bicubic_reference(scores, "bicubic_matlab")))
+               "steps); dashed: bicubic upsampling (not in the middle row: far below its runs, it would flatten their rise)",
+               lambda path: plots.plot_curve_rows(groups, path, panels))
     if FINAL in runs and FINAL_T91 in runs:
         panels = [("HR", "bicubic_matlab", None), ("bicubic", "bicubic_matlab", matlab_bicubic),
                   (NAMES[FINAL_T91], "bicubic_matlab", runs[FINAL_T91].load(scores.device)),
