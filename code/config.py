@@ -35,6 +35,7 @@ SECTIONS = {
         "lr_min": 0.0,  # cosine only: the learning rate at max_steps
         "ema": 0.0,  # decay of a moving average of the weights (e.g. 0.999), validated and saved; 0 = off
         "log_every": 10, "val_every": 500, "ckpt_every": 1000,  # in steps
+        "save_model_at": 0,  # also keep the weights of this step as model_<step>.pt (a fine-tune's start); 0 = none
         "resume": "never",  # never | auto: continue from the newest good checkpoints/<run>/step*.pt
         "overwrite": False,  # allow starting over in an existing run folder
     },
@@ -143,7 +144,8 @@ def validate(cfg):
 
     for key in POSITIVE:
         require(cfg[key] > 0, f"{key}={cfg[key]}: must be positive")
-    for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min", "loss_border", "crop"):
+    for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min", "loss_border", "crop",
+                "save_model_at"):
         require(cfg[key] >= 0, f"{key}={cfg[key]}: must not be negative")
     for key, allowed in CHOICES.items():
         require(cfg[key] in allowed, f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
@@ -161,6 +163,8 @@ def validate_training(cfg):
     """What only training needs: an HR crop that the scale divides (evaluation works at any scale)."""
     if cfg["patch_size"] % cfg["scale"]:
         raise ConfigError(f"patch_size={cfg['patch_size']} is not divisible by scale={cfg['scale']}")
+    if cfg["save_model_at"] > cfg["max_steps"]:
+        raise ConfigError(f"save_model_at={cfg['save_model_at']}: after max_steps={cfg['max_steps']}, never reached")
     if cfg["gan"] and cfg["loss"] != "l1":
         raise ConfigError(f"loss={cfg['loss']} with gan=true: the GAN's content loss is L1")
     if 2 * cfg["loss_border"] >= cfg["patch_size"]:

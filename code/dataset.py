@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.io import ImageReadMode
 
+from config import DEFAULTS
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
-MAX_PIXELS = 100_000_000  # config key max_pixels: larger images are refused from their header, before decoding
+MAX_PIXELS = DEFAULTS["max_pixels"]  # larger images are refused from their header, before decoding
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 Image.MAX_IMAGE_PIXELS = None  # the size limit is open_image's, with its own one-line message
 MIN_EVAL_SIZE = 11  # pixels of the LR image: SSIM's window

@@ -34,8 +34,9 @@ RUNS = [
     # converged baseline: the handout's model and learning rate
     ("baseline", ["model=basic", "lr=1e-4", "max_steps=30000"]),
     # residual connection, same steps, seed and data order
-    ("residual", ["model=residual", "lr=1e-4", "max_steps=30000"]),
-    # The fine-tuned runs below start from the residual run's model at step 20000 (model_020000.pt).
+    ("residual", ["model=residual", "lr=1e-4", "max_steps=30000", "save_model_at=20000"]),
+    # The fine-tuned runs below start from the residual run's model at step 20000 (model_020000.pt, which
+    # save_model_at keeps).
     # Task 6: the residual model fine-tuned as a GAN generator (L1 + relativistic adversarial loss)
     ("gan", ["model=residual", "gan=true", "init=checkpoints/residual/model_020000.pt", "lr=1e-4", "max_steps=5000"]),
     # the standard benchmark protocol's degradation (MATLAB bicubic), for the table against SRCNN/FSRCNN/VDSR:

@@ -7,7 +7,7 @@
 Writes TensorBoard logs to runs/<run>/ and checkpoints to checkpoints/<run>/: step<N>.pt every
 `ckpt_every` steps (model + optimiser + step, the newest 3 kept; resume=auto continues from the
 newest good one), model_best.pt (best validation PSNR) and model.pt at the end (with ema > 0: the moving
-average, and model_raw.pt the last step's own weights).
+average, and model_raw.pt the last step's own weights); with save_model_at=N also model_<N>.pt, validated at N.
 
 Where things are: the data and the degradation in dataset.py (`SRDataset`, `degrade`), the network in
 models.py (`build_model`), the loss and the metrics in metrics.py, the device and precision in system.py.
@@ -423,6 +423,8 @@ class Bookkeeper:
         self.bar.update(1)
         last = step == cfg["max_steps"]
         log, check, save = (step % cfg[every] == 0 or last for every in ("log_every", "val_every", "ckpt_every"))
+        keep = step == cfg["save_model_at"]  # validated there, so that its payload holds its own scores
+        check = check or keep
         if not (log or check or save):
             return
         means, stop_requested = agree(self.running, self.running_steps, self.stop_request, self.world_size, self.logged)
@@ -442,6 +444,9 @@ class Bookkeeper:
         path = self.save_state() if (save or stop_requested) and self.main_process else None
         if improved:  # after the resume state, so that a disk filling up here costs this copy, not the run
             save_checkpoint(os.path.join(self.ckpt_dir, "model_best.pt"), self.networks.final, cfg, step,
+                            val=self.progress.val)
+        if keep and self.main_process:
+            save_checkpoint(os.path.join(self.ckpt_dir, f"model_{step:06d}.pt"), self.networks.final, cfg, step,
                             val=self.progress.val)
         if stop_requested and not last:
             by = self.stop_request.signal or "a signal to another rank"

@@ -108,6 +108,20 @@ def test_divergence_stops_cleanly_with_the_step(tiny_cfg, monkeypatch, capsys):
     assert "training loss is nan at step 1 (diverged)" in capsys.readouterr().err
 
 
+def test_save_model_at_keeps_that_steps_validated_model(tiny_cfg):
+    """experiments.py's fine-tunes start from checkpoints/residual/model_020000.pt: the run itself writes it."""
+    train.train(dict(tiny_cfg, max_steps=9, val_every=5, ckpt_every=2, save_model_at=4))
+    kept = checkpoints.load_checkpoint(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model_000004.pt"))
+    final = checkpoints.load_checkpoint(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt"))
+    assert kept["step"] == 4 and set(kept["val"]) == set(final["val"])  # validated at step 4, off the val_every grid
+    assert not all(torch.equal(kept["model"][k], final["model"][k]) for k in final["model"])
+    events = EventAccumulator(os.path.join(tiny_cfg["runs_dir"], "tiny"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/psnr")] == [4, 5, 9]
+    with pytest.raises(SystemExit, match="save_model_at=10: after max_steps=9, never reached"):
+        train.train(dict(tiny_cfg, run="late", max_steps=9, save_model_at=10))
+
+
 @pytest.mark.parametrize("ending", ["finished", "diverged"])
 def test_training_leaves_no_data_workers_behind(tiny_cfg, monkeypatch, ending):
     """The workers ignore stop signals, so a worker left alive would make the process hang at exit; train() stops
