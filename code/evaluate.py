@@ -28,7 +28,7 @@ def write_tables(out, title, rows):
     with open(out + ".csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["method", "psnr_db", "ssim", LOSS_NAME])
-        writer.writerows([name, f"{m['psnr']:.4f}", f"{m['ssim']:.5f}", f"{m['l1']:.5f}"] for name, m in rows)
+        writer.writerows([name, f"{m['psnr']:.4f}", f"{m['ssim']:.5f}", f"{m[LOSS_NAME]:.5f}"] for name, m in rows)
     return out + ".md", out + ".csv"
 
 

@@ -11,8 +11,8 @@ import time
 import torch
 from torch import nn
 
-from metrics import loss_function
 from models import build_model
+from train import Networks, training_step
 
 WARMUP = 3
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
@@ -66,22 +66,18 @@ GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
 
 
 def make_trainer(cfg, device, channels_last, fused, batches, bf16=False, compile_model=False):
-    """A closure running one optimisation step on the next (lr, hr) pair of `batches`."""
+    """A closure running train.training_step (the L1 step of every training) on the next (lr, hr) pair of
+    `batches`, without the loop's logging, validation and checkpoints."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(cfg).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=fused or None)
+    networks = Networks(model, torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=fused or None))
     forward = torch.compile(model) if compile_model else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step():
-        low_res, high_res = next(batches)
-        low_res = low_res.to(device, non_blocking=True, memory_format=memory_format)
-        high_res = high_res.to(device, non_blocking=True, memory_format=memory_format)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_function(forward(low_res), high_res)
-        loss.backward()
-        optimizer.step()
+        low_res, high_res = (t.to(device, non_blocking=True, memory_format=memory_format) for t in next(batches))
+        training_step(forward, networks, low_res, high_res, autocast)
     return model, step
 
 
