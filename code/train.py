@@ -392,10 +392,10 @@ def preview(model, val_set, device):
     return images
 
 
-class Bookkeeper:
-    """Everything after a training step: the running means of the logged values, agreeing with the other ranks
-    on them and on stopping, TensorBoard and the progress bar, validation, checkpoints, the divergence and
-    signal stops, and the end of the run. Only rank 0 writes."""
+class RunRecords:
+    """What a run keeps of its steps, for the loop in train() to call when due: the running means of the logged
+    values (agreed with the other ranks, with whether to stop), TensorBoard and the progress bar, validation,
+    checkpoints, the divergence and signal stops, and the end of the run. Only rank 0 writes."""
 
     def __init__(self, cfg, networks, progress, val_set, device, world_size, main_process, run_dir, ckpt_dir,
                  hardware, resumed):
@@ -415,43 +415,40 @@ class Bookkeeper:
     def elapsed(self):
         return self.progress.elapsed + time.time() - self.started
 
-    def after_step(self, values):
-        """Account for the step just taken (`values`: its logged values); log, validate and save when due."""
-        cfg, step, writer = self.cfg, self.progress.step, self.writer
+    def account(self, values):
+        """Add the step just taken (`values`: its logged values, as a tensor) to the running means."""
         self.running += values
         self.running_steps += 1
         self.bar.update(1)
-        last = step == cfg["max_steps"]
-        log, check, save = (step % cfg[every] == 0 or last for every in ("log_every", "val_every", "ckpt_every"))
-        keep = step == cfg["save_model_at"]  # validated there, so that its payload holds its own scores
-        check = check or keep
-        if not (log or check or save):
-            return
+
+    def means_and_stop(self):
+        """The running means and whether any rank was asked to stop (every rank calls it: see agree)."""
         means, stop_requested = agree(self.running, self.running_steps, self.stop_request, self.world_size, self.logged)
         if not all(math.isfinite(v) for v in means.values()):
             self.diverged(means)
-        if log and self.main_process:
+        return means, stop_requested
+
+    def log(self, means):
+        """TensorBoard and the progress bar (rank 0), then the running means start again (every rank)."""
+        if self.main_process:
             now = time.time()
             for name, value in means.items():
-                writer.add_scalar(f"train/{name}", value, step)
-            patches_per_s = self.running_steps * cfg["batch_size"] * self.world_size / max(now - self.last_log, 1e-9)
+                self.writer.add_scalar(f"train/{name}", value, self.progress.step)
+            patches_per_s = self.running_steps * self.cfg["batch_size"] * self.world_size / max(now - self.last_log, 1e-9)
             self.bar.set_postfix(loss=f"{means[LOSS_NAME]:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
             self.last_log = now
-        if log:
-            self.running.zero_()
-            self.running_steps = 0
-        improved = self.validate() if check and self.main_process else False
-        path = self.save_state() if (save or stop_requested) and self.main_process else None
-        if improved:  # after the resume state, so that a disk filling up here costs this copy, not the run
-            save_checkpoint(os.path.join(self.ckpt_dir, "model_best.pt"), self.networks.final, cfg, step,
-                            val=self.progress.val)
-        if keep and self.main_process:
-            save_checkpoint(os.path.join(self.ckpt_dir, f"model_{step:06d}.pt"), self.networks.final, cfg, step,
-                            val=self.progress.val)
-        if stop_requested and not last:
-            by = self.stop_request.signal or "a signal to another rank"
-            self.finish(f"stopped by {by} at step {step}; checkpoint {path}; continue with resume=auto",
-                        EXIT_INTERRUPTED)
+        self.running.zero_()
+        self.running_steps = 0
+
+    def save_model(self, name):
+        """The validated weights as checkpoints/<run>/<name> (model_best.pt, model_<step>.pt)."""
+        save_checkpoint(os.path.join(self.ckpt_dir, name), self.networks.final, self.cfg, self.progress.step,
+                        val=self.progress.val)
+
+    def stop(self, path):
+        by = self.stop_request.signal or "a signal to another rank"
+        self.finish(f"stopped by {by} at step {self.progress.step}; checkpoint {path}; continue with resume=auto",
+                    EXIT_INTERRUPTED)
 
     def validate(self):
         """Validation metrics of the final weights, logged with preview crops; returns whether they are the best."""
@@ -570,8 +567,8 @@ def train(cfg):
         f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
     batches = training_batches(cfg, train_set, progress.samples, rank, world_size, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    books = Bookkeeper(cfg, networks, progress, val_set, device, world_size, main_process, run_dir, ckpt_dir,
-                       hardware, resumed=state is not None)
+    records = RunRecords(cfg, networks, progress, val_set, device, world_size, main_process, run_dir, ckpt_dir,
+                         hardware, resumed=state is not None)
 
     model.train()
     try:
@@ -589,11 +586,27 @@ def train(cfg):
                 networks.ema.update_parameters(networks.model)
             progress.step += 1
             progress.samples += cfg["batch_size"] * world_size
-            books.after_step(values)
-        books.finish()
-        return books.summary() if main_process else None
+            records.account(values)
+            step, last = progress.step, progress.step == cfg["max_steps"]
+            log, check, save = (step % cfg[every] == 0 or last for every in ("log_every", "val_every", "ckpt_every"))
+            keep = step == cfg["save_model_at"]
+            if not (log or check or save or keep):
+                continue
+            means, stop_requested = records.means_and_stop()  # all ranks take the same decisions; a NaN stops here
+            if log:
+                records.log(means)
+            improved = records.validate() if (check or keep) and main_process else False
+            path = records.save_state() if (save or stop_requested) and main_process else None
+            if improved:  # after the resume state, so that a disk filling up here costs this copy, not the run
+                records.save_model("model_best.pt")
+            if keep and main_process:
+                records.save_model(f"model_{step:06d}.pt")
+            if stop_requested and not last:
+                records.stop(path)
+        records.finish()
+        return records.summary() if main_process else None
     except OSError as err:  # a full disk or quota: checkpoints, logs, summary
-        books.failed_write(err)
+        records.failed_write(err)
     finally:  # the DataLoader workers stop now, even where a kept traceback holds this frame (plots, errors)
         del batches
 
