@@ -715,7 +715,7 @@ def adversarial(out, runs, scores, cfg):
     panels = [plots.GAN_PANELS[i] for i in (0, 1, 2, 4, 5, 6)]  # D(real), D(fake) of the committed run: see text
     out.figure("gan-curves", f"Figure 7: the GAN run (the residual model fine-tuned with L1 + "
                f"{gan.train_config['adv_weight']:g} × relativistic adversarial loss); dashed: the level of the "
-               "checkpoint it started from; generator L1 as a moving mean over 500 steps",
+               "checkpoint it started from; the training losses as moving means over 500 steps",
                lambda path: plots.plot_curves([gan.curve()], path, panels, rows=2, references=references))
     out.table("gan", lambda: gan_table(gan, start, scores))
     if out.want("gan"):
@@ -808,7 +808,8 @@ def final_model(out, runs, scores, standard):
     out.figure("final-curves", "Figure 9: top, the T91 run from scratch; middle, the fine-tunes on T91 + BSD200 that "
                "start from it; bottom, the ablation runs of Table 7; each row on its own step axis (validation: RGB "
                "on Set5, LR by MATLAB bicubic, the weights' moving average; train L1 as a moving mean over 500 "
-               "steps); dashed: bicubic upsampling (not in the middle row: far below its runs, it would flatten their rise)",
+               "steps); dashed: bicubic upsampling (not in the middle row: far below its runs, it would flatten "
+               "their rise; that row's PSNR axis spans hundredths of a dB); learning rate: the scheduled runs only",
                lambda path: plots.plot_curve_rows(groups, path, panels))
     if FINAL in runs and FINAL_T91 in runs:
         panels = [("HR", "bicubic_matlab", None), ("bicubic", "bicubic_matlab", matlab_bicubic),
