@@ -694,7 +694,7 @@ def downscaling(out, runs, scores):
         "bicubic_shift": spread([scores.score(*bicubic, s, "nearest_centred")["psnr"]
                                  - scores.score(*bicubic, s, "nearest")["psnr"] for s in EVAL_SETS], 1)})
     panels = [("LR by nearest, enlarged", "nearest", "lr"),
-              *[(f"LR by {d.replace('_', ' ')}", d, model) for d in DOWNSCALING], ("HR", "bilinear", None)]
+              *[(f"from {d.replace('_', ' ')} LR", d, model) for d in DOWNSCALING], ("HR", "bilinear", None)]
     out.figure("downscaling-crops", "Figure 6: the residual model's output from LR made four ways (it was trained on "
                "bilinear); a crop of butterfly (Set5); PSNR / SSIM of the crop",
                lambda path: plot_crops("butterfly", panels, path, scores.device, columns=3))
