@@ -161,18 +161,19 @@ def write_page(out, title, entries, note=METRICS_NOTE):
     temporary = f"{out}.tmp{os.getpid()}"
     os.makedirs(os.path.join(temporary, "images"))
     try:
-        images = [write_images(temporary, index, entry) for index, entry in enumerate(entries)]
-        if not images:
-            raise PageError(f"{out}: no images to show")
-        with open(os.path.join(temporary, "index.html"), "w", encoding="utf-8") as f:
-            f.write(page_html(title, images, note))
-        if os.path.lexists(out):
-            old = f"{temporary}old"
-            os.rename(out, old)
-            os.rename(temporary, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(temporary, out)
+        with system.failed_writes_exit(out):  # a disk filling up meanwhile: one line, and the old page stays
+            images = [write_images(temporary, index, entry) for index, entry in enumerate(entries)]
+            if not images:
+                raise PageError(f"{out}: no images to show")
+            with open(os.path.join(temporary, "index.html"), "w", encoding="utf-8") as f:
+                f.write(page_html(title, images, note))
+            if os.path.lexists(out):
+                old = f"{temporary}old"
+                os.rename(out, old)
+                os.rename(temporary, out)
+                shutil.rmtree(old)
+            else:
+                os.rename(temporary, out)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return os.path.join(out, "index.html")

@@ -146,6 +146,24 @@ def test_a_failure_midway_leaves_the_previous_page_and_no_temporary_folder(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["page"]
 
 
+def test_a_full_disk_while_the_page_is_written_is_one_line_and_keeps_the_previous_page(tmp_path, monkeypatch):
+    """ENOSPC from Pillow's PNG writer (which names no file): the line names the page, the old page stays."""
+    import errno
+
+    out = tmp_path / "page"
+    compare.write_page(str(out), "t", synthetic_entries())
+    before = folder_bytes(out)
+
+    def full_disk(image, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(compare, "save_png", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        compare.write_page(str(out), "t", synthetic_entries())
+    message = str(stop.value.code)
+    assert message.startswith(f"error: cannot write {out}: No space left on device") and "\n" not in message
+    assert folder_bytes(out) == before and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "unreadable checkpoint", "other scale",
                                   "out is another folder", "out under a file"])
 def test_bad_input_is_one_line_and_no_page(case, tiny_cfg, tmp_path):
