@@ -798,8 +798,8 @@ def final_model(out, runs, scores, standard):
     fine_tunes = [run for run in runs.values() if run.init.startswith(f"{FINAL_T91}{os.sep}")]
     ablation = [runs[n] for n in dict(ABLATION) if n in runs]
     bicubic = bicubic_reference(scores, "bicubic_matlab")
-    groups = [([runs[n].curve() for n in (FINAL_T91,) if n in runs], runs[FINAL_T91].planned if FINAL_T91 in runs else None,
-               bicubic)]
+    groups = [([runs[n].curve() for n in (FINAL_T91,) if n in runs],
+               runs[FINAL_T91].planned if FINAL_T91 in runs else None, bicubic)]
     if fine_tunes:  # no bicubic line: far below these runs, it would flatten their rise to a line
         groups.append(([run.curve() for run in fine_tunes], max(run.planned for run in fine_tunes), None))
     if ablation:

@@ -434,7 +434,8 @@ class RunRecords:
             now = time.time()
             for name, value in means.items():
                 self.writer.add_scalar(f"train/{name}", value, self.progress.step)
-            patches_per_s = self.running_steps * self.cfg["batch_size"] * self.world_size / max(now - self.last_log, 1e-9)
+            patches = self.running_steps * self.cfg["batch_size"] * self.world_size
+            patches_per_s = patches / max(now - self.last_log, 1e-9)
             self.bar.set_postfix(loss=f"{means[LOSS_NAME]:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
             self.last_log = now
         self.running.zero_()
@@ -446,6 +447,7 @@ class RunRecords:
                         val=self.progress.val)
 
     def stop(self, path):
+        """End the run after a stop request, naming the signal and the checkpoint `path` to resume from."""
         by = self.stop_request.signal or "a signal to another rank"
         self.finish(f"stopped by {by} at step {self.progress.step}; checkpoint {path}; continue with resume=auto",
                     EXIT_INTERRUPTED)

@@ -1,6 +1,5 @@
 """system.py: device, precision, layout and data-path choices, malloc, and the generator states of a checkpoint.
 CUDA is mocked where a CPU cannot show the behaviour (fewer GPUs on resume, old GPUs, Turing's emulated bf16)."""
-import os
 import platform
 import random
 import subprocess
@@ -12,6 +11,7 @@ import torch
 
 import system
 from config import parse_overrides
+from conftest import CODE
 
 
 def test_cuda_without_cuda_is_an_error_before_work(monkeypatch):
@@ -181,7 +181,6 @@ def test_a_process_whose_data_workers_outlive_their_loader_still_exits():
     code = ("import sys, system; from torch.utils.data import DataLoader; "
             "loader = iter(DataLoader(list(range(100)), batch_size=2, num_workers=2, "
             "worker_init_fn=system.ignore_stop_signals)); next(loader); print('done', flush=True)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(os.path.dirname(__file__), "..", "code"),
-                          capture_output=True, text=True, timeout=120)  # a hang fails here, not the whole suite
+    done = subprocess.run([sys.executable, "-c", code], cwd=CODE, capture_output=True, text=True, timeout=120)  # a hang fails here, not the whole suite
     assert done.returncode == 0 and done.stdout == "done\n", done.stderr
     assert done.stderr == ""

@@ -97,11 +97,16 @@ def test_an_existing_run_is_not_overwritten_unless_asked(tiny_cfg):
     assert open(model_path, "rb").read() == before
 
 
-def test_divergence_stops_cleanly_with_the_step(tiny_cfg, monkeypatch, capsys):
-    """A NaN in the data poisons the loss at once, as a diverging learning rate does a few steps later."""
+def poison_samples_with_nan(monkeypatch):
+    """Every training sample all NaN (the DataLoader path): the loss is NaN at step 1."""
     original = train.SRDataset.__getitem__
     monkeypatch.setattr(train.SRDataset, "__getitem__",
                         lambda self, index: tuple(t * float("nan") for t in original(self, index)))
+
+
+def test_divergence_stops_cleanly_with_the_step(tiny_cfg, monkeypatch, capsys):
+    """A NaN in the data poisons the loss at once, as a diverging learning rate does a few steps later."""
+    poison_samples_with_nan(monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         train.train(dict(tiny_cfg, max_steps=5, data_on_device="off"))  # the DataLoader path uses __getitem__
     assert exit_.value.code == checkpoints.EXIT_DIVERGED
@@ -130,9 +135,7 @@ def test_training_leaves_no_data_workers_behind(tiny_cfg, monkeypatch, ending):
 
     cfg = dict(tiny_cfg, max_steps=4, val_every=4, num_workers=2)
     if ending == "diverged":
-        original = train.SRDataset.__getitem__
-        monkeypatch.setattr(train.SRDataset, "__getitem__",
-                            lambda self, index: tuple(t * float("nan") for t in original(self, index)))
+        poison_samples_with_nan(monkeypatch)
         with pytest.raises(SystemExit):
             train.train(cfg)
     else:
