@@ -28,7 +28,7 @@ import system
 from checkpoints import CheckpointError
 from dataset import MAX_PIXELS, DataError, SRDataset, decode_image, to_float
 from metrics import interpolate, psnr, ssim
-from models import bounded
+from models import tiled_upscaler
 
 PAGE_MARK = '<meta name="generator" content="sr-compare">'  # tells a page folder that may be replaced from any other
 METRICS_NOTE = "PSNR / SSIM: of each whole image against HR, RGB in [0, 1], as evaluate.py computes them."
@@ -77,7 +77,7 @@ def method_images(dataset, models, device, crop=0):
     for index, path in enumerate(dataset.files):
         low_res, high_res = (t[None].to(device) for t in dataset[index])
         outputs = [(mode, interpolate(low_res, dataset.scale, mode)) for mode in ("bilinear", "bicubic")]
-        outputs += [(name, bounded(model)(low_res).clamp(0, 1)) for name, model in models]
+        outputs += [(name, tiled_upscaler(model)(low_res).clamp(0, 1)) for name, model in models]
         scores = [{"psnr": psnr(output, high_res).item(), "ssim": ssim(output, high_res).item()} for _, output in outputs]
         best = max(range(2, len(outputs)), key=lambda k: scores[k]["psnr"]) if models else 0
         gain = ((outputs[1][1] - high_res) ** 2 - (outputs[best][1] - high_res) ** 2).sum(1)[0]

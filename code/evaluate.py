@@ -9,26 +9,28 @@ Prints a Markdown table and saves it as <out>.md and <out>.csv.
 """
 import csv
 import glob
+import io
 import os
 import sys
 
 import config
 import system
 from checkpoints import CheckpointError, load_model
-from models import bounded
+from models import tiled_upscaler
 from dataset import DataError, SRDataset, imresize_matlab
 from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
 
 
 def write_tables(out, title, rows):
-    """Save the table as <out>.md and <out>.csv (fixed decimals, so reruns are byte-identical)."""
+    """Save the table as <out>.md and <out>.csv (fixed decimals, so reruns are byte-identical), each whole or not
+    at all (system.write_text)."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".md", "w") as f:
-        f.write(markdown_table(title, rows))
-    with open(out + ".csv", "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["method", "psnr_db", "ssim", LOSS_NAME])
-        writer.writerows([name, f"{m['psnr']:.4f}", f"{m['ssim']:.5f}", f"{m[LOSS_NAME]:.5f}"] for name, m in rows)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["method", "psnr_db", "ssim", LOSS_NAME])
+    writer.writerows([name, f"{m['psnr']:.4f}", f"{m['ssim']:.5f}", f"{m[LOSS_NAME]:.5f}"] for name, m in rows)
+    for path, text in ((out + ".md", markdown_table(title, rows)), (out + ".csv", table.getvalue())):
+        system.write_text(path, text)
     return out + ".md", out + ".csv"
 
 
@@ -79,6 +81,7 @@ def main(argv):
               file=sys.stderr)
 
     def score(upscale):
+        upscale = system.with_memory_returned(upscale)
         try:  # an image decoded again may have changed on disk since it was checked
             return evaluate_standard(upscale, images, cfg["scale"], device) if standard else \
                 evaluate(upscale, dataset, device)
@@ -90,7 +93,7 @@ def main(argv):
         rows = [(f"{mode} upsampling", score(lambda lr, m=mode: interpolate(lr, cfg["scale"], m)))
                 for mode in ("bilinear", "bicubic")]
     for path, model, payload in models:
-        rows.append((method_name(payload), score(bounded(model))))
+        rows.append((method_name(payload), score(tiled_upscaler(model))))
 
     if standard:
         title = (f"x{cfg['scale']} on {eval_name} ({count} images), standard protocol: LR by MATLAB bicubic "
@@ -98,7 +101,7 @@ def main(argv):
     else:
         title = f"x{cfg['scale']} on {eval_name} ({count} images), LR made by {cfg['degradation']} downscaling"
     print(markdown_table(title, rows))
-    with system.failed_writes_exit(out + ".md"):  # a disk that filled meanwhile
+    with system.failed_writes_exit(out + ".md"):  # a folder removed meanwhile
         for path in write_tables(out, title, rows):
             print(f"wrote {path}")
     return rows

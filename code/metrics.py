@@ -14,13 +14,17 @@ LOSS_NAME = "l1"
 PSNR_CAP = 100.0  # dB: the PSNR of an image identical to its reference (tables count such images)
 
 
-def loss_function(prediction, target, kind="l1", border=0):
+def loss_function(prediction, target, kind="l1", border=0, per_image=False):
     """The training loss over the crop without `border` pixels at each edge: l1 (the handout's), or l2 (the mean
     squared error, which PSNR measures). Edge pixels see the crop's zero padding, which a whole test image has
-    only at its own border, so a border as wide as the receptive field trains on what the model meets at test."""
+    only at its own border, so a border as wide as the receptive field trains on what the model meets at test.
+    per_image: one value an image of the batch (validation averages them over the images), else the batch mean."""
     if border:
         prediction, target = (t[..., border:-border, border:-border] for t in (prediction, target))
-    return F.l1_loss(prediction, target) if kind == "l1" else F.mse_loss(prediction, target)
+    loss = F.l1_loss if kind == "l1" else F.mse_loss
+    if per_image:
+        return loss(prediction, target, reduction="none").flatten(1).mean(1)
+    return loss(prediction, target)
 
 
 def psnr(prediction, target):
@@ -62,7 +66,7 @@ def evaluate(upscale, dataset, device, batch_pixels=512 * 512):
     """Mean L1, PSNR, SSIM and sharpness of `upscale(lr)` against HR over every image of `dataset`.
 
     Images of the same size go through together, up to `batch_pixels` HR pixels a batch: about one tile of
-    `models.bounded` at x2, so that a set of small images needs no more memory than one large image (the
+    `models.tiled_upscaler` at x2, so that a set of small images needs no more memory than one large image (the
     model's 64-channel activations are at HR size; larger batches were no faster on a CPU: README, Performance).
     Every metric is still taken per image, then averaged over the images. L1 is taken on
     the raw output (as the training loss is); PSNR, SSIM and sharpness on the output clamped to [0, 1].
@@ -79,7 +83,7 @@ def evaluate(upscale, dataset, device, batch_pixels=512 * 512):
             pairs = [dataset[index] for index in indices[start:start + batch_size]]
             low_res, high_res = (torch.stack(t).to(device) for t in zip(*pairs))
             prediction = upscale(low_res)
-            totals[LOSS_NAME] += (prediction - high_res).abs().flatten(1).mean(1).sum().item()
+            totals[LOSS_NAME] += loss_function(prediction, high_res, per_image=True).sum().item()
             prediction = prediction.clamp(0, 1)
             scores = psnr(prediction, high_res)
             identical += int((scores >= PSNR_CAP - 1e-3).sum())

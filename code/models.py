@@ -115,7 +115,7 @@ def upscale_tiled(model, low_res, scale, tile, margin, progress=None, out_device
     return output
 
 
-def bounded(model, tile=256):
+def tiled_upscaler(model, tile=256):
     """`model` as a function whose memory does not grow with the image: inputs larger than `tile` LR px a side
     go through in tiles with the receptive field as overlap (the same result); smaller ones at once."""
     def upscale(low_res):

@@ -3,6 +3,7 @@ train.py draws each run's curves.png with them, report.py every figure of README
 
     python code/plots.py run=demo    # writes runs/demo/curves.png
 """
+import logging
 import math
 import os
 import sys
@@ -11,10 +12,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: works on cluster nodes and CI without a display
 import matplotlib.pyplot as plt
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from metrics import LOSS_NAME
+from dataset import degrade
+from metrics import LOSS_NAME, psnr, ssim
 
+logging.getLogger("tensorboard").addFilter(
+    lambda record: not str(record.msg).startswith("Detected out of order event.step"))
 # A panel: (tags drawn in it, title, log y axis)
 PANELS = (((f"train/{LOSS_NAME}",), "train L1 (log scale)", True), ((f"val/{LOSS_NAME}",), "validation L1", True),
           (("val/psnr",), "validation PSNR (dB)", False), (("val/ssim",), "validation SSIM", False))
@@ -24,13 +29,19 @@ GAN_PANELS = (((f"train/{LOSS_NAME}",), "generator L1 (content, log scale)", Tru
               (("val/ssim",), "validation SSIM", False), (("val/sharpness",), "validation sharpness (1 = HR)", False))
 # Training scalars are logged every few steps from one batch each: drawn as a moving mean over this many steps
 SMOOTH_STEPS = 500
+ERROR_GAIN = 4  # |error| maps are drawn 4x brighter
 FIGURE_WIDTH = 7.2  # inches: the report's text width (A4 less 0.5 in borders), so fonts print at their own size
+
+
+def use_report_style():
+    """README.pdf's type sizes (8 pt at FIGURE_WIDTH, printed at their own size) and resolution, for report.py."""
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "savefig.dpi": 150})
 
 
 def read_scalars(run_dir):
     """{tag: ([steps], [values])} for every scalar logged in `run_dir`; a resumed run's last value per step wins."""
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0 = keep every point
-    events.Reload()
+    events.Reload()  # without TensorBoard's warning that a resumed run's restart purges the later events: expected
     scalars = {}
     for tag in events.Tags()["scalars"]:
         by_step = {e.step: e.value for e in events.Scalars(tag)}
@@ -120,6 +131,54 @@ def plot_image_grid(cells, out_path, columns, cell_inches=None, title_size=8):
         if under:
             axis.text(0.5, -0.02, under, fontsize=title_size - 0.5, ha="center", va="top", transform=axis.transAxes)
     return save_figure(figure, out_path, pad=0.2, h_pad=0.6, w_pad=0.3)
+
+
+# ---- crops of model outputs, for plot_image_grid (README.pdf's image figures) ----
+
+def to_pixels(image):
+    """A CxHxW float image in [0, 1] as HxWx3 uint8, for plot_image_grid."""
+    return image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def error_map(image, reference):
+    """|image − reference| averaged over the colours, ERROR_GAIN x brighter, as a gray picture."""
+    error = (image - reference).abs().mean(0, keepdim=True).mul(ERROR_GAIN).expand(3, -1, -1)
+    return to_pixels(error)
+
+
+def crop_scores(crop, reference):
+    return f"{psnr(crop[None], reference[None]).item():.2f} dB / {ssim(crop[None], reference[None]).item():.3f}"
+
+
+@torch.inference_mode()
+def upscaled(upscale, hr, degradation, scale, device):
+    """The method's output for the LR made from `hr` by `degradation`; upscale None = HR itself, "lr" = the LR
+    input with its pixels enlarged."""
+    if upscale is None:
+        return hr
+    low_res = degrade(hr, scale, degradation)[None].to(device)
+    if upscale == "lr":
+        return low_res[0].repeat_interleave(scale, -2).repeat_interleave(scale, -1).cpu()
+    return upscale(low_res)[0].clamp(0, 1).float().cpu()
+
+
+def crop_cells(hr, box, panels, scale, device, errors=False):
+    """plot_image_grid cells of one crop, box = (top, left, side): each panel (label, degradation, upscale) with the
+    crop's PSNR / SSIM (RGB) under it; with `errors` a second row of |error| maps."""
+    top, left, side = box
+    reference = hr[:, top:top + side, left:left + side]
+    images, cells = [], []
+    for label, degradation, upscale in panels:
+        crop = upscaled(upscale, hr, degradation, scale, device)[:, top:top + side, left:left + side]
+        images.append(crop)
+        scored = upscale is not None and upscale != "lr"
+        cells.append((label, to_pixels(crop), crop_scores(crop, reference) if scored else ""))
+    if errors:  # under HR, the LR input the outputs were made from (the first model's degradation)
+        degradation = next(d for _, d, upscale in panels if upscale not in (None, "lr"))
+        low_res = upscaled("lr", hr, degradation, scale, device)[:, top:top + side, left:left + side]
+        cells += [(f"|{label} − HR| ×{ERROR_GAIN}", error_map(crop, reference), "") if upscale not in (None, "lr")
+                  else ("LR input, enlarged", to_pixels(low_res), "") for (label, _, upscale), crop in zip(panels, images)]
+    return cells
 
 
 def plot_training_curves(run_dir, out_path):

@@ -11,6 +11,7 @@ training its newest step*.pt (labelled "in progress"), and its TensorBoard scala
 Outputs in report_dir (runs/report): figures, tables, report.json with every block and value, report.md as
 filled; README.md's `<!-- report:NAME -->` blocks; README.pdf. A rerun writes the same bytes.
 """
+import collections
 import functools
 import json
 import math
@@ -19,10 +20,6 @@ import re
 import statistics
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 import compare
@@ -30,9 +27,9 @@ import config
 import plots
 import system
 from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoints
-from dataset import SRDataset, crop_to_multiple, decode_image, degrade, imresize_matlab, save_first_pair, to_float
+from dataset import SRDataset, crop_to_multiple, decode_image, imresize_matlab, save_first_pair, to_float
 from experiments import ABLATION, DATA_ROOT, FINAL_RECIPE, RUNS
-from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, psnr, ssim, standard_set
+from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, standard_set
 from models import Discriminator, count_parameters, self_ensemble
 
 EVAL_SETS = ("Set5", "Set14", "BSD68")  # the RGB protocol of Tasks 5 and 6: Set5 validates, Set14 and BSD68 test
@@ -59,14 +56,13 @@ PUBLISHED = (("SRCNN", "57k", "ImageNet (395k)",
 CROPS = {"comic": ("Set14", "comic.png", 40, 60, 96), "zebra": ("Set14", "zebra.png", 70, 300, 64),
          "butterfly": ("Set5", "butterfly.png", 90, 100, 96), "barbara": ("Set14", "barbara.png", 180, 380, 64)}
 COMPARISON_SIDE = 40  # HR pixels of each comparison crop
-ERROR_GAIN = 4  # |error| maps are drawn 4x brighter
 NAMES = {"baseline": "baseline", "residual": "residual", "gan": "GAN", FINAL: "final",
          FINAL_T91: "final, T91 only", "residual_matlab": "residual_matlab"}
-plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "savefig.dpi": 150})
 MARKER = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->\n)(.*?)(<!-- /report:(?P=name) -->)", re.S)
 PLACEHOLDER = re.compile(r"\{\{([\w-]+)\}\}")
 NEW_PAGE = "<!-- new page -->"  # in the template: the PDF starts a new page there
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.md")
+plots.use_report_style()
 PM = "\u00a0±\u00a0"  # "a ± b" kept on one line in the PDF's narrow table columns
 
 
@@ -385,7 +381,7 @@ def downscaling_table(runs, scores):
 def gan_table(gan, start, scores):
     """PSNR, SSIM, sharpness and GMSD of the GAN against the checkpoint it started from, on the test sets."""
     rows = []
-    for label, upscale in [upsampling("bicubic"), start[:2], (gan.label(), gan.load(scores.device))]:
+    for label, upscale in [upsampling("bicubic"), (start.label, start.model), (gan.label(), gan.load(scores.device))]:
         rows.append([label] + [cell(scores.score(label, upscale, s), ("psnr", "ssim", "sharpness", "gmsd"))
                                for s in EVAL_SETS[1:]])
     return table(["method", "Set14 PSNR / SSIM / sharpness / GMSD", "BSD68 PSNR / SSIM / sharpness / GMSD"],
@@ -461,55 +457,9 @@ def high_res(set_name, file_name):
     return crop_to_multiple(to_float(decode_image(os.path.join(DATA_ROOT, set_name, file_name))), SCALE)
 
 
-def to_pixels(image):
-    """A CxHxW float image in [0, 1] as HxWx3 uint8, for plots.plot_image_grid."""
-    return image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def error_map(image, reference):
-    """|image − reference| averaged over the colours, ERROR_GAIN x brighter, as a gray picture."""
-    error = (image - reference).abs().mean(0, keepdim=True).mul(ERROR_GAIN).expand(3, -1, -1)
-    return to_pixels(error)
-
-
-def crop_scores(crop, reference):
-    return f"{psnr(crop[None], reference[None]).item():.2f} dB / {ssim(crop[None], reference[None]).item():.3f}"
-
-
-@torch.inference_mode()
-def upscaled(upscale, hr, degradation, device):
-    """The method's output for the LR made from `hr` by `degradation`; upscale None = HR itself, "lr" = the LR
-    input with its pixels enlarged."""
-    if upscale is None:
-        return hr
-    low_res = degrade(hr, SCALE, degradation)[None].to(device)
-    if upscale == "lr":
-        return low_res[0].repeat_interleave(SCALE, -2).repeat_interleave(SCALE, -1).cpu()
-    return upscale(low_res)[0].clamp(0, 1).float().cpu()
-
-
-def crop_cells(hr, box, panels, device, errors=False):
-    """plot_image_grid cells of one crop, box = (top, left, side): each panel (label, degradation, upscale) with the
-    crop's PSNR / SSIM (RGB) under it; with `errors` a second row of |error| maps."""
-    top, left, side = box
-    reference = hr[:, top:top + side, left:left + side]
-    images, cells = [], []
-    for label, degradation, upscale in panels:
-        crop = upscaled(upscale, hr, degradation, device)[:, top:top + side, left:left + side]
-        images.append(crop)
-        scored = upscale is not None and upscale != "lr"
-        cells.append((label, to_pixels(crop), crop_scores(crop, reference) if scored else ""))
-    if errors:  # under HR, the LR input the outputs were made from (the first model's degradation)
-        degradation = next(d for _, d, upscale in panels if upscale not in (None, "lr"))
-        low_res = upscaled("lr", hr, degradation, device)[:, top:top + side, left:left + side]
-        cells += [(f"|{label} − HR| ×{ERROR_GAIN}", error_map(crop, reference), "") if upscale not in (None, "lr")
-                  else ("LR input, enlarged", to_pixels(low_res), "") for (label, _, upscale), crop in zip(panels, images)]
-    return cells
-
-
 def plot_crops(crop_name, panels, out_path, device, errors=False, columns=None):
     set_name, file_name, top, left, side = CROPS[crop_name]
-    cells = crop_cells(high_res(set_name, file_name), (top, left, side), panels, device, errors)
+    cells = plots.crop_cells(high_res(set_name, file_name), (top, left, side), panels, SCALE, device, errors)
     return plots.plot_image_grid(cells, out_path, columns=columns or len(panels))
 
 
@@ -525,8 +475,8 @@ def comparison_crops(runs, standard, device):
         gains = [f["psnr"] - b["psnr"] for f, b in zip(single, bicubic)]
         file_name = sorted(os.listdir(os.path.join(DATA_ROOT, set_name)))[gains.index(max(gains))]
         hr = high_res(set_name, file_name)
-        final_out = upscaled(final.load(device), hr, "bicubic_matlab", device)
-        bicubic_out = upscaled(matlab_bicubic, hr, "bicubic_matlab", device)
+        final_out = plots.upscaled(final.load(device), hr, "bicubic_matlab", SCALE, device)
+        bicubic_out = plots.upscaled(matlab_bicubic, hr, "bicubic_matlab", SCALE, device)
         gain_map = ((bicubic_out - hr) ** 2 - (final_out - hr) ** 2).mean(0)
         window = compare.focus_window(gain_map, COMPARISON_SIDE)
         found.append((set_name, file_name, window["y"], window["x"]))
@@ -541,7 +491,7 @@ def comparison_figure(runs, standard, out_path, device):
     panels += [(NAMES[n], "bicubic_matlab", runs[n].load(device)) for n in (FINAL_T91, FINAL)]
     cells, where = [], []
     for set_name, file_name, top, left in comparison_crops(runs, standard, device):
-        cells += crop_cells(high_res(set_name, file_name), (top, left, COMPARISON_SIDE), panels, device)
+        cells += plots.crop_cells(high_res(set_name, file_name), (top, left, COMPARISON_SIDE), panels, SCALE, device)
         where.append(f"{set_name}/{file_name} at ({left}, {top})")
     plots.plot_image_grid(cells, out_path, columns=len(panels), title_size=7)
     return {"comparison_crops": " and ".join(where)}
@@ -554,8 +504,8 @@ def loader_check(out_dir, seed=0):
     torch.manual_seed(seed)
     lr_image, hr_image = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True)))
     save_first_pair(lr_image, hr_image, out_dir)
-    cells = [(f"HR {i + 1}, 64×64", to_pixels(hr), "") for i, hr in enumerate(hr_image)]
-    cells += [(f"LR {i + 1}, 32×32", to_pixels(lr), "") for i, lr in enumerate(lr_image)]
+    cells = [(f"HR {i + 1}, 64×64", plots.to_pixels(hr), "") for i, hr in enumerate(hr_image)]
+    cells += [(f"LR {i + 1}, 32×32", plots.to_pixels(lr), "") for i, lr in enumerate(lr_image)]
     return cells, f"lr {tuple(lr_image.shape)}, hr {tuple(hr_image.shape)}"
 
 
@@ -700,17 +650,20 @@ def downscaling(out, runs, scores):
                lambda path: plot_crops("butterfly", panels, path, scores.device, columns=3))
 
 
+FineTuneStart = collections.namedtuple("FineTuneStart", "label model step")
+
+
 def fine_tune_start(run, cfg, device):
-    """(label, model, step) of the checkpoint a fine-tune started from (the residual run has trained on since)."""
+    """The checkpoint a fine-tune started from (the residual run has trained on since)."""
     model, payload = load_model(os.path.join(cfg["ckpt_dir"], run.init), device)
-    return f"residual, step {payload['step']:,} (GAN's start)", model, payload["step"]
+    return FineTuneStart(f"residual, step {payload['step']:,} (GAN's start)", model, payload["step"])
 
 
 def adversarial(out, runs, scores, cfg):
     """Task 6: the GAN run's curves, its trade-off against the checkpoint it started from, its texture."""
     gan, residual = runs["gan"], runs["residual"]
     start = fine_tune_start(gan, cfg, scores.device)
-    start_level = {tag: mean_sd(residual.last(tag, max_step=start[2]))[0] for tag in ("val/psnr", "val/sharpness")}
+    start_level = {tag: mean_sd(residual.last(tag, max_step=start.step))[0] for tag in ("val/psnr", "val/sharpness")}
     references = {tag: [(f"start, mean of its last {LAST}", value)] for tag, value in start_level.items()}
     panels = [plots.GAN_PANELS[i] for i in (0, 1, 2, 4, 5, 6)]  # D(real), D(fake) of the committed run: see text
     out.figure("gan-curves", f"Figure 7: the GAN run (the residual model fine-tuned with L1 + "
@@ -721,25 +674,26 @@ def adversarial(out, runs, scores, cfg):
     if out.want("gan"):
         gan_values(out, gan, start, residual, scores)
     panels = [("HR", "bilinear", None), ("bicubic", "bilinear", upsampling("bicubic")[1]),
-              ("GAN's start", "bilinear", start[1]), ("GAN", "bilinear", gan.load(scores.device))]
+              ("GAN's start", "bilinear", start.model), ("GAN", "bilinear", gan.load(scores.device))]
     out.figure("gan-crops", "Figure 8: the GAN against the model it started from, a crop of zebra (Set14, test), LR "
-               f"by bilinear downscaling; PSNR / SSIM of the crop; below, each output's error, {ERROR_GAIN}× brighter",
+               f"by bilinear downscaling; PSNR / SSIM of the crop; below, each output's error, {plots.ERROR_GAIN}× brighter",
                lambda path: plot_crops("zebra", panels, path, scores.device, errors=True))
 
 
 def gan_values(out, gan, start, residual, scores):
     """The numbers the prose quotes beside Table 5."""
-    before = {s: scores.score(start[0], start[1], s) for s in EVAL_SETS[1:]}
+    before = {s: scores.score(start.label, start.model, s) for s in EVAL_SETS[1:]}
     after = {s: scores.score(gan.label(), gan.load(scores.device), s) for s in EVAL_SETS[1:]}
     d_loss = gan.series("train/d_loss")[1]
     out.values.update({
-        "gan_steps": f"{gan.step:,}", "gan_start_step": f"{start[2]:,}", "adv_weight": f"{gan.train_config['adv_weight']:g}",
+        "gan_steps": f"{gan.step:,}", "gan_start_step": f"{start.step:,}",
+        "adv_weight": f"{gan.train_config['adv_weight']:g}",
         "discriminator_parameters": f"{count_parameters(Discriminator()):,}",
         "gan_cost_Set14": f"{before['Set14']['psnr'] - after['Set14']['psnr']:.2f}",
         "gan_cost_BSD68": f"{before['BSD68']['psnr'] - after['BSD68']['psnr']:.2f}",
         "gan_sharp_Set14": f"{after['Set14']['sharpness']:.3f} against {before['Set14']['sharpness']:.3f}",
         "gan_gmsd_Set14": f"{after['Set14']['gmsd']:.4f} against {before['Set14']['gmsd']:.4f}",
-        "gan_val": pm(gan.last()), "gan_start_val": pm(residual.last(max_step=start[2])),
+        "gan_val": pm(gan.last()), "gan_start_val": pm(residual.last(max_step=start.step)),
         "gan_d_loss": spread(d_loss[len(d_loss) // 2:])})
 
 
@@ -784,8 +738,9 @@ def final_values(runs, standard):
         raw = load_model(raw_path, device)[0]
         values["t91_ema_gain_Set14"] = paired(single(t91, "Set14"), standard.per_image("T91 raw", raw, "Set14"))
     values["final_t91_trend"] = trend_text(*t91.series("val/psnr"))
-    for key, _, text in (s.partition("=") for s in FINAL_RECIPE):
-        values[f"recipe_{key}"] = text  # recipe_lr, recipe_ema, ...: FINAL_RECIPE's settings as the text quotes them
+    recipe = dict(setting.split("=") for setting in FINAL_RECIPE)  # its settings as the text quotes them
+    values.update(recipe_lr=recipe["lr"], recipe_lr_min=recipe["lr_min"], recipe_warmup_steps=recipe["warmup_steps"],
+                  recipe_ema=recipe["ema"])
     return values
 
 
@@ -817,7 +772,7 @@ def final_model(out, runs, scores, standard):
                   (NAMES[FINAL], "bicubic_matlab", runs[FINAL].load(scores.device))]
         out.figure("final-crops", "Figure 10: a failure case: a crop of barbara (Set14), LR by MATLAB bicubic; the "
                    "scarf's stripes are finer than the LR image can hold; PSNR / SSIM of the crop (RGB); below, "
-                   f"each output's error, {ERROR_GAIN}× brighter",
+                   f"each output's error, {plots.ERROR_GAIN}× brighter",
                    lambda path: plot_crops("barbara", panels, path, scores.device, errors=True))
         out.figure("comparison", "Figure 1: two crops of test images where the final model gains most over "
                    "bicubic; each model gets LR made as in its training (baseline, residual, GAN: bilinear; final "

@@ -150,6 +150,26 @@ def tune_malloc(cfg):
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
+def with_memory_returned(upscale):
+    """`upscale` that first gives the C heap's free pages back to the kernel (glibc's malloc_trim) when the image
+    size changes: with malloc=tuned nothing is trimmed on free, and whole images of many sizes leave freed blocks
+    that no later size fits, so an evaluation's memory grew with its number of photos (README, Performance).
+    Images of one size reuse their blocks untrimmed. Off glibc a no-op."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return upscale
+    last_shape = None
+
+    def upscale_after_trim(low_res):
+        nonlocal last_shape
+        if low_res.shape != last_shape:
+            trim(0)
+            last_shape = low_res.shape
+        return upscale(low_res)
+    return upscale_after_trim
+
+
 def bound_kernel_cache(capacity=16):
     """oneDNN keeps a compiled convolution for every input shape it has seen (1024 by default), each with buffers
     of its size: evaluating photos of many sizes (SSIM's filters on each, the model on its edge tiles) grew by
@@ -221,6 +241,8 @@ def write_failure(path, err):
     """The one line for a write that failed (full disk, quota, read-only or forbidden folder): the file, the reason
     and the space left where it was going, so that the user knows what to free or where to write instead."""
     parent = os.path.abspath(path)
+    if not os.path.isdir(parent):  # the space of the folder the file goes to
+        parent = os.path.dirname(parent)
     while not os.path.exists(parent) and os.path.dirname(parent) != parent:
         parent = os.path.dirname(parent)
     try:
@@ -229,6 +251,21 @@ def write_failure(path, err):
         free = f"free space on {parent} unknown"
     reason = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
     return f"error: cannot write {path}: {reason} ({free})"
+
+
+def write_text(path, text):
+    """Write `text` to `path` whole or not at all (a temporary file beside it, then os.replace): a disk that fills
+    meanwhile keeps the previous file and leaves no partial one, and ends in write_failure's line naming `path`."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", newline="") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise SystemExit(write_failure(path, err)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, RAW_WEIGHTS, Checkpoint
     newest_good_state, save_checkpoint, step_checkpoints
 from dataset import DataError, SRDataset
 from metrics import LOSS_NAME, evaluate, interpolate, loss_function
-from models import MODEL_KEYS, Discriminator, bounded, build_model
+from models import MODEL_KEYS, Discriminator, tiled_upscaler, build_model
 from plots import plot_training_curves
 
 # Keys that change what a run computes: resuming with any of them different is refused.
@@ -71,7 +71,7 @@ class Networks:
     d_optimizer: torch.optim.Optimizer = None
 
     @property
-    def final(self):
+    def validated(self):
         """The weights that are validated and saved as model.pt: the moving average where there is one."""
         return self.ema.module if self.ema is not None else self.model
 
@@ -217,13 +217,13 @@ def build_networks(cfg, device, memory_format):
     return networks
 
 
-def resume(cfg, networks, state_path, state, device, hardware, say):
+def resume(cfg, networks, state_path, state, device, hardware, print_once):
     """Continue from a periodic checkpoint (refusing one made with other settings; a key that an older
     checkpoint lacks counts as its default), or start from `init`'s weights, or from scratch."""
     try:
         if state is None:
             if cfg["init"]:
-                say(f"Starting from the weights of {cfg['init']} (its step {initialise(networks, cfg)})")
+                print_once(f"Starting from the weights of {cfg['init']} (its step {initialise(networks, cfg)})")
             return Progress()
         made_with = {**config.DEFAULTS, **state["train_config"]}
         keys = RESULT_KEYS + (("max_steps",) if cfg["lr_schedule"] != "constant" else ())  # the schedule's length
@@ -237,9 +237,9 @@ def resume(cfg, networks, state_path, state, device, hardware, say):
         raise SystemExit(f"error: {err}") from None
     if "rng" in state:
         system.set_rng_states(state["rng"], device)
-    say(f"Resuming run '{cfg['run']}' at step {state['step']} from {state_path}")
+    print_once(f"Resuming run '{cfg['run']}' at step {state['step']} from {state_path}")
     if state.get("hardware", hardware) != hardware:
-        say(f"note: this run continues on other hardware or precision: {hardware} (was {state['hardware']}); "
+        print_once(f"note: this run continues on other hardware or precision: {hardware} (was {state['hardware']}); "
             f"its results will not be bit-identical to an uninterrupted run")
     return Progress(state["step"], state.get("samples", state["step"] * cfg["batch_size"]), state["elapsed"],
                     state["best_psnr"], state["val"])
@@ -273,8 +273,8 @@ def training_batches(cfg, train_set, samples, rank, world_size, device):
 # ---- one step ----
 
 def training_step(model, networks, low_res, high_res, autocast, kind="l1", border=0):
-    """Forward, loss (the handout's L1, or `kind`, without `border` edge pixels), backward, Adam. Returns the
-    L1 of the pixels in the loss, which is what is logged whatever the loss (curves stay comparable)."""
+    """Forward, loss (the handout's L1, or `kind`, without `border` edge pixels), backward, Adam. Returns the values
+    to log by name: the L1 of the pixels in the loss, whatever the loss (curves stay comparable)."""
     networks.optimizer.zero_grad(set_to_none=True)
     with autocast:
         prediction = model(low_res)
@@ -282,14 +282,14 @@ def training_step(model, networks, low_res, high_res, autocast, kind="l1", borde
     loss.backward()
     networks.optimizer.step()
     if kind == "l1":
-        return loss.detach()
+        return {LOSS_NAME: loss.detach()}
     with torch.no_grad(), autocast:
-        return loss_function(prediction, high_res, "l1", border)
+        return {LOSS_NAME: loss_function(prediction, high_res, "l1", border)}
 
 
 def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight, border=0):
     """Task 6: a generator step (L1 content + adversarial loss, the discriminator frozen), then a discriminator
-    step (HR patches real, the detached predictions fake). Returns the values logged as GAN_LOGGED; d_real and
+    step (HR patches real, the detached predictions fake). Returns the values to log by name; d_real and
     d_fake are D's mean probabilities as its loss reads them (relative to the other side for the relativistic
     loss), so 0.5 / 0.5 means D cannot tell them apart."""
     networks.optimizer.zero_grad(set_to_none=True)
@@ -313,11 +313,9 @@ def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight, bor
     networks.d_optimizer.step()
     if kind == "relativistic":  # what D's loss reads: how much more real than the average of the other side
         real_logits, fake_logits = relativistic(real_logits, fake_logits)
-    return torch.stack([loss, adversarial, d_loss, torch.sigmoid(real_logits).mean(),
-                        torch.sigmoid(fake_logits).mean()]).detach()
-
-
-GAN_LOGGED = (LOSS_NAME, "adv", "d_loss", "d_real", "d_fake")
+    values = {LOSS_NAME: loss, "adv": adversarial, "d_loss": d_loss, "d_real": torch.sigmoid(real_logits).mean(),
+              "d_fake": torch.sigmoid(fake_logits).mean()}
+    return {name: value.detach() for name, value in values.items()}
 
 
 def relativistic(real_logits, fake_logits):
@@ -366,7 +364,7 @@ class StopRequest:
 
 # ---- logging, validation, checkpoints ----
 
-def agree(running, running_steps, stop_request, world_size, names):
+def means_across_ranks(running, running_steps, stop_request, world_size, names):
     """The mean of each logged value since the last log, and whether any rank was asked to stop: summed over
     the ranks, so that all of them take the same decisions."""
     values = torch.cat([running / running_steps,
@@ -405,8 +403,7 @@ class RunRecords:
         # events after the saved step come from the interrupted attempt: TensorBoard drops them
         self.writer = SummaryWriter(run_dir, purge_step=progress.step + 1 if resumed else None) \
             if main_process else None
-        self.logged = GAN_LOGGED if cfg["gan"] else (LOSS_NAME,)  # means over the last log_every steps
-        self.running, self.running_steps = torch.zeros(len(self.logged), device=device), 0
+        self.logged, self.running, self.running_steps = (), None, 0  # names and sums of the values since the last log
         self.started = self.last_log = time.time()
         self.stop_request = StopRequest()
         self.bar = tqdm(total=cfg["max_steps"], initial=progress.step, unit="step", dynamic_ncols=True,
@@ -416,14 +413,16 @@ class RunRecords:
         return self.progress.elapsed + time.time() - self.started
 
     def account(self, values):
-        """Add the step just taken (`values`: its logged values, as a tensor) to the running means."""
-        self.running += values
+        """Add the step just taken (`values`: what it logs, by name) to the running means."""
+        if self.running is None:  # the first step names what the run logs
+            self.logged, self.running = tuple(values), torch.zeros(len(values), device=self.device)
+        self.running += torch.stack([values[name] for name in self.logged])
         self.running_steps += 1
         self.bar.update(1)
 
     def means_and_stop(self):
-        """The running means and whether any rank was asked to stop (every rank calls it: see agree)."""
-        means, stop_requested = agree(self.running, self.running_steps, self.stop_request, self.world_size, self.logged)
+        """The running means and whether any rank was asked to stop (every rank calls it: see means_across_ranks)."""
+        means, stop_requested = means_across_ranks(self.running, self.running_steps, self.stop_request, self.world_size, self.logged)
         if not all(math.isfinite(v) for v in means.values()):
             self.diverged(means)
         return means, stop_requested
@@ -443,7 +442,7 @@ class RunRecords:
 
     def save_model(self, name):
         """The validated weights as checkpoints/<run>/<name> (model_best.pt, model_<step>.pt)."""
-        save_checkpoint(os.path.join(self.ckpt_dir, name), self.networks.final, self.cfg, self.progress.step,
+        save_checkpoint(os.path.join(self.ckpt_dir, name), self.networks.validated, self.cfg, self.progress.step,
                         val=self.progress.val)
 
     def stop(self, path):
@@ -454,9 +453,9 @@ class RunRecords:
 
     def validate(self):
         """Validation metrics of the final weights, logged with preview crops; returns whether they are the best."""
-        cfg, progress, model = self.cfg, self.progress, self.networks.final
+        cfg, progress, model = self.cfg, self.progress, self.networks.validated
         model.eval()
-        progress.val = evaluate(bounded(model), self.val_set, self.device)
+        progress.val = evaluate(tiled_upscaler(model), self.val_set, self.device)
         for name, value in progress.val.items():
             self.writer.add_scalar(f"val/{name}", value, progress.step)
         for index, image in enumerate(preview(model, self.val_set, self.device)):
@@ -521,7 +520,7 @@ class RunRecords:
     def summary(self):
         """The final model.pt, runs/<run>/summary.json and curves.png."""
         cfg, progress = self.cfg, self.progress
-        final_path = save_checkpoint(os.path.join(self.ckpt_dir, "model.pt"), self.networks.final, cfg, progress.step,
+        final_path = save_checkpoint(os.path.join(self.ckpt_dir, "model.pt"), self.networks.validated, cfg, progress.step,
                                      val=progress.val)
         if self.networks.ema is not None:  # the last step's own weights too, to measure what the average adds
             save_checkpoint(os.path.join(self.ckpt_dir, RAW_WEIGHTS), self.networks.model, cfg, progress.step)
@@ -545,10 +544,10 @@ def train(cfg):
     system.quiet_writer_threads()
     device, rank, world_size = start_processes(cfg)
     main_process = rank == 0  # only rank 0 validates, logs and saves
-    say = print if main_process else (lambda *args, **kwargs: None)
+    print_once = print if main_process else (lambda *args, **kwargs: None)
     bf16 = system.use_bf16(cfg, device)
     hardware = system.describe(device, bf16)
-    say(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else "")
+    print_once(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else "")
         + (", bf16 autocast" if bf16 else ""))
     run_lock = lock_run(cfg) if main_process else None  # noqa: F841 (held until train() returns)
     seed_everything(cfg["seed"])
@@ -557,7 +556,7 @@ def train(cfg):
     state_path, state = find_state(cfg, run_dir, ckpt_dir, rank, world_size)
     layout = torch.channels_last if system.channels_last_helps(cfg["channels_last"], device) else torch.contiguous_format
     networks = build_networks(cfg, device, layout)
-    progress = resume(cfg, networks, state_path, state, device, hardware, say)
+    progress = resume(cfg, networks, state_path, state, device, hardware, print_once)
     # DDP averages the gradients of the ranks: global batch = batch_size x world_size
     model = DistributedDataParallel(networks.model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else networks.model
@@ -565,7 +564,7 @@ def train(cfg):
         with system.failed_writes_exit(run_dir):  # a disk already full
             config.save(cfg, run_dir)
             config.save(cfg, ckpt_dir)
-    say(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
+    print_once(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
         f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
     batches = training_batches(cfg, train_set, progress.samples, rank, world_size, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

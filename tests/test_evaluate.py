@@ -130,16 +130,42 @@ def test_a_read_only_out_folder_stops_before_the_work_in_one_line(tiny_cfg, tmp_
     assert err.startswith(f"error: cannot write {out.parent}: Read-only file system (") and " MB free on " in err
 
 
-def test_a_failed_table_write_is_one_line(tiny_cfg, tmp_path, monkeypatch):
-    """The disk fills while the tables are written (ENOSPC, mocked): one line naming the table."""
+def test_a_disk_that_fills_while_the_tables_are_written_is_one_line_and_keeps_the_previous_tables(tiny_cfg, tmp_path,
+                                                                                                  monkeypatch):
+    """A real tmpfs full but for the .md (else ENOSPC mocked on the .csv): the line names the .csv and the space
+    left in its folder; the previous .csv is kept whole and no temporary file is left."""
     import errno
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    args = [f"eval_dir={tiny_cfg['eval_dir']}", f"out={tmp_path / 't'}", f"ckpt_dir={tmp_path / 'none'}"]
-    monkeypatch.setattr(evaluate, "write_tables", lambda out, title, rows: full())
-    with pytest.raises(SystemExit, match=rf"^error: cannot write {tmp_path / 't'}.md: No space left on device \("):
+    from conftest import mount_tmpfs, unmount
+
+    folder = tmp_path / "small"
+    mounted = mount_tmpfs(folder, "size=12k")
+    try:
+        out = folder / "t"
+        args = [f"eval_dir={tiny_cfg['eval_dir']}", f"out={out}", f"ckpt_dir={tmp_path / 'none'}"]
         evaluate.main(args)
+        before = {path.name: path.read_bytes() for path in folder.iterdir()}
+        if mounted:  # 12k: a page each for the two tables and the filler; the .md is then written again
+            (folder / "filler").write_bytes(b"x" * 4096)
+            (out.parent / "t.md").unlink()
+        else:
+            real_replace = os.replace
+
+            def full_disk(source, target):
+                if str(target).endswith(".csv"):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                real_replace(source, target)
+            monkeypatch.setattr(os, "replace", full_disk)
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(args)
+        message = str(stop.value.code)
+        assert message.startswith(f"error: cannot write {out}.csv: No space left on device (") and "\n" not in message
+        assert message.endswith(f" MB free on {folder})")
+        assert (folder / "t.csv").read_bytes() == before["t.csv"] and (folder / "t.md").read_bytes() == before["t.md"]
+        assert sorted(path.name for path in folder.iterdir()) == sorted({*before, *(["filler"] if mounted else [])})
+    finally:
+        if mounted:
+            unmount(folder)
 
 
 def test_streamed_evaluation_memory_does_not_grow_with_the_number_of_photos(tmp_path):

@@ -30,3 +30,18 @@ def test_unknown_run_names_and_keys_stop_before_work():
         experiments.main(["baseline2"])
     with pytest.raises(SystemExit, match="unknown key 'speed'"):
         experiments.main(["speed=1"])
+
+
+def test_every_file_a_run_starts_from_is_written_by_a_run_before_it():
+    """`make experiments` in an empty checkpoints folder must be able to rebuild every run: each init= names the
+    model.pt of an earlier run, or the model_<N>.pt that an earlier run keeps with save_model_at=N."""
+    written = set()
+    for name, settings in experiments.RUNS:
+        cfg = experiments.config.parse_overrides([*experiments.COMMON, *settings])
+        if cfg["init"]:
+            assert os.path.normpath(cfg["init"]) in written, f"{name} starts from {cfg['init']}, which no run before writes"
+        folder = os.path.join(cfg["ckpt_dir"], name)
+        written.add(os.path.normpath(os.path.join(folder, "model.pt")))
+        if cfg["save_model_at"]:
+            written.add(os.path.normpath(os.path.join(folder, f"model_{cfg['save_model_at']:06d}.pt")))
+    assert len([n for n, s in experiments.RUNS if any(a.startswith("init=") for a in s)]) >= 3  # gan, matlab, final

@@ -51,7 +51,7 @@ def test_evaluate_averages_over_images(tiny_data):
 
 def test_evaluate_batches_hold_no_more_pixels_than_one_tile(tmp_path):
     """Many small images of one size are batched, but never beyond `batch_pixels` (default: one 512x512 HR tile of
-    models.bounded), so that a set of small photos needs no more memory than one large photo; same metrics."""
+    models.tiled_upscaler), so that a set of small photos needs no more memory than one large photo; same metrics."""
     from conftest import photo_crops, write_folder
 
     ds = SRDataset(write_folder(tmp_path / "many", photo_crops(48, 12)), train=False)

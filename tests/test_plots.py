@@ -5,7 +5,7 @@ from torch.utils.tensorboard import SummaryWriter
 import plots
 
 
-def test_curves_read_back_from_tensorboard_keep_the_last_value_per_step(tmp_path):
+def test_curves_read_back_from_tensorboard_keep_the_last_value_per_step(tmp_path, caplog):
     writer = SummaryWriter(str(tmp_path))
     for step in (1, 2, 3):
         writer.add_scalar("train/l1", 1.0 / step, step)
@@ -16,6 +16,7 @@ def test_curves_read_back_from_tensorboard_keep_the_last_value_per_step(tmp_path
     writer.close()
     scalars = plots.read_scalars(str(tmp_path))
     assert scalars["train/l1"] == ([1, 2, 3], [1.0, 0.5, 0.25])
+    assert caplog.records == []  # TensorBoard's purge warning, printed at every resume=auto, is not news
     out = plots.plot_training_curves(str(tmp_path), str(tmp_path / "curves.png"))
     assert os.path.getsize(out) > 10_000
 

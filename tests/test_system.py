@@ -184,3 +184,28 @@ def test_a_process_whose_data_workers_outlive_their_loader_still_exits():
     done = subprocess.run([sys.executable, "-c", code], cwd=CODE, capture_output=True, text=True, timeout=120)  # a hang fails here, not the whole suite
     assert done.returncode == 0 and done.stdout == "done\n", done.stderr
     assert done.stderr == ""
+
+
+def test_evaluation_returns_free_heap_memory_when_the_image_size_changes(monkeypatch):
+    """malloc_trim runs before an image of a new size (sizes that differ leave blocks no later one fits), not before
+    one of the same size (which reuses them); the outputs are the upscaler's own."""
+    import ctypes
+    import types
+
+    trims = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: types.SimpleNamespace(malloc_trim=trims.append))
+    upscale = system.with_memory_returned(lambda low_res: low_res * 2)
+    sizes = [(8, 8), (8, 8), (8, 12), (8, 8), (8, 8)]
+    outputs = [upscale(torch.ones(1, 3, *size)) for size in sizes]
+    assert len(trims) == 3 and trims == [0, 0, 0]
+    assert all(torch.equal(out, torch.full((1, 3, *size), 2.0)) for out, size in zip(outputs, sizes))
+
+
+def test_without_glibc_the_upscaler_is_left_as_it_is(monkeypatch):
+    import ctypes
+
+    def no_libc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    upscale = lambda low_res: low_res  # noqa: E731
+    assert system.with_memory_returned(upscale) is upscale
