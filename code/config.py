@@ -20,6 +20,7 @@ SECTIONS = {
         "jitter": 0.2,  # ColorJitter brightness = contrast = saturation = hue
         "degradation": "bilinear",  # how LR is made: bilinear | bicubic | nearest | nearest_centred | bicubic_matlab
         "augment": "none",  # none | dihedral: each HR crop also randomly flipped and turned by 90 degrees
+        "scale_augment": "",  # e.g. 0.9,0.8,0.7,0.6: training also on each image downscaled by these; empty = none
     },
     "input": {  # every reader of images
         "bad_files": "error",  # error | skip: what an unreadable or too small image in a data folder does
@@ -30,6 +31,7 @@ SECTIONS = {
         "batch_size": 16, "lr": 1e-4, "max_steps": 20000, "seed": 0,
         "loss": "l1",  # l1 (the handout's) | l2 (mean squared error: what PSNR measures)
         "loss_border": 0,  # HR pixels at each edge of a crop left out of the loss (they see the crop's zero padding)
+        "loss_channels": "rgb",  # rgb | y: the loss on the three channels, or on luma only (what the SR tables score)
         "lr_schedule": "constant",  # constant | cosine: warm-up, then cosine decay from lr to lr_min at max_steps
         "warmup_steps": 0,  # cosine only: steps of linear warm-up from 0 to lr
         "lr_min": 0.0,  # cosine only: the learning rate at max_steps
@@ -65,7 +67,8 @@ SECTIONS = {
         "page": "",  # a folder for the comparison page (input | bicubic | model) of the upscaled images; empty = none
     },
     "compare": {"crop": 0},  # compare.py: HR px a side of the crop around each image's first view; 0 = whole images
-    "report": {"report_dir": ""},  # report.py's output folder; empty = runs/report
+    "report": {"report_dir": "",  # report.py's output folder; empty = runs/report
+               "blocks": ""},  # report.py: only these tables/figures (comma-separated), the rest from report.json
     "bench": {"bench_steps": 24},  # timed steps per measurement (a multiple of 8: see bench.py)
 }
 DEFAULTS = {key: value for section in SECTIONS.values() for key, value in section.items()}
@@ -73,7 +76,7 @@ DEFAULTS = {key: value for section in SECTIONS.values() for key, value in sectio
 CHOICES = {
     "degradation": ("bilinear", "bicubic", "nearest", "nearest_centred", "bicubic_matlab"), "augment": ("none", "dihedral"),
     "bad_files": ("error", "skip"), "model": ("basic", "residual"), "lr_schedule": ("constant", "cosine"),
-    "resume": ("never", "auto"), "loss": ("l1", "l2"), "gan_loss": ("relativistic", "standard"), "channels_last": ("auto", "on", "off"),
+    "resume": ("never", "auto"), "loss": ("l1", "l2"), "loss_channels": ("rgb", "y"), "gan_loss": ("relativistic", "standard"), "channels_last": ("auto", "on", "off"),
     "data_on_device": ("auto", "on", "off"), "amp": ("auto", "off", "bf16"), "malloc": ("tuned", "default"),
     "protocol": ("rgb", "standard"),
 }
@@ -116,6 +119,13 @@ def parse_overrides(args, defaults=DEFAULTS):
     return cfg
 
 
+def _is_fraction(text):
+    try:
+        return 0 < float(text) < 1
+    except ValueError:
+        return False
+
+
 def did_you_mean(key, keys):
     close = difflib.get_close_matches(key, keys, n=1)
     return f" (did you mean {close[0]}=?)" if close else ""
@@ -147,6 +157,9 @@ def validate(cfg):
     for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min", "loss_border", "crop",
                 "save_model_at"):
         require(cfg[key] >= 0, f"{key}={cfg[key]}: must not be negative")
+    factors = cfg["scale_augment"].split(",") if cfg["scale_augment"] else []
+    require(all(_is_fraction(factor) for factor in factors),
+            f"scale_augment={cfg['scale_augment']!r}: expected factors between 0 and 1, comma-separated (0.9,0.8)")
     for key, allowed in CHOICES.items():
         require(cfg[key] in allowed, f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
     require(cfg["num_workers"] >= -1, f"num_workers={cfg['num_workers']}: must be -1 (auto) or more")

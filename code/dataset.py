@@ -205,7 +205,7 @@ class SRDataset(Dataset):
     """
 
     def __init__(self, folder, patch_size=64, scale=2, jitter=0.2, degradation="bilinear", train=True,
-                 bad_files="error", augment="none", max_pixels=MAX_PIXELS, stream=False):
+                 bad_files="error", augment="none", max_pixels=MAX_PIXELS, stream=False, downscaled=()):
         self.scale, self.degradation, self.train, self.augment = scale, degradation, train, augment
         # crop while still 8-bit, so only the patch is converted to float
         steps = [transforms.RandomCrop(patch_size), transforms.ConvertImageDtype(torch.float32)]
@@ -216,6 +216,8 @@ class SRDataset(Dataset):
         self.files, self.images = read_folder(folder, patch_size if train else MIN_EVAL_SIZE * scale,
                                               "training" if train else "evaluation", scale, bad_files, max_pixels,
                                               stream=stream)
+        if train and downscaled:
+            self.files, self.images = with_downscaled_copies(self.files, self.images, downscaled, patch_size)
         self.sizes = self.images.sizes if stream else [tuple(image.shape[-2:]) for image in self.images]
 
     @classmethod
@@ -223,7 +225,8 @@ class SRDataset(Dataset):
         """The training set (data_dir) or the validation set (eval_dir) that a config describes."""
         if train:
             return cls(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
-                       bad_files=cfg["bad_files"], augment=cfg["augment"], max_pixels=cfg["max_pixels"])
+                       bad_files=cfg["bad_files"], augment=cfg["augment"], max_pixels=cfg["max_pixels"],
+                       downscaled=scale_factors(cfg["scale_augment"]))
         return cls(cfg["eval_dir"], scale=cfg["scale"], degradation=cfg["degradation"], train=False,
                    bad_files=cfg["bad_files"], max_pixels=cfg["max_pixels"], stream=stream)
 
@@ -241,6 +244,27 @@ class SRDataset(Dataset):
             if self.augment == "dihedral":  # drawn after the crop and jitter, so they stay as without it
                 hr = dihedral(hr, int(torch.randint(8, ())))
             return degrade(hr, self.scale, self.degradation), hr
+
+
+def scale_factors(text):
+    """The factors of config's scale_augment ("0.9,0.8" -> (0.9, 0.8); empty -> ())."""
+    return tuple(float(factor) for factor in text.split(",")) if text else ()
+
+
+def with_downscaled_copies(files, images, factors, minimum):
+    """The images and, after them, each one downscaled by each factor (MATLAB imresize, antialiased, rounded to
+    its bit depth): the same photographs with more detail a pixel, as the 291 images were augmented for VDSR and
+    DRRN. A copy under `minimum` px a side (the crop) is left out. Copies are named '<file> (x<factor>)'."""
+    all_files, all_images = list(files), list(images)
+    for factor in factors:
+        for path, image in zip(files, images):
+            if min(math.ceil(side * factor - 1e-9) for side in image.shape[-2:]) < minimum:
+                continue
+            peak = torch.iinfo(image.dtype).max
+            small = imresize_matlab(image.double() / peak, factor).mul(peak).round().clamp(0, peak)
+            all_files.append(f"{path} (x{factor:g})")
+            all_images.append(small.to(image.dtype))
+    return all_files, all_images
 
 
 def dihedral(images, k):

@@ -14,13 +14,21 @@ LOSS_NAME = "l1"
 PSNR_CAP = 100.0  # dB: the PSNR of an image identical to its reference (tables count such images)
 
 
-def loss_function(prediction, target, kind="l1", border=0, per_image=False):
+# ITU-R BT.601 luma weights for RGB in [0, 1] (Y in [0, 1] less its offset): `luma`'s, as the loss sees them.
+LUMA_WEIGHTS = (65.481 / 255, 128.553 / 255, 24.966 / 255)
+
+
+def loss_function(prediction, target, kind="l1", border=0, per_image=False, channels="rgb"):
     """The training loss over the crop without `border` pixels at each edge: l1 (the handout's), or l2 (the mean
     squared error, which PSNR measures). Edge pixels see the crop's zero padding, which a whole test image has
     only at its own border, so a border as wide as the receptive field trains on what the model meets at test.
+    channels="y": the loss on luma only, the channel the SR literature's tables score (VDSR trains on Y alone).
     per_image: one value an image of the batch (validation averages them over the images), else the batch mean."""
     if border:
         prediction, target = (t[..., border:-border, border:-border] for t in (prediction, target))
+    if channels == "y":
+        weights = torch.tensor(LUMA_WEIGHTS, dtype=prediction.dtype, device=prediction.device).view(3, 1, 1)
+        prediction, target = ((t * weights).sum(-3, keepdim=True) for t in (prediction, target))
     loss = F.l1_loss if kind == "l1" else F.mse_loss
     if per_image:
         return loss(prediction, target, reduction="none").flatten(1).mean(1)

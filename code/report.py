@@ -3,6 +3,7 @@
     python code/report.py               # make report: evaluate, plot, fill the template, render README.pdf
     python code/report.py device=cuda   # the same on a GPU (the numbers can differ in the last digits)
     python code/report.py pdf           # make pdf: render again after editing code/report.md's prose
+    python code/report.py blocks=standard,final-curves   # only these blocks again, the others from report.json
 
 Each run of code/experiments.py contributes its final checkpoints/<run>/model.pt, or while it is still
 training its newest step*.pt (labelled "in progress"), and its TensorBoard scalars in runs/<run>/.
@@ -36,7 +37,9 @@ EVAL_SETS = ("Set5", "Set14", "BSD68")  # the RGB protocol of Tasks 5 and 6: Set
 STANDARD_SETS = ("Set5", "Set14", "B100")  # the standard protocol, on the sets the SR papers report
 ENSEMBLE_SETS = ("Set5", "Set14")  # the x8 self-ensemble: on B100 it would take 8x its 100 images
 DOWNSCALING = ("bilinear", "bicubic", "nearest", "nearest_centred")  # how the LR input is made at test time
-FINAL, FINAL_T91 = "final", "final_t91"  # the final model (T91 + BSD200) and the one it was fine-tuned from (T91)
+# the final model (T91 + BSD200 and their downscaled copies), the one it was fine-tuned from (T91), and the same
+# fine-tune without the downscaled copies
+FINAL, FINAL_T91, FINAL_NO_RESCALE = "final", "final_t91", "final_no_rescale"
 SCALE = 2  # the runs of experiments.RUNS, and the published results below, are x2
 LAST = 5  # one averaging window everywhere: a run's level is the mean ± sd of its last 5 validations
 TREND_FRACTION, TREND_DB = 0.2, 0.05  # the trend test: last 20% of the steps against the 20% before
@@ -57,7 +60,8 @@ CROPS = {"comic": ("Set14", "comic.png", 40, 60, 96), "zebra": ("Set14", "zebra.
          "butterfly": ("Set5", "butterfly.png", 90, 100, 96), "barbara": ("Set14", "barbara.png", 180, 380, 64)}
 COMPARISON_SIDE = 40  # HR pixels of each comparison crop
 NAMES = {"baseline": "baseline", "residual": "residual", "gan": "GAN", FINAL: "final",
-         FINAL_T91: "final, T91 only", "residual_matlab": "residual_matlab"}
+         FINAL_T91: "final, T91 only", FINAL_NO_RESCALE: "final, no downscaled copies",
+         "residual_matlab": "residual_matlab"}
 MARKER = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->\n)(.*?)(<!-- /report:(?P=name) -->)", re.S)
 PLACEHOLDER = re.compile(r"\{\{([\w-]+)\}\}")
 NEW_PAGE = "<!-- new page -->"  # in the template: the PDF starts a new page there
@@ -282,11 +286,13 @@ def validation_window(run, count=LAST):
 
 # ---- tables -------------------------------------------------------------------------------------------------
 
-def training_data(data_dir):
-    """'T91 + BSD200 (291)': the training folders of a run and their number of images."""
-    folders = data_dir.split(",")
+def training_data(cfg):
+    """'T91 + BSD200 (291)': the training folders of a run (a config) and their number of images, and
+    ' ×0.9, 0.8 ...' where the run also trained on them downscaled (scale_augment)."""
+    folders = cfg["data_dir"].split(",")
     count = sum(len([n for n in os.listdir(f) if not n.startswith(".")]) for f in folders if os.path.isdir(f))
-    return f"{' + '.join(os.path.basename(os.path.normpath(f)) for f in folders)} ({count})"
+    copies = f", also ×{cfg['scale_augment'].replace(',', ', ')}" if cfg.get("scale_augment") else ""
+    return f"{' + '.join(os.path.basename(os.path.normpath(f)) for f in folders)} ({count}{copies})"
 
 
 def runs_table(runs):
@@ -299,7 +305,7 @@ def runs_table(runs):
         gain, se, verdict = trend(steps, psnrs) if steps and long_run else (math.nan, math.nan, "—")
         elapsed = run.summary.get("wall_time_s", run.payload.get("elapsed"))
         hardware = run.summary.get("hardware") or run.payload.get("hardware", "—")
-        data = training_data(cfg["data_dir"])
+        data = training_data(cfg)
         step = "—" if run.step is None else f"{run.step:,}"
         samples = "—" if run.step is None else f"{run.step * cfg['batch_size'] / 1000:,.0f}k"
         trend_cell = "—" if math.isnan(gain) else f"{signed_pm(gain, se)}, {verdict}"  # the table's unit: dB
@@ -392,7 +398,7 @@ def standard_rows(runs):
     """(run or None, kind) of the standard-protocol table: bicubic, then each model, the final one also as an
     x8 self-ensemble."""
     rows = [(None, "—")]
-    for name in ("residual_matlab", FINAL_T91, FINAL):
+    for name in ("residual_matlab", FINAL_T91, FINAL_NO_RESCALE, FINAL):
         if name in runs and runs[name].checkpoint:
             rows.append((runs[name], "single model"))
     if FINAL in runs and runs[FINAL].checkpoint:
@@ -414,7 +420,7 @@ def standard_table(runs, standard):
     for run, kind in standard_rows(runs):
         label, upscale = standard_method(run, kind, standard.device)
         model = run.load(standard.device) if run else None
-        data = training_data(run.config["data_dir"]) if run else "—"
+        data = training_data(run.config) if run else "—"
         cells = [cell(standard.mean(label, upscale, s)) if run is None or kind == "single model" or s in ENSEMBLE_SETS
                  else "not run" for s in STANDARD_SETS]
         rows.append([run.label() if run else label, kind, f"{count_parameters(model) / 1000:.0f}k" if model else "—",
@@ -737,6 +743,12 @@ def final_values(runs, standard):
     if os.path.isfile(raw_path):  # the moving average at the end of the T91 run: model.pt against model_raw.pt
         raw = load_model(raw_path, device)[0]
         values["t91_ema_gain_Set14"] = paired(single(t91, "Set14"), standard.per_image("T91 raw", raw, "Set14"))
+    no_rescale = runs.get(FINAL_NO_RESCALE)
+    if no_rescale and no_rescale.checkpoint:  # what the downscaled copies bought, and the stage without them
+        values.update({f"final_vs_no_rescale_{s}": paired(single(final, s), single(no_rescale, s))
+                       for s in STANDARD_SETS})
+        values.update({f"no_rescale_vs_t91_{s}": paired(single(no_rescale, s), single(t91, s)) for s in STANDARD_SETS})
+        values["no_rescale_val_level"] = pm(no_rescale.last())
     values["final_t91_trend"] = trend_text(*t91.series("val/psnr"))
     recipe = dict(setting.split("=") for setting in FINAL_RECIPE)  # its settings as the text quotes them
     values.update(recipe_lr=recipe["lr"], recipe_lr_min=recipe["lr_min"], recipe_warmup_steps=recipe["warmup_steps"],
@@ -877,12 +889,23 @@ def main(argv):
             raise SystemExit(f"error: {out_dir}/report.json: no such file; run `make report` first")
         print(publish(out_dir, saved["blocks"], saved["values"]))
         return
+    only, saved = set(cfg["blocks"].split(",")) - {""}, None
+    if only:  # a part of the report again (e.g. after one run changed): the rest as the last full run made it
+        saved = read_json(os.path.join(out_dir, "report.json"))
+        if saved is None:
+            raise SystemExit(f"error: {out_dir}/report.json: no such file; run `make report` first")
+        known = {*saved["blocks"], "compare"}  # compare: the comparison page
+        if only - known:
+            raise SystemExit(f"error: blocks={cfg['blocks']}: no block {sorted(only - known)[0]!r}; "
+                             f"blocks: {', '.join(sorted(known))}")
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = system.pick_device(cfg["device"])
     for set_name in ("T91", *EVAL_SETS, *STANDARD_SETS):
         if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):
             raise SystemExit(f"error: {DATA_ROOT}/{set_name}: no such folder; the report evaluates on the standard sets")
-    blocks, values = build(cfg, out_dir, device)
+    blocks, values = build(cfg, out_dir, device, only or None)
+    if saved:
+        blocks, values = {**saved["blocks"], **blocks}, {**saved["values"], **values}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump({"blocks": blocks, "values": values}, f, indent=1, sort_keys=True, ensure_ascii=False)
         f.write("\n")

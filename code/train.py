@@ -55,7 +55,8 @@ from plots import plot_training_curves
 # Keys that change what a run computes: resuming with any of them different is refused.
 RESULT_KEYS = ("data_dir", "scale", "patch_size", "jitter", "degradation", "model", "num_blocks", "channels",
                "batch_size", "lr", "seed", "gan", "init", "adv_weight", "gan_loss",
-               "augment", "lr_schedule", "warmup_steps", "lr_min", "ema", "loss", "loss_border")
+               "augment", "lr_schedule", "warmup_steps", "lr_min", "ema", "loss", "loss_border", "loss_channels",
+               "scale_augment")
 KEEP_STEP_CHECKPOINTS = 3
 PREVIEW_IMAGES, PREVIEW_SIZE = 3, 96
 
@@ -272,16 +273,17 @@ def training_batches(cfg, train_set, samples, rank, world_size, device):
 
 # ---- one step ----
 
-def training_step(model, networks, low_res, high_res, autocast, kind="l1", border=0):
-    """Forward, loss (the handout's L1, or `kind`, without `border` edge pixels), backward, Adam. Returns the values
-    to log by name: the L1 of the pixels in the loss, whatever the loss (curves stay comparable)."""
+def training_step(model, networks, low_res, high_res, autocast, kind="l1", border=0, channels="rgb"):
+    """Forward, loss (the handout's L1, or `kind`, without `border` edge pixels, on `channels`), backward, Adam.
+    Returns the values to log by name: the RGB L1 of the pixels in the loss, whatever the loss (curves stay
+    comparable)."""
     networks.optimizer.zero_grad(set_to_none=True)
     with autocast:
         prediction = model(low_res)
-        loss = loss_function(prediction, high_res, kind, border)
+        loss = loss_function(prediction, high_res, kind, border, channels=channels)
     loss.backward()
     networks.optimizer.step()
-    if kind == "l1":
+    if kind == "l1" and channels == "rgb":
         return {LOSS_NAME: loss.detach()}
     with torch.no_grad(), autocast:
         return {LOSS_NAME: loss_function(prediction, high_res, "l1", border)}
@@ -582,7 +584,8 @@ def train(cfg):
                 values = gan_step(model, networks, low_res, high_res, autocast, cfg["gan_loss"], cfg["adv_weight"],
                                   cfg["loss_border"])
             else:
-                values = training_step(model, networks, low_res, high_res, autocast, cfg["loss"], cfg["loss_border"])
+                values = training_step(model, networks, low_res, high_res, autocast, cfg["loss"], cfg["loss_border"],
+                                       cfg["loss_channels"])
             if networks.ema is not None:
                 networks.ema.update_parameters(networks.model)
             progress.step += 1

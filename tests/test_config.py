@@ -35,6 +35,9 @@ def test_values_take_the_type_of_their_default():
     ("lr", "expected key=value"),
     ("loss=l3", "expected one of l1, l2"),
     ("loss_border=-1", "must not be negative"),
+    ("loss_channels=cbcr", "expected one of rgb, y"),
+    ("scale_augment=0.9,1.2", "expected factors between 0 and 1"),
+    ("scale_augment=half", "expected factors between 0 and 1"),
 ])
 def test_bad_overrides_give_one_line_errors(arg, fragment):
     with pytest.raises(ConfigError) as error:

@@ -292,6 +292,28 @@ def test_matlab_imresize_matches_values_worked_out_by_hand():
     torch.testing.assert_close(dataset.imresize_matlab(flat, 1 / 3), torch.full((3, 10, 7), 0.25))
 
 
+def test_scale_augment_adds_each_image_downscaled_by_each_factor_after_the_originals(tiny_data):
+    plain = SRDataset(tiny_data["train"], patch_size=32)
+    augmented = SRDataset(tiny_data["train"], patch_size=32, downscaled=dataset.scale_factors("0.5,0.375"))
+    assert len(augmented) == 4 + 4 + 0  # 80 x 0.375 = 30 px is under the 32 px crop: left out
+    assert augmented.files[:4] == plain.files and augmented.files[4].endswith("img00.png (x0.5)")
+    assert all(torch.equal(a, b) for a, b in zip(augmented.images, plain.images))
+    small = augmented.images[4]
+    assert small.shape == (3, 40, 40) and small.dtype == torch.uint8
+    expected = dataset.imresize_matlab(plain.images[0].double() / 255, 0.5).mul(255).round()
+    assert torch.equal(small.double(), expected.clamp(0, 255))
+    low_res, high_res = augmented[(5, 3)]  # a copy trains like any image
+    assert high_res.shape == (3, 32, 32) and low_res.shape == (3, 16, 16)
+
+
+def test_16_bit_images_are_downscaled_on_their_own_scale():
+    image = torch.full((3, 40, 40), 60000, dtype=torch.uint16)
+    files, images = dataset.with_downscaled_copies(["a.png"], [image], (0.5,), 8)
+    assert files == ["a.png", "a.png (x0.5)"]
+    assert images[1].dtype == torch.uint16 and images[1].shape == (3, 20, 20)
+    assert int(images[1].int().max()) == int(images[1].int().min()) == 60000  # not clipped at 255
+
+
 def test_bicubic_matlab_degradation_is_rounded_to_8_bits():
     hr = torch.rand(3, 24, 24)
     low_res = degrade(hr, 2, "bicubic_matlab")

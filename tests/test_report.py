@@ -73,7 +73,9 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
                      "max_steps=2"]),
             ("residual_matlab", [*tiny, "model=residual", "degradation=bicubic_matlab", "max_steps=2"]),
             ("final_t91", [*tiny, "model=residual", "degradation=bicubic_matlab", "ema=0.5", "max_steps=2"]),
-            ("final", [*tiny, "model=residual", "degradation=bicubic_matlab", "ema=0.5",
+            ("final_no_rescale", [*tiny, "model=residual", "degradation=bicubic_matlab", "ema=0.5",
+                                  f"init={tiny_cfg['ckpt_dir']}/final_t91/model.pt", "max_steps=2"]),
+            ("final", [*tiny, "model=residual", "degradation=bicubic_matlab", "ema=0.5", "scale_augment=0.5",
                        f"init={tiny_cfg['ckpt_dir']}/final_t91/model.pt", "max_steps=2"]),
             *[(name, [*tiny, "model=residual", *settings, "max_steps=2"]) for name, settings in ablation]]
     monkeypatch.setattr(report, "RUNS", runs)
@@ -121,13 +123,16 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     standard = blocks["standard"]
     assert "| B100 |" in standard.split("\n")[0]
     assert "| VDSR (published) | single model | 665k | T91 + BSD200 (291) | 37.53 / 0.9587 | 33.03 / 0.9124 | 31.90 / 0.8960 |" in standard
-    assert re.search(r"\| final \| x8 self-ensemble \| 1k \| T91 \(4\) \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| not run \|", standard)
+    assert re.search(r"\| final \| x8 self-ensemble \| 1k \| T91 \(4, also ×0\.5\) \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| not run \|", standard)
     assert "| final, T91 only | single model |" in standard and "| residual_matlab | single model |" in standard
+    assert "| final, no downscaled copies | single model | 1k | T91 (4) |" in standard
+    assert "| final | single model | 1k | T91 (4, also ×0.5) |" in standard
     assert re.search(r"\| ablate_a \| `lr=1e-3` \| [\d.]+\xa0±\xa0[\d.]+ \| [\d.]+ \| — \| [\d.]+ \| — \|", blocks["ablation"])
     assert re.search(r"\| ablate_b \| `jitter=0` \| [\d.]+\xa0±\xa0[\d.]+ \| [\d.]+ \| [+-]?[\d.]+\xa0±\xa0[\d.]+ \|",
                      blocks["ablation"])
     assert values["ablation_steps"] == "2" and values["recipe_lr"] == "5e-4"
-    for name in ("final_vs_t91_B100", "final_x8_gain_Set14", "t91_ema_gain_Set14", "ablation_total_B100"):
+    for name in ("final_vs_t91_B100", "final_vs_no_rescale_Set5", "no_rescale_vs_t91_B100", "final_x8_gain_Set14",
+                 "t91_ema_gain_Set14", "ablation_total_B100"):
         assert re.fullmatch(r"[+-]?\d+\.\d\d\xa0±\xa0\d+\.\d\d", values[name]), name
     assert "| BSD68 | residual | " in blocks["downscaling"] and "LR by nearest centred" in blocks["downscaling"]
     assert "| residual, step 4 (GAN's start) |" in blocks["gan"] and "GMSD" in blocks["gan"]
@@ -136,6 +141,24 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert re.fullmatch(r"Set14/img\d\d\.png at \(\d+, \d+\) and B100/img\d\d\.png at \(\d+, \d+\)", values["comparison_crops"])
     assert values["gap_Set5"].count("±") == 1 and math.isfinite(float(values["gan_cost_Set14"]))
     assert math.isfinite(float(values["residual_loss_shift"])) and values["baseline_trend"] == "—"
+
+
+def test_blocks_makes_only_those_again_and_keeps_the_rest_from_report_json(tiny_experiments, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    out.mkdir()
+    saved = {"blocks": {"runs": "old runs\n", "standard": "old standard\n"}, "values": {"kept": "1.00"}}
+    (out / "report.json").write_text(json.dumps(saved))
+    published = {}
+    monkeypatch.setattr(report, "publish", lambda out_dir, blocks, values: published.update(blocks=blocks, values=values))
+    where = [f"runs_dir={tiny_experiments['runs_dir']}", f"ckpt_dir={tiny_experiments['ckpt_dir']}", "device=cpu",
+             f"report_dir={out}"]
+    with pytest.raises(SystemExit, match=r"blocks=runs,tables: no block 'tables'; blocks: compare, runs, standard$"):
+        report.main([*where, "blocks=runs,tables"])
+    report.main([*where, "blocks=runs"])
+    assert published["blocks"]["standard"] == "old standard\n" and published["values"] == {"kept": "1.00"}
+    assert published["blocks"]["runs"].startswith("| run |") and "| final_no_rescale |" in published["blocks"]["runs"]
+    assert json.loads((out / "report.json").read_text()) == published
+    assert sorted(os.listdir(out)) == ["report.json", "runs.md"]
 
 
 def test_render_pdf_is_reproducible_and_holds_the_tables(tmp_path):

@@ -63,6 +63,15 @@ def test_a_step_on_the_l2_loss_returns_the_l1_of_the_pixels_in_the_loss():
     assert set(logged) == {"l1"} and torch.allclose(logged["l1"], expected_l1)
 
 
+def test_a_luma_loss_trains_other_weights_and_still_logs_the_rgb_l1(tiny_cfg):
+    train.train(dict(tiny_cfg, run="rgb", max_steps=4, loss="l2"))
+    train.train(dict(tiny_cfg, run="y", max_steps=4, loss="l2", loss_channels="y"))
+    rgb, y = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("rgb", "y"))
+    assert not all(torch.equal(rgb[k], y[k]) for k in rgb)
+    logged = read_scalars(os.path.join(tiny_cfg["runs_dir"], "y"))["train/l1"]
+    assert logged[0] == [1, 2, 3, 4] and all(0 < value < 1 for value in logged[1])
+
+
 def test_training_is_bit_identical_on_rerun(tiny_cfg, tmp_path):
     train.train(dict(tiny_cfg, max_steps=6))
     first = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt"))
