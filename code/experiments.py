@@ -3,7 +3,7 @@ continue what stopped, skip what is done.
 
     python code/experiments.py                      # every run below (make experiments)
     python code/experiments.py baseline residual    # only these
-    python code/experiments.py final_t91 final ablate_handout ablate_no_jitter ablate_dihedral ablate_cosine ablate_ema
+    python code/experiments.py final_t91 final_no_rescale final ablate_handout ablate_no_jitter ablate_dihedral ablate_cosine ablate_ema
     python code/experiments.py device=cuda num_workers=8   # key=value goes to every run
 
 Each run is `code/train.py run=<name> <COMMON> <its settings> resume=auto`, so an interrupted
@@ -21,6 +21,9 @@ DATA_ROOT = "../shared/data"  # T91, Set5, Set14, BSD68 (see the README for wher
 COMMON = [f"data_dir={DATA_ROOT}/T91", f"eval_dir={DATA_ROOT}/Set5", "val_every=500", "ckpt_every=500"]
 FINAL_RECIPE = ["model=residual", "degradation=bicubic_matlab", "jitter=0", "augment=dihedral", "lr=5e-4",
                 "lr_schedule=cosine", "warmup_steps=500", "lr_min=1e-6", "ema=0.999"]
+FINE_TUNE_291 = [*FINAL_RECIPE, f"data_dir={DATA_ROOT}/T91,{DATA_ROOT}/BSD200", "init=checkpoints/final_t91/model.pt",
+                 "batch_size=8", "patch_size=96", "bad_files=skip", "loss_border=12", "lr=2e-4", "warmup_steps=200",
+                 "max_steps=12000", "ckpt_every=250"]
 ABLATION_BASE = ["model=residual", "degradation=bicubic_matlab"]
 ABLATION = [  # each adds one ingredient to the one before; the last is FINAL_RECIPE
     ("ablate_handout", ["lr=1e-4"]),
@@ -53,13 +56,14 @@ RUNS = [
     # the 8 flips/rotations of each crop (EDSR), a short warm-up then cosine decay from a 5x higher peak,
     # and a moving average of the weights. Its last step's (averaged) weights are model.pt: no selection on Set5.
     ("final_t91", [*FINAL_RECIPE, "max_steps=30000"]),
-    # The final model: on the 291 images of the VDSR-era papers (T91 + BSD200), fine-tuned from final_t91:
-    # 8 crops of 96x96 (the pixels of 16 x 64x64, less of each crop at the zero-padded edge) with the 12 edge pixels
-    # out of the loss (the receptive field's radius), so that the loss sees what a whole test image shows the model;
-    # T91's one image under 96 px (t20, 78x78) is left out. A second cosine schedule from a lower peak.
-    ("final", [*FINAL_RECIPE, f"data_dir={DATA_ROOT}/T91,{DATA_ROOT}/BSD200", "init=checkpoints/final_t91/model.pt",
-               "batch_size=8", "patch_size=96", "bad_files=skip", "loss_border=12", "lr=2e-4", "warmup_steps=200",
-               "max_steps=12000", "ckpt_every=250"]),
+    # The 291 images of the VDSR-era papers (T91 + BSD200), fine-tuned from final_t91: 8 crops of 96x96 (the pixels
+    # of 16 x 64x64, less of each crop at the zero-padded edge) with the 12 edge pixels out of the loss (the
+    # receptive field's radius), so that the loss sees what a whole test image shows the model; T91's one image
+    # under 96 px (t20, 78x78) is left out. A second cosine schedule from a lower peak.
+    ("final_no_rescale", FINE_TUNE_291),
+    # The final model: the same fine-tune, with each of the 291 images also downscaled by 0.9, 0.8, 0.7 and 0.6
+    # (the augmentation of the 291 images in VDSR and DRRN): 1,407 images instead of 290.
+    ("final", [*FINE_TUNE_291, "scale_augment=0.9,0.8,0.7,0.6"]),
     # What each ingredient buys: short runs at equal steps, adding them one at a time to the handout's recipe.
     *[(name, [*ABLATION_BASE, *settings, "max_steps=2000", "val_every=250", "ckpt_every=250"])
       for name, settings in ABLATION],
