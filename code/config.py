@@ -68,7 +68,7 @@ SECTIONS = {
     },
     "compare": {"crop": 0},  # compare.py: HR px a side of the crop around each image's first view; 0 = whole images
     "report": {"report_dir": "",  # report.py's output folder; empty = runs/report
-               "blocks": ""},  # report.py: only these tables/figures (comma-separated), the rest from report.json
+               "report_blocks": ""},  # only these tables/figures (comma-separated), the rest from report.json
     "bench": {"bench_steps": 24},  # timed steps per measurement (a multiple of 8: see bench.py)
 }
 DEFAULTS = {key: value for section in SECTIONS.values() for key, value in section.items()}
@@ -76,7 +76,8 @@ DEFAULTS = {key: value for section in SECTIONS.values() for key, value in sectio
 CHOICES = {
     "degradation": ("bilinear", "bicubic", "nearest", "nearest_centred", "bicubic_matlab"), "augment": ("none", "dihedral"),
     "bad_files": ("error", "skip"), "model": ("basic", "residual"), "lr_schedule": ("constant", "cosine"),
-    "resume": ("never", "auto"), "loss": ("l1", "l2"), "loss_channels": ("rgb", "y"), "gan_loss": ("relativistic", "standard"), "channels_last": ("auto", "on", "off"),
+    "resume": ("never", "auto"), "loss": ("l1", "l2"), "loss_channels": ("rgb", "y"),
+    "gan_loss": ("relativistic", "standard"), "channels_last": ("auto", "on", "off"),
     "data_on_device": ("auto", "on", "off"), "amp": ("auto", "off", "bf16"), "malloc": ("tuned", "default"),
     "protocol": ("rgb", "standard"),
 }
@@ -119,6 +120,11 @@ def parse_overrides(args, defaults=DEFAULTS):
     return cfg
 
 
+def scale_factors(text):
+    """The factors of a valid scale_augment value ("0.9,0.8" -> (0.9, 0.8); empty -> ())."""
+    return tuple(float(factor) for factor in text.split(",")) if text else ()
+
+
 def _is_fraction(text):
     try:
         return 0 < float(text) < 1
@@ -158,8 +164,9 @@ def validate(cfg):
                 "save_model_at"):
         require(cfg[key] >= 0, f"{key}={cfg[key]}: must not be negative")
     factors = cfg["scale_augment"].split(",") if cfg["scale_augment"] else []
-    require(all(_is_fraction(factor) for factor in factors),
-            f"scale_augment={cfg['scale_augment']!r}: expected factors between 0 and 1, comma-separated (0.9,0.8)")
+    require(all(_is_fraction(factor) for factor in factors) and len(set(map(float, factors))) == len(factors),
+            f"scale_augment={cfg['scale_augment']!r}: expected different factors between 0 and 1, comma-separated "
+            "(0.9,0.8)")
     for key, allowed in CHOICES.items():
         require(cfg[key] in allowed, f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
     require(cfg["num_workers"] >= -1, f"num_workers={cfg['num_workers']}: must be -1 (auto) or more")
@@ -178,8 +185,9 @@ def validate_training(cfg):
         raise ConfigError(f"patch_size={cfg['patch_size']} is not divisible by scale={cfg['scale']}")
     if cfg["save_model_at"] > cfg["max_steps"]:
         raise ConfigError(f"save_model_at={cfg['save_model_at']}: after max_steps={cfg['max_steps']}, never reached")
-    if cfg["gan"] and cfg["loss"] != "l1":
-        raise ConfigError(f"loss={cfg['loss']} with gan=true: the GAN's content loss is L1")
+    if cfg["gan"] and (cfg["loss"], cfg["loss_channels"]) != ("l1", "rgb"):
+        raise ConfigError(f"loss={cfg['loss']} loss_channels={cfg['loss_channels']} with gan=true: the GAN's content "
+                          "loss is L1 on RGB")
     if 2 * cfg["loss_border"] >= cfg["patch_size"]:
         raise ConfigError(f"loss_border={cfg['loss_border']} leaves no pixel of the {cfg['patch_size']}x"
                           f"{cfg['patch_size']} crop in the loss")

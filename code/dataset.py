@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.io import ImageReadMode
 
-from config import DEFAULTS
+from config import DEFAULTS, scale_factors
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 MAX_PIXELS = DEFAULTS["max_pixels"]  # larger images are refused from their header, before decoding
@@ -201,7 +201,8 @@ class SRDataset(Dataset):
     workers share it): a broken file is found before any work, and a 64x64 crop does not pay for
     decoding a whole photo. With stream=True (evaluation) each is checked here but decoded again when
     it is used (`FolderImages`), so that memory holds one image, not the set. bad_files="error" stops at
-    the first unusable file; "skip" leaves it out with a one-line warning.
+    the first unusable file; "skip" leaves it out with a one-line warning. downscaled: factors by which each
+    training image is also added downscaled (config's scale_augment; `with_downscaled_copies`).
     """
 
     def __init__(self, folder, patch_size=64, scale=2, jitter=0.2, degradation="bilinear", train=True,
@@ -246,11 +247,6 @@ class SRDataset(Dataset):
             return degrade(hr, self.scale, self.degradation), hr
 
 
-def scale_factors(text):
-    """The factors of config's scale_augment ("0.9,0.8" -> (0.9, 0.8); empty -> ())."""
-    return tuple(float(factor) for factor in text.split(",")) if text else ()
-
-
 def with_downscaled_copies(files, images, factors, minimum):
     """The images and, after them, each one downscaled by each factor (MATLAB imresize, antialiased, rounded to
     its bit depth): the same photographs with more detail a pixel, as the 291 images were augmented for VDSR and
@@ -258,10 +254,10 @@ def with_downscaled_copies(files, images, factors, minimum):
     all_files, all_images = list(files), list(images)
     for factor in factors:
         for path, image in zip(files, images):
-            if min(math.ceil(side * factor - 1e-9) for side in image.shape[-2:]) < minimum:
-                continue
             peak = torch.iinfo(image.dtype).max
             small = imresize_matlab(image.double() / peak, factor).mul(peak).round().clamp(0, peak)
+            if min(small.shape[-2:]) < minimum:
+                continue
             all_files.append(f"{path} (x{factor:g})")
             all_images.append(small.to(image.dtype))
     return all_files, all_images

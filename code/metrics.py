@@ -14,8 +14,9 @@ LOSS_NAME = "l1"
 PSNR_CAP = 100.0  # dB: the PSNR of an image identical to its reference (tables count such images)
 
 
-# ITU-R BT.601 luma weights for RGB in [0, 1] (Y in [0, 1] less its offset): `luma`'s, as the loss sees them.
-LUMA_WEIGHTS = (65.481 / 255, 128.553 / 255, 24.966 / 255)
+# ITU-R BT.601 luma as MATLAB's rgb2ycbcr computes it: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 for R, G, B
+# in [0, 255]; the standard protocol's `luma` and the luma-only training loss.
+BT601 = (65.481, 128.553, 24.966)
 
 
 def loss_function(prediction, target, kind="l1", border=0, per_image=False, channels="rgb"):
@@ -26,8 +27,8 @@ def loss_function(prediction, target, kind="l1", border=0, per_image=False, chan
     per_image: one value an image of the batch (validation averages them over the images), else the batch mean."""
     if border:
         prediction, target = (t[..., border:-border, border:-border] for t in (prediction, target))
-    if channels == "y":
-        weights = torch.tensor(LUMA_WEIGHTS, dtype=prediction.dtype, device=prediction.device).view(3, 1, 1)
+    if channels == "y":  # (Y - 16) / 255 of images in [0, 1], in float32 whatever autocast computed them in
+        weights = torch.tensor(BT601, device=prediction.device).div(255).view(3, 1, 1)
         prediction, target = ((t * weights).sum(-3, keepdim=True) for t in (prediction, target))
     loss = F.l1_loss if kind == "l1" else F.mse_loss
     if per_image:
@@ -109,7 +110,7 @@ def luma(image):
     if image.shape[0] == 1:
         return image[0]
     red, green, blue = image
-    return (16 + (65.481 * red + 128.553 * green + 24.966 * blue) / 255).round()
+    return (16 + (BT601[0] * red + BT601[1] * green + BT601[2] * blue) / 255).round()
 
 
 def standard_scores(sr, hr, scale):

@@ -3,7 +3,7 @@
     python code/report.py               # make report: evaluate, plot, fill the template, render README.pdf
     python code/report.py device=cuda   # the same on a GPU (the numbers can differ in the last digits)
     python code/report.py pdf           # make pdf: render again after editing code/report.md's prose
-    python code/report.py blocks=standard,final-curves   # only these blocks again, the others from report.json
+    python code/report.py report_blocks=standard,final-curves   # only these again, the others from report.json
 
 Each run of code/experiments.py contributes its final checkpoints/<run>/model.pt, or while it is still
 training its newest step*.pt (labelled "in progress"), and its TensorBoard scalars in runs/<run>/.
@@ -288,11 +288,11 @@ def validation_window(run, count=LAST):
 
 def training_data(cfg):
     """'T91 + BSD200 (291)': the training folders of a run (a config) and their number of images, and
-    ' ×0.9, 0.8 ...' where the run also trained on them downscaled (scale_augment)."""
+    ' at 5 scales' where the run also trained on them downscaled by 4 factors (scale_augment)."""
     folders = cfg["data_dir"].split(",")
     count = sum(len([n for n in os.listdir(f) if not n.startswith(".")]) for f in folders if os.path.isdir(f))
-    copies = f", also ×{cfg['scale_augment'].replace(',', ', ')}" if cfg.get("scale_augment") else ""
-    return f"{' + '.join(os.path.basename(os.path.normpath(f)) for f in folders)} ({count}{copies})"
+    scales = f" at {len(config.scale_factors(cfg['scale_augment'])) + 1} scales" if cfg.get("scale_augment") else ""
+    return f"{' + '.join(os.path.basename(os.path.normpath(f)) for f in folders)} ({count}){scales}"
 
 
 def runs_table(runs):
@@ -312,7 +312,8 @@ def runs_table(runs):
         rows.append([run.name + (f" [{run.status()}]" if run.status() else ""),
                      cfg["model"] + (f" from {run.init}" if run.init else ""), data,
                      f"{cfg['batch_size']}×{cfg['patch_size']}²", f"{cfg['lr']:g}", step, samples,
-                     "—" if elapsed is None else f"{elapsed / 3600:.2f} h", short_hardware(hardware),
+                     "—" if elapsed is None else f"{elapsed / 3600:.2f}\u00a0h",  # kept on one line in the PDF
+                     short_hardware(hardware).replace(" ", "\u00a0"),
                      pm(psnrs[-LAST:]), trend_cell])
     return table(["run", "model", "data", "batch × crop", "lr", "steps", "samples seen", "wall time", "hardware",
                   "val PSNR, last 5 (dB)", "trend, last 20% (dB)"],
@@ -523,7 +524,7 @@ def figure_block(path, caption):
 
 class Output:
     """The report as it is made: tables (.md) and figures (.png) written to `out_dir`, {block: markdown} and
-    {value: text} for the prose. `only` (a set of block names) limits the work, for tests."""
+    {value: text} for the prose. `only` (a set of block names) limits the work (report_blocks=, tests)."""
 
     def __init__(self, out_dir, only=None):
         self.out_dir, self.only, self.blocks, self.values = out_dir, only, {}, {}
@@ -772,6 +773,10 @@ def final_model(out, runs, scores, standard):
     if ablation:
         groups.append(([run.curve() for run in ablation], ablation[0].planned, bicubic))
     panels = [plots.PANELS[0], plots.PANELS[2], (("train/lr",), "learning rate", False)]
+    if out.want("final-curves") and FINAL in runs:  # the final stage's data, as the text beside the figure says it
+        factors = [f"{f:g}" for f in config.scale_factors(runs[FINAL].config["scale_augment"])] or ["no factor"]
+        out.values["final_scale_factors"] = factors[0] if len(factors) == 1 else \
+            f"{', '.join(factors[:-1])} and {factors[-1]}"
     out.figure("final-curves", "Figure 9: top, the T91 run from scratch; middle, the fine-tunes on T91 + BSD200 that "
                "start from it; bottom, the ablation runs of Table 7; each row on its own step axis (validation: RGB "
                "on Set5, LR by MATLAB bicubic, the weights' moving average; train L1 as a moving mean over 500 "
@@ -808,7 +813,7 @@ def comparison_page(runs, out_dir, device):
 
 def build(cfg, out_dir, device, only=None):
     """Write every table (.md) and figure (.png) of the report to `out_dir`; returns ({block: markdown},
-    {value name: text}). `only` (a set of block names) limits the work, for tests."""
+    {value name: text}). `only` (a set of block names) limits the work (report_blocks=, tests)."""
     runs, scores, standard, out = available_runs(cfg), RgbScores(device), StandardScores(device), Output(out_dir, only)
     out.table("runs", lambda: runs_table(list(runs.values())))
     out.table("key-results", lambda: key_results(runs, scores))
@@ -889,14 +894,14 @@ def main(argv):
             raise SystemExit(f"error: {out_dir}/report.json: no such file; run `make report` first")
         print(publish(out_dir, saved["blocks"], saved["values"]))
         return
-    only, saved = set(cfg["blocks"].split(",")) - {""}, None
+    only, saved = set(cfg["report_blocks"].split(",")) - {""}, None
     if only:  # a part of the report again (e.g. after one run changed): the rest as the last full run made it
         saved = read_json(os.path.join(out_dir, "report.json"))
         if saved is None:
             raise SystemExit(f"error: {out_dir}/report.json: no such file; run `make report` first")
         known = {*saved["blocks"], "compare"}  # compare: the comparison page
         if only - known:
-            raise SystemExit(f"error: blocks={cfg['blocks']}: no block {sorted(only - known)[0]!r}; "
+            raise SystemExit(f"error: report_blocks={cfg['report_blocks']}: no block {sorted(only - known)[0]!r}; "
                              f"blocks: {', '.join(sorted(known))}")
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     device = system.pick_device(cfg["device"])

@@ -36,8 +36,9 @@ def test_values_take_the_type_of_their_default():
     ("loss=l3", "expected one of l1, l2"),
     ("loss_border=-1", "must not be negative"),
     ("loss_channels=cbcr", "expected one of rgb, y"),
-    ("scale_augment=0.9,1.2", "expected factors between 0 and 1"),
-    ("scale_augment=half", "expected factors between 0 and 1"),
+    ("scale_augment=0.9,1.2", "expected different factors between 0 and 1"),
+    ("scale_augment=half", "expected different factors between 0 and 1"),
+    ("scale_augment=0.9,0.90", "expected different factors between 0 and 1"),
 ])
 def test_bad_overrides_give_one_line_errors(arg, fragment):
     with pytest.raises(ConfigError) as error:
@@ -94,5 +95,7 @@ def test_training_refuses_a_loss_border_that_leaves_no_pixel_and_an_l2_gan():
     config.validate_training(parse_overrides(["patch_size=64", "loss_border=31"]))
     with pytest.raises(ConfigError, match="loss_border=32 leaves no pixel of the 64x64 crop"):
         config.validate_training(parse_overrides(["patch_size=64", "loss_border=32"]))
-    with pytest.raises(ConfigError, match="loss=l2 with gan=true"):
+    with pytest.raises(ConfigError, match="loss=l2 loss_channels=rgb with gan=true"):
         config.validate_training(parse_overrides(["gan=true", "loss=l2"]))
+    with pytest.raises(ConfigError, match="loss=l1 loss_channels=y with gan=true"):
+        config.validate_training(parse_overrides(["gan=true", "loss_channels=y"]))

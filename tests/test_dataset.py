@@ -294,7 +294,7 @@ def test_matlab_imresize_matches_values_worked_out_by_hand():
 
 def test_scale_augment_adds_each_image_downscaled_by_each_factor_after_the_originals(tiny_data):
     plain = SRDataset(tiny_data["train"], patch_size=32)
-    augmented = SRDataset(tiny_data["train"], patch_size=32, downscaled=dataset.scale_factors("0.5,0.375"))
+    augmented = SRDataset(tiny_data["train"], patch_size=32, downscaled=(0.5, 0.375))
     assert len(augmented) == 4 + 4 + 0  # 80 x 0.375 = 30 px is under the 32 px crop: left out
     assert augmented.files[:4] == plain.files and augmented.files[4].endswith("img00.png (x0.5)")
     assert all(torch.equal(a, b) for a, b in zip(augmented.images, plain.images))
@@ -307,11 +307,14 @@ def test_scale_augment_adds_each_image_downscaled_by_each_factor_after_the_origi
 
 
 def test_16_bit_images_are_downscaled_on_their_own_scale():
-    image = torch.full((3, 40, 40), 60000, dtype=torch.uint16)
+    ramp = torch.linspace(0, 65535, 40).round().to(torch.int32)
+    image = (ramp.view(1, 1, 40) + 0 * ramp.view(1, 40, 1)).expand(3, 40, 40).to(torch.uint16)
     files, images = dataset.with_downscaled_copies(["a.png"], [image], (0.5,), 8)
     assert files == ["a.png", "a.png (x0.5)"]
     assert images[1].dtype == torch.uint16 and images[1].shape == (3, 20, 20)
-    assert int(images[1].int().max()) == int(images[1].int().min()) == 60000  # not clipped at 255
+    expected = dataset.imresize_matlab(image.double() / 65535, 0.5).mul(65535).round().clamp(0, 65535)
+    assert torch.equal(images[1].to(torch.int32), expected.to(torch.int32))  # on the 16-bit scale, not 8-bit
+    assert int(images[1].to(torch.int32).max()) > 60000
 
 
 def test_bicubic_matlab_degradation_is_rounded_to_8_bits():

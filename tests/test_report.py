@@ -123,10 +123,11 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     standard = blocks["standard"]
     assert "| B100 |" in standard.split("\n")[0]
     assert "| VDSR (published) | single model | 665k | T91 + BSD200 (291) | 37.53 / 0.9587 | 33.03 / 0.9124 | 31.90 / 0.8960 |" in standard
-    assert re.search(r"\| final \| x8 self-ensemble \| 1k \| T91 \(4, also ×0\.5\) \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| not run \|", standard)
+    assert re.search(r"\| final \| x8 self-ensemble \| 1k \| T91 \(4\) at 2 scales \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ "
+                     r"\| not run \|", standard)
     assert "| final, T91 only | single model |" in standard and "| residual_matlab | single model |" in standard
     assert "| final, no downscaled copies | single model | 1k | T91 (4) |" in standard
-    assert "| final | single model | 1k | T91 (4, also ×0.5) |" in standard
+    assert "| final | single model | 1k | T91 (4) at 2 scales |" in standard
     assert re.search(r"\| ablate_a \| `lr=1e-3` \| [\d.]+\xa0±\xa0[\d.]+ \| [\d.]+ \| — \| [\d.]+ \| — \|", blocks["ablation"])
     assert re.search(r"\| ablate_b \| `jitter=0` \| [\d.]+\xa0±\xa0[\d.]+ \| [\d.]+ \| [+-]?[\d.]+\xa0±\xa0[\d.]+ \|",
                      blocks["ablation"])
@@ -152,9 +153,9 @@ def test_blocks_makes_only_those_again_and_keeps_the_rest_from_report_json(tiny_
     monkeypatch.setattr(report, "publish", lambda out_dir, blocks, values: published.update(blocks=blocks, values=values))
     where = [f"runs_dir={tiny_experiments['runs_dir']}", f"ckpt_dir={tiny_experiments['ckpt_dir']}", "device=cpu",
              f"report_dir={out}"]
-    with pytest.raises(SystemExit, match=r"blocks=runs,tables: no block 'tables'; blocks: compare, runs, standard$"):
-        report.main([*where, "blocks=runs,tables"])
-    report.main([*where, "blocks=runs"])
+    with pytest.raises(SystemExit, match=r"report_blocks=runs,tables: no block 'tables'; blocks: compare, runs, standard$"):
+        report.main([*where, "report_blocks=runs,tables"])
+    report.main([*where, "report_blocks=runs"])
     assert published["blocks"]["standard"] == "old standard\n" and published["values"] == {"kept": "1.00"}
     assert published["blocks"]["runs"].startswith("| run |") and "| final_no_rescale |" in published["blocks"]["runs"]
     assert json.loads((out / "report.json").read_text()) == published
