@@ -46,6 +46,7 @@ TREND_FRACTION, TREND_DB = 0.2, 0.05  # the trend test: last 20% of the steps ag
 # Published x2 results of the standard protocol (Y channel, MATLAB bicubic LR, 2 px shaved): name, parameters,
 # training images, {set: (PSNR, SSIM)}. SRCNN 9-5-5 (Dong et al. 2016, TPAMI), FSRCNN (Dong et al. 2016, ECCV),
 # VDSR (Kim et al. 2016, CVPR), DRRN B1U25 (Tai et al. 2017, CVPR); B100 values as in the VDSR and DRRN tables.
+TARGETS = {"Set5": 37.30, "Set14": 32.95, "B100": 31.80}  # dB: the project's goals for the final single model
 PUBLISHED = (("SRCNN", "57k", "ImageNet (395k)",
               {"Set5": (36.66, 0.9542), "Set14": (32.42, 0.9063), "B100": (31.36, 0.8879)}),
              ("FSRCNN", "12k", "T91 + General-100 (191)",
@@ -750,6 +751,10 @@ def final_values(runs, standard):
                        for s in STANDARD_SETS})
         values.update({f"no_rescale_vs_t91_{s}": paired(single(no_rescale, s), single(t91, s)) for s in STANDARD_SETS})
         values["no_rescale_val_level"] = pm(no_rescale.last())
+    gaps = {s: standard.mean(final.label(), final.load(device), s)["psnr"] - TARGETS[s] for s in STANDARD_SETS}
+    values["final_vs_targets"] = "; ".join(f"{s} {'met' if gap >= 0 else 'missed'} by {abs(gap):.2f} dB"
+                                           for s, gap in gaps.items())
+    values.update({f"target_{s}": f"{TARGETS[s]:.2f}" for s in STANDARD_SETS})
     values["final_t91_trend"] = trend_text(*t91.series("val/psnr"))
     recipe = dict(setting.split("=") for setting in FINAL_RECIPE)  # its settings as the text quotes them
     values.update(recipe_lr=recipe["lr"], recipe_lr_min=recipe["lr_min"], recipe_warmup_steps=recipe["warmup_steps"],
@@ -781,7 +786,8 @@ def final_model(out, runs, scores, standard):
                "start from it; bottom, the ablation runs of Table 7; each row on its own step axis (validation: RGB "
                "on Set5, LR by MATLAB bicubic, the weights' moving average; train L1 as a moving mean over 500 "
                "steps); dashed: bicubic upsampling (not in the middle row: far below its runs, it would flatten "
-               "their rise; that row's PSNR axis spans hundredths of a dB); learning rate: the scheduled runs only",
+               "their rise; that row's PSNR axis spans tenths of a dB); learning rate: the scheduled runs only (the "
+               "two fine-tunes share one schedule)",
                lambda path: plots.plot_curve_rows(groups, path, panels))
     if FINAL in runs and FINAL_T91 in runs:
         panels = [("HR", "bicubic_matlab", None), ("bicubic", "bicubic_matlab", matlab_bicubic),
