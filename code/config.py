@@ -7,6 +7,7 @@ before any work starts, with a one-line message that lists the valid keys.
 """
 import difflib
 import json
+import math
 import os
 
 # The keys by section; each script takes the keys of the sections it uses (and --help lists them), so that a key
@@ -125,13 +126,6 @@ def scale_factors(text):
     return tuple(float(factor) for factor in text.split(",")) if text else ()
 
 
-def _is_fraction(text):
-    try:
-        return 0 < float(text) < 1
-    except ValueError:
-        return False
-
-
 def did_you_mean(key, keys):
     close = difflib.get_close_matches(key, keys, n=1)
     return f" (did you mean {close[0]}=?)" if close else ""
@@ -163,8 +157,11 @@ def validate(cfg):
     for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min", "loss_border", "crop",
                 "save_model_at"):
         require(cfg[key] >= 0, f"{key}={cfg[key]}: must not be negative")
-    factors = cfg["scale_augment"].split(",") if cfg["scale_augment"] else []
-    require(all(_is_fraction(factor) for factor in factors) and len(set(map(float, factors))) == len(factors),
+    try:
+        factors = scale_factors(cfg["scale_augment"])
+    except ValueError:
+        factors = (math.nan,)  # not a number: refused below
+    require(all(0 < factor < 1 for factor in factors) and len(set(factors)) == len(factors),
             f"scale_augment={cfg['scale_augment']!r}: expected different factors between 0 and 1, comma-separated "
             "(0.9,0.8)")
     for key, allowed in CHOICES.items():

@@ -713,8 +713,11 @@ def final_values(runs, standard):
     def single(run, set_name):
         return standard.per_image(run.label(), run.load(device), set_name)
 
+    def psnr(run, set_name):
+        return standard.mean(run.label(), run.load(device), set_name)["psnr"]
+
     def mean(run, set_name):
-        return f"{standard.mean(run.label(), run.load(device), set_name)['psnr']:.2f}"
+        return f"{psnr(run, set_name):.2f}"
 
     def versus(name, set_name):
         published = dict((row[0], row[3]) for row in PUBLISHED)[name][set_name][0]
@@ -751,7 +754,7 @@ def final_values(runs, standard):
                        for s in STANDARD_SETS})
         values.update({f"no_rescale_vs_t91_{s}": paired(single(no_rescale, s), single(t91, s)) for s in STANDARD_SETS})
         values["no_rescale_val_level"] = pm(no_rescale.last())
-    gaps = {s: standard.mean(final.label(), final.load(device), s)["psnr"] - TARGETS[s] for s in STANDARD_SETS}
+    gaps = {s: psnr(final, s) - TARGETS[s] for s in STANDARD_SETS}
     values["final_vs_targets"] = "; ".join(f"{s} {'met' if gap >= 0 else 'missed'} by {abs(gap):.2f} dB"
                                            for s, gap in gaps.items())
     values.update({f"target_{s}": f"{TARGETS[s]:.2f}" for s in STANDARD_SETS})
@@ -889,22 +892,26 @@ def publish(out_dir, blocks, values):
     return render_pdf(markdown, "README.pdf")
 
 
+def saved_report(out_dir):
+    """{"blocks", "values"} of the last `make report`, which `make pdf` and report_blocks= start from."""
+    saved = read_json(os.path.join(out_dir, "report.json"))
+    if saved is None:
+        raise SystemExit(f"error: {out_dir}/report.json: no such file; run `make report` first")
+    return saved
+
+
 def main(argv):
     rerender = "pdf" in argv  # after editing code/report.md's prose: render again from the saved blocks and values
     argv = [a for a in argv if a != "pdf"]
     cfg = config.from_argv(argv, ("report", "run", "system"))
     out_dir = cfg["report_dir"] or os.path.join(cfg["runs_dir"], "report")
     if rerender:
-        saved = read_json(os.path.join(out_dir, "report.json"))
-        if saved is None:
-            raise SystemExit(f"error: {out_dir}/report.json: no such file; run `make report` first")
+        saved = saved_report(out_dir)
         print(publish(out_dir, saved["blocks"], saved["values"]))
         return
     only, saved = set(cfg["report_blocks"].split(",")) - {""}, None
     if only:  # a part of the report again (e.g. after one run changed): the rest as the last full run made it
-        saved = read_json(os.path.join(out_dir, "report.json"))
-        if saved is None:
-            raise SystemExit(f"error: {out_dir}/report.json: no such file; run `make report` first")
+        saved = saved_report(out_dir)
         known = {*saved["blocks"], "compare"}  # compare: the comparison page
         if only - known:
             raise SystemExit(f"error: report_blocks={cfg['report_blocks']}: no block {sorted(only - known)[0]!r}; "
