@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-requirements.txt
 # the handout's learning rate, so that the demo stays within a few minutes on CPUs without bf16 instructions too.
 DEMO_ARGS ?= run=demo model=residual max_steps=300 batch_size=8 patch_size=32 lr=2e-4 val_every=100 ckpt_every=100
 
-.PHONY: demo test test-slow test-slurm experiments report pdf bench gpu-check venv data train evaluate tensorboard clean
+.PHONY: demo test test-slow test-slurm experiments report pdf bench gpu-check venv data data-standard train evaluate tensorboard clean
 
 demo: venv
 	$(PY) code/prepare_data.py
@@ -40,14 +40,19 @@ $(STAMP): requirements.txt
 data: venv
 	$(PY) code/prepare_data.py
 
-# e.g. make train ARGS="run=t91 data_dir=../shared/data/T91 eval_dir=../shared/data/Set5"
+# The standard sets the experiments and the report use (T91, BSD200, Set5, Set14, B100: 410 images, ~100 MB) into
+# data/, each file checked against its pinned SHA-256; ARGS="source=/a/copy" takes them from a local copy instead.
+data-standard: venv
+	$(PY) code/prepare_data.py standard $(ARGS)
+
+# e.g. make train ARGS="run=t91 data_dir=data/T91 eval_dir=data/Set5" (after make data-standard)
 train: venv
 	$(PY) code/train.py $(ARGS)
 
 evaluate: venv
 	$(PY) code/evaluate.py $(ARGS)
 
-# Task 5/6's runs, the final model and its ablation on ../shared/data (code/experiments.py): trains what is
+# Task 5/6's runs, the final model and its ablation on data/<set> (make data-standard; code/experiments.py): trains what is
 # missing, continues what stopped. On a GPU: make experiments ARGS=device=cuda
 experiments: venv
 	$(PY) code/experiments.py $(ARGS)
@@ -61,7 +66,7 @@ report: venv
 pdf: venv
 	$(PY) code/report.py pdf $(ARGS)
 
-# Training-speed ratios on this machine (code/bench.py); ARGS="data_dir=../shared/data/T91" for T91.
+# Training-speed ratios on this machine (code/bench.py); ARGS="data_dir=data/T91" for T91.
 bench: venv data
 	$(PY) code/bench.py $(ARGS)
 

@@ -1,7 +1,7 @@
 """Training-speed benchmark: ratios measured in one run, on this machine (make bench).
 
     python code/bench.py                          # embedded data (data/train), batch 16, 64x64 patches
-    python code/bench.py data_dir=../shared/data/T91 bench_steps=48
+    python code/bench.py data_dir=data/T91 bench_steps=48
 
 Prints, for BasicSRModel at the configured batch and patch size:
   * the pure training step on a synthetic batch: NCHW fp32 (the naive reference), channels_last, fused Adam,

@@ -4,8 +4,8 @@ method's PSNR / SSIM for that image beside its name. One static folder (index.ht
 from file:// with no server and fetches nothing, since compute nodes and many laptops have no internet.
 
     python code/compare.py checkpoint=checkpoints/demo/model.pt          # data/eval -> runs/compare_eval_bilinear/
-    python code/compare.py checkpoint=a.pt,b.pt eval_dir=../shared/data/Set5 degradation=bicubic_matlab out=runs/set5
-    python code/compare.py checkpoint=... eval_dir=../shared/data/B100 crop=192     # 192x192 crops: a small page
+    python code/compare.py checkpoint=a.pt,b.pt eval_dir=data/Set5 degradation=bicubic_matlab out=runs/set5
+    python code/compare.py checkpoint=... eval_dir=data/B100 crop=192     # 192x192 crops: a small page
 
 On the page: drag the white line or press <- / -> to move the split, wheel or + / - to zoom, drag the image to
 pan, 0 fits the image, f returns to the first view, n / p (PageDown / PageUp) step through the images. The first

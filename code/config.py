@@ -10,6 +10,9 @@ import json
 import math
 import os
 
+# Where the standard sets are, as <DATA_ROOT>/T91, .../Set5 (`prepare_data.py standard` puts them there): the folder
+# that experiments.py and report.py read; the environment variable SR_DATA_ROOT points them at another copy.
+DATA_ROOT = os.environ.get("SR_DATA_ROOT", "data")
 # The keys by section; each script takes the keys of the sections it uses (and --help lists them), so that a key
 # another script reads (upscale.py out=... instead of output=...) is an error, not silently ignored.
 SECTIONS = {
@@ -22,6 +25,11 @@ SECTIONS = {
         "degradation": "bilinear",  # how LR is made: bilinear | bicubic | nearest | nearest_centred | bicubic_matlab
         "augment": "none",  # none | dihedral: each HR crop also randomly flipped and turned by 90 degrees
         "scale_augment": "",  # e.g. 0.9,0.8,0.7,0.6: training also on each image downscaled by these; empty = none
+    },
+    "standard": {  # prepare_data.py standard: the sets of the SR papers, checked against code/standard_sets.tsv
+        "data_root": DATA_ROOT, "sets": "T91,BSD200,Set5,Set14,B100",
+        "source": "",  # a local copy laid out like data_root (<source>/<set>/*.png) instead of the download
+        "data_url": "https://raw.githubusercontent.com",  # where the manifest's <repository>/<commit>/<path> are
     },
     "input": {  # every reader of images
         "bad_files": "error",  # error | skip: what an unreadable or too small image in a data folder does
@@ -59,12 +67,14 @@ SECTIONS = {
     "evaluate": {
         "protocol": "rgb",  # rgb (RGB in [0, 1], `degradation`) | standard (MATLAB bicubic, Y, shaved border)
         "out": "",  # table path without extension; empty = runs/eval_<set>_<degradation>
+        # (export.py: the ONNX file; empty = <the checkpoint's folder name>.onnx, e.g. final.onnx)
     },
     "upscale": {
         "input": "", "output": "",  # an image or a folder; output empty = beside the input, *_x2.png
         "tile": 256,  # LR pixels per tile side
         "overlap": 0,  # LR pixels of context around each tile; 0 = the model's receptive field
         "ensemble": False,  # x8 geometric self-ensemble (flips and rotations)
+        "onnxruntime": True,  # on a CPU, run the model with onnxruntime (faster than PyTorch there); false = PyTorch
         "page": "",  # a folder for the comparison page (input | bicubic | model) of the upscaled images; empty = none
     },
     "compare": {"crop": 0},  # compare.py: HR px a side of the crop around each image's first view; 0 = whole images

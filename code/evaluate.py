@@ -1,9 +1,9 @@
 """Task 4: average PSNR / SSIM of checkpoints and of bilinear / bicubic upsampling on an eval folder.
 
     python code/evaluate.py                                    # every checkpoints/*/model.pt
-    python code/evaluate.py checkpoint=checkpoints/demo/model.pt eval_dir=../shared/data/Set5
+    python code/evaluate.py checkpoint=checkpoints/demo/model.pt eval_dir=data/Set5
     python code/evaluate.py degradation=nearest                # LR made differently than in training
-    python code/evaluate.py protocol=standard eval_dir=../shared/data/Set5   # the SR papers' protocol
+    python code/evaluate.py protocol=standard eval_dir=data/Set5   # the SR papers' protocol
 
 Prints a Markdown table and saves it as <out>.md and <out>.csv.
 """
@@ -23,14 +23,14 @@ from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdow
 
 def write_tables(out, title, rows):
     """Save the table as <out>.md and <out>.csv (fixed decimals, so reruns are byte-identical), each whole or not
-    at all (system.write_text)."""
+    at all (system.write_file)."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["method", "psnr_db", "ssim", LOSS_NAME])
     writer.writerows([name, f"{m['psnr']:.4f}", f"{m['ssim']:.5f}", f"{m[LOSS_NAME]:.5f}"] for name, m in rows)
     for path, text in ((out + ".md", markdown_table(title, rows)), (out + ".csv", table.getvalue())):
-        system.write_text(path, text)
+        system.write_file(path, text)
     return out + ".md", out + ".csv"
 
 

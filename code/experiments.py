@@ -5,6 +5,7 @@ continue what stopped, skip what is done.
     python code/experiments.py baseline residual    # only these
     python code/experiments.py final_t91 final_no_rescale final ablate_handout ablate_no_jitter ablate_dihedral ablate_cosine ablate_ema
     python code/experiments.py device=cuda num_workers=8   # key=value goes to every run
+    SR_DATA_ROOT=/scratch/sets python code/experiments.py  # the standard sets from another folder than data/
 
 Each run is `code/train.py run=<name> <COMMON> <its settings> resume=auto`, so an interrupted
 experiment continues exactly where it stopped, on a CPU or a GPU. A diverging run (exit 3) is
@@ -17,7 +18,7 @@ import sys
 import config
 from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, CheckpointError, load_checkpoint
 
-DATA_ROOT = "../shared/data"  # T91, Set5, Set14, BSD68 (see the README for where to get them)
+DATA_ROOT = config.DATA_ROOT  # T91, BSD200 and Set5: `make data-standard` downloads them (SR_DATA_ROOT=elsewhere)
 COMMON = [f"data_dir={DATA_ROOT}/T91", f"eval_dir={DATA_ROOT}/Set5", "val_every=500", "ckpt_every=500"]
 FINAL_RECIPE = ["model=residual", "degradation=bicubic_matlab", "jitter=0", "augment=dihedral", "lr=5e-4",
                 "lr_schedule=cosine", "warmup_steps=500", "lr_min=1e-6", "ema=0.999"]

@@ -1,7 +1,7 @@
 """What a reader needs to trust the GPU path, in one command (make gpu-check; about 5 minutes on one GPU).
 
     python code/gpu_check.py                                  # the GPU if there is one, else a small CPU version
-    python code/gpu_check.py data_dir=../shared/data/T91 eval_dir=../shared/data/Set5
+    python code/gpu_check.py data_dir=data/T91 eval_dir=data/Set5
 
 Prints, for the residual model at the configured batch and patch size:
   1. patches/s of the pure training step (a batch already on the device) and of the full loop (DeviceBatches

@@ -29,10 +29,11 @@ import plots
 import system
 from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoints
 from dataset import SRDataset, crop_to_multiple, decode_image, imresize_matlab, save_first_pair, to_float
-from experiments import ABLATION, DATA_ROOT, FINAL_RECIPE, RUNS
+from experiments import ABLATION, FINAL_RECIPE, RUNS
 from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, standard_set
 from models import Discriminator, count_parameters, self_ensemble
 
+DATA_ROOT = config.DATA_ROOT  # the standard sets: `make data-standard` puts them there
 EVAL_SETS = ("Set5", "Set14", "BSD68")  # the RGB protocol of Tasks 5 and 6: Set5 validates, Set14 and BSD68 test
 STANDARD_SETS = ("Set5", "Set14", "B100")  # the standard protocol, on the sets the SR papers report
 ENSEMBLE_SETS = ("Set5", "Set14")  # the x8 self-ensemble: on B100 it would take 8x its 100 images
@@ -920,7 +921,8 @@ def main(argv):
     device = system.pick_device(cfg["device"])
     for set_name in ("T91", *EVAL_SETS, *STANDARD_SETS):
         if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):
-            raise SystemExit(f"error: {DATA_ROOT}/{set_name}: no such folder; the report evaluates on the standard sets")
+            raise SystemExit(f"error: {DATA_ROOT}/{set_name}: no such folder; the report evaluates on the standard "
+                             "sets: make data-standard (or SR_DATA_ROOT=<a copy of them>)")
     blocks, values = build(cfg, out_dir, device, only or None)
     if saved:
         blocks, values = {**saved["blocks"], **blocks}, {**saved["values"], **values}

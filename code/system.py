@@ -253,13 +253,15 @@ def write_failure(path, err):
     return f"error: cannot write {path}: {reason} ({free})"
 
 
-def write_text(path, text):
-    """Write `text` to `path` whole or not at all (a temporary file beside it, then os.replace): a disk that fills
-    meanwhile keeps the previous file and leaves no partial one, and ends in write_failure's line naming `path`."""
+def write_file(path, content):
+    """Write `content` (str or bytes) to `path` whole or not at all (a temporary file beside it, then os.replace):
+    a disk that fills meanwhile keeps the previous file and leaves no partial one, and ends in write_failure's line
+    naming `path`."""
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(temporary, "w", newline="") as f:
-            f.write(text)
+        binary = isinstance(content, bytes)
+        with open(temporary, "wb" if binary else "w", newline=None if binary else "") as f:
+            f.write(content)
         os.replace(temporary, path)
     except OSError as err:
         raise SystemExit(write_failure(path, err)) from None

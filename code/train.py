@@ -15,7 +15,8 @@ models.py (`build_model`), the loss and the metrics in metrics.py, the device an
 and checkpoint.
 
 Exit status: 0 done, 1 bad config/data/checkpoint, 3 diverged (non-finite loss),
-75 interrupted by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run again with resume=auto).
+75 interrupted by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint, or at once by a second Ctrl-C (run again
+with resume=auto).
 """
 import contextlib
 import fcntl
@@ -228,7 +229,7 @@ def resume(cfg, networks, state_path, state, device, hardware, print_once):
             return Progress()
         made_with = {**config.DEFAULTS, **state["train_config"]}
         keys = RESULT_KEYS + (("max_steps",) if cfg["lr_schedule"] != "constant" else ())  # the schedule's length
-        changed = [k for k in keys if made_with[k] != cfg[k]]
+        changed = [k for k in keys if not same_setting(k, made_with[k], cfg[k])]
         if changed:
             raise CheckpointError(f"{state_path}: was trained with other settings: "
                                   + ", ".join(f"{k}={made_with[k]} (now {cfg[k]})" for k in changed)
@@ -244,6 +245,14 @@ def resume(cfg, networks, state_path, state, device, hardware, print_once):
             f"its results will not be bit-identical to an uninterrupted run")
     return Progress(state["step"], state.get("samples", state["step"] * cfg["batch_size"]), state["elapsed"],
                     state["best_psnr"], state["val"])
+
+
+def same_setting(key, made_with, now):
+    """Whether a resumed run's setting is unchanged; data folders by their names, so that a run continues where
+    its sets moved (../shared/data/T91 -> data/T91)."""
+    if key == "data_dir":
+        made_with, now = ([os.path.basename(os.path.normpath(p)) for p in dirs.split(",")] for dirs in (made_with, now))
+    return made_with == now
 
 
 def initialise(networks, cfg):
@@ -343,20 +352,30 @@ def discriminator_loss(real_logits, fake_logits, kind):
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))) / 2
 
 
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C, raised in the middle of whatever runs; a KeyboardInterrupt, so that no `except Exception`
+    on its way catches it. train() ends the run with one line (RunRecords.stop_at_once)."""
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT/SIGUSR1 (scheduler time limits, Ctrl-C) into a flag the loop checks at
     the next logging step, so the run stops between steps with a checkpoint instead of mid-write.
     A job script may forward a signal that the scheduler also sent to this process: repeats are
-    harmless; only a second Ctrl-C stops at once."""
+    harmless; only a second Ctrl-C stops at once. With `announce`, the first Ctrl-C is acknowledged at once,
+    so that the user knows a second one is not needed, and what it would do."""
 
-    def __init__(self):
-        self.signal = None
+    def __init__(self, announce=True):
+        self.signal, self.announce = None, announce
         self.previous = {sig: signal.signal(sig, self.handle) for sig in system.STOP_SIGNALS}
 
     def handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:  # Ctrl-C twice: stop now
             self.restore()
-            raise KeyboardInterrupt
+            raise StopNow
+        if self.signal is None and signum == signal.SIGINT and self.announce:
+            # os.write: a print here could land inside a write to sys.stderr that this signal interrupted
+            os.write(2, b"\nCtrl-C: the run stops with a checkpoint at its next logged step; Ctrl-C again stops it "
+                        b"at once\n")
         self.signal = self.signal or signal.Signals(signum).name  # a repeated USR1/TERM changes nothing
 
     def restore(self):
@@ -407,7 +426,7 @@ class RunRecords:
             if main_process else None
         self.logged, self.running, self.running_steps = (), None, 0  # names and sums of the values since the last log
         self.started = self.last_log = time.time()
-        self.stop_request = StopRequest()
+        self.stop_request = StopRequest(announce=main_process)
         self.bar = tqdm(total=cfg["max_steps"], initial=progress.step, unit="step", dynamic_ncols=True,
                         mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
 
@@ -451,6 +470,15 @@ class RunRecords:
         """End the run after a stop request, naming the signal and the checkpoint `path` to resume from."""
         by = self.stop_request.signal or "a signal to another rank"
         self.finish(f"stopped by {by} at step {self.progress.step}; checkpoint {path}; continue with resume=auto",
+                    EXIT_INTERRUPTED)
+
+    def stop_at_once(self):
+        """End the run on a second Ctrl-C, wherever it came: the step in progress is dropped, and the checkpoints on
+        disk stay whole (each is written whole or not at all); the line names the one resume=auto continues from."""
+        kept = step_checkpoints(self.ckpt_dir)
+        resume_from = f"resume=auto continues from {kept[0]}" if kept else \
+            "no checkpoint yet, so start it again with overwrite=true"
+        self.finish(f"stopped at once by a second Ctrl-C after step {self.progress.step}; {resume_from}",
                     EXIT_INTERRUPTED)
 
     def validate(self):
@@ -609,6 +637,8 @@ def train(cfg):
                 records.stop(path)
         records.finish()
         return records.summary() if main_process else None
+    except StopNow:
+        records.stop_at_once()
     except OSError as err:  # a full disk or quota: checkpoints, logs, summary
         records.failed_write(err)
     finally:  # the DataLoader workers stop now, even where a kept traceback holds this frame (plots, errors)

@@ -203,8 +203,8 @@ def test_the_committed_pdf_has_at_most_10_pages_and_the_key_results_on_page_1():
     assert "Table 1" in pdf[0].get_text() and first_row in pdf[0].get_text()
 
 
-def regenerate(tmp_path, only):
-    shared_folder("Set5")
+def regenerate(tmp_path, only, monkeypatch):
+    monkeypatch.setattr(report, "DATA_ROOT", os.path.dirname(shared_folder("Set5")))  # the local copy
     cfg = config.parse_overrides([f"runs_dir={REPO}/runs", f"ckpt_dir={REPO}/checkpoints"])
     cwd = os.getcwd()
     os.chdir(REPO)  # the runs' folders are relative to the repository root
@@ -239,16 +239,16 @@ def assert_same_as_committed(tmp_path, names):
             f"{name} differs from the committed one: {(differing > 0).mean():.4%} of the pixels, by up to {differing.max()}"
 
 
-def test_committed_plots_and_tables_are_reproduced_from_the_committed_checkpoints_and_logs(tmp_path):
-    names = regenerate(tmp_path, {"runs", "curves", "lr-sweep", "sweep", "loader"})
+def test_committed_plots_and_tables_are_reproduced_from_the_committed_checkpoints_and_logs(tmp_path, monkeypatch):
+    names = regenerate(tmp_path, {"runs", "curves", "lr-sweep", "sweep", "loader"}, monkeypatch)
     assert names == ["curves.png", "hr_image.png", "loader.png", "lr-sweep.png", "lr_image.png", "runs.md", "sweep.md"]
     assert_same_as_committed(tmp_path, names)
 
 
 @pytest.mark.slow
-def test_the_whole_committed_report_is_reproduced(tmp_path):
+def test_the_whole_committed_report_is_reproduced(tmp_path, monkeypatch):
     shared_folder("BSD68")
-    names = regenerate(tmp_path, None)
+    names = regenerate(tmp_path, None, monkeypatch)
     assert names == sorted(set(os.listdir(os.path.join(REPO, "runs", "report"))) - {"report.json", "report.md"})
     assert_same_as_committed(tmp_path, names)
 

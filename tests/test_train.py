@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,17 @@ def test_resume_with_other_settings_is_refused(tiny_cfg):
     train.train(dict(tiny_cfg, max_steps=2))
     with pytest.raises(SystemExit, match=r"other settings: lr=0.001 \(now 0.01\); to start run .* over with the new ones: overwrite=true"):
         train.train(dict(tiny_cfg, max_steps=4, lr=1e-2, resume="auto"))
+
+
+def test_a_run_resumes_after_its_data_folder_moved_but_not_with_other_data(tiny_cfg, tmp_path):
+    """data_dir is compared by its folders' names: ../shared/data/T91 -> data/T91 continues, T91 -> Set5 does not."""
+    train.train(dict(tiny_cfg, max_steps=2, ckpt_every=2))
+    moved = shutil.copytree(tiny_cfg["data_dir"], tmp_path / "elsewhere" / os.path.basename(tiny_cfg["data_dir"]))
+    train.train(dict(tiny_cfg, data_dir=str(moved), max_steps=4, resume="auto"))
+    assert torch.load(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt"), weights_only=True)["step"] == 4
+    other = shutil.copytree(tiny_cfg["data_dir"], tmp_path / "other_set")
+    with pytest.raises(SystemExit, match=r"other settings: data_dir=.*train \(now .*other_set\)"):
+        train.train(dict(tiny_cfg, data_dir=str(other), max_steps=6, resume="auto"))
 
 
 def test_an_existing_run_is_not_overwritten_unless_asked(tiny_cfg):
