@@ -6,13 +6,17 @@ reads, written atomically; finding a run's newest good checkpoint; and the exit 
 Periodic checkpoints (checkpoints/<run>/step<N>.pt) add the optimiser, the data position, the generator
 states and the training config, so a run continues exactly where it stopped.
 """
+import codecs
 import glob
+import json
 import os
 import pickle
 import re
 import sys
+import zipfile
 
 import torch
+from PIL import Image
 
 from models import MODEL_KEYS, build_model
 
@@ -20,7 +24,12 @@ from models import MODEL_KEYS, build_model
 RAW_WEIGHTS = "model_raw.pt"
 # train.py's exit status besides 0 (done) and 1 (bad config, data or checkpoint)
 EXIT_DIVERGED = 3  # non-finite loss: the run stopped; its last good checkpoint is kept
-EXIT_INTERRUPTED = 75  # stopped by a signal after saving a checkpoint: run again with resume=auto (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 75  # stopped by a signal (after saving a checkpoint, or at once on a second Ctrl-C): run again
+#                        with resume=auto (EX_TEMPFAIL)
+# the end of the line that refuses a file of another kind
+WHAT_LOADS = ("only checkpoints that this project's train.py writes load here (torch.save of {'model': state_dict, "
+              "'config': ...}, e.g. checkpoints/RUN/model.pt)")
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own limit on the size of its JSON header
 
 
 class CheckpointError(ValueError):
@@ -58,13 +67,95 @@ def save_checkpoint(path, model, cfg, step, **extra):
     return path
 
 
+def checkpoint_file(path):
+    """The checkpoint file `path` names: a run's folder (checkpoints/<run>) stands for its model.pt, which a note
+    says; a folder without one is refused, naming the files to give instead."""
+    if not os.path.isdir(path):
+        return path
+    final = os.path.join(path, "model.pt")
+    if os.path.isfile(final):
+        print(f"note: {path} is a folder; using its {final}", file=sys.stderr)
+        return final
+    try:
+        inside = sorted(name for name in os.listdir(path) if name.endswith(".pt"))
+    except OSError:
+        inside = []
+    files = f"one of its files ({', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})" if inside else \
+        "a checkpoint file, e.g. checkpoints/RUN/model.pt"
+    raise CheckpointError(f"{path}: is a folder without a model.pt; give {files}")
+
+
+def describe_foreign_file(path):
+    """What a file that torch cannot load is, judged by its bytes: a safetensors file, a zip archive that torch
+    did not write, an image, a JSON or text file, an empty file; None for anything else (a damaged torch file),
+    whose own error is kept."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            if is_safetensors(f, size):
+                return "a safetensors file, a format this project does not read"
+    except OSError:  # unreadable: torch's error says why
+        return None
+    if size == 0:
+        return "an empty file"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if any(name.endswith("data.pkl") for name in names):  # torch's own zip, damaged inside
+            return None
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"a zip archive that torch did not write (holding {listed or 'nothing'})"
+    try:
+        with Image.open(path) as image:
+            return f"an image ({image.format}, {image.width}x{image.height} px)"
+    except Exception:  # Pillow raises many types for files it cannot identify
+        pass
+    try:  # text: UTF-8 without NUL bytes (a character cut at the end of `head` is fine)
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        return None
+    if "\0" in text or not text.strip():
+        return None
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+            return "a JSON file"
+        except ValueError:
+            pass
+    first_line = next(line for line in text.splitlines() if line.strip()).strip()
+    return f"a text file starting {first_line[:60]!r}"
+
+
+def is_safetensors(f, size):
+    """Whether the open file `f` of `size` bytes starts as safetensors files do: the length of a JSON object as 8
+    little-endian bytes, then that object."""
+    f.seek(0)
+    length = int.from_bytes(f.read(8), "little")
+    if not 2 <= length <= min(size - 8, SAFETENSORS_HEADER_LIMIT):
+        return False
+    try:
+        return isinstance(json.loads(f.read(length)), dict)
+    except ValueError:  # not UTF-8 or not JSON
+        return False
+
+
 def load_checkpoint(path):
-    """Read a checkpoint dict safely (weights_only=True never runs pickled code)."""
+    """Read a checkpoint dict safely (weights_only=True never runs pickled code). A run's folder stands for its
+    model.pt; a file of another kind is refused saying what it is."""
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; all mean "not usable"
+        kind = describe_foreign_file(path)
+        if kind:
+            raise CheckpointError(f"{path}: not a checkpoint but {kind}; {WHAT_LOADS}") from None
         text = str(err).strip()
         pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if pickled:
@@ -82,7 +173,9 @@ def load_checkpoint(path):
 
 
 def load_model(path, device="cpu"):
-    """Rebuild the model stored in a checkpoint; returns (model in eval mode, checkpoint dict)."""
+    """Rebuild the model stored in a checkpoint (or a run folder's model.pt); returns (model in eval mode, checkpoint
+    dict)."""
+    path = checkpoint_file(path)
     payload = load_checkpoint(path)
     try:
         model = build_model(payload["config"])
@@ -90,6 +183,28 @@ def load_model(path, device="cpu"):
         raise CheckpointError(f"{path}: incomplete model config ({err})") from None
     load_weights(model, payload["model"], path)
     return model.to(device).eval(), payload
+
+
+def checkpoint_paths(cfg):
+    """The checkpoints cfg["checkpoint"] names (comma-separated), or every model.pt under cfg["ckpt_dir"]."""
+    if cfg["checkpoint"]:
+        return [p for p in cfg["checkpoint"].split(",") if p]
+    return sorted(glob.glob(os.path.join(cfg["ckpt_dir"], "*", "model.pt")))
+
+
+def load_models(cfg, device):
+    """[(path, model, checkpoint dict)] of the checkpoints `cfg` names, each refused unless trained for cfg's scale."""
+    models = [(path, *load_model(path, device)) for path in checkpoint_paths(cfg)]
+    for path, _, payload in models:
+        if payload["config"]["scale"] != cfg["scale"]:
+            raise CheckpointError(f"{path}: trained for scale {payload['config']['scale']}, "
+                                  f"evaluating scale={cfg['scale']}")
+    return models
+
+
+def method_name(payload):
+    """A checkpoint's name in tables and on the comparison page: run, architecture and step."""
+    return f"{payload['run']} ({payload['config']['model']}, step {payload['step']})"
 
 
 def load_weights(model, state_dict, path):

@@ -47,6 +47,8 @@ def list_images(folder):
     if "," in folder:
         return [path for part in folder.split(",") for path in list_images(part)]
     if not os.path.isdir(folder):
+        if os.path.exists(folder):  # e.g. one image given where its folder was meant
+            raise DataError(f"{folder}: is a file, not a folder; a folder of images is wanted here")
         raise DataError(f"{folder}: no such folder")
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
                    and not os.path.isdir(os.path.join(folder, n)))

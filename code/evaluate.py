@@ -8,14 +8,13 @@
 Prints a Markdown table and saves it as <out>.md and <out>.csv.
 """
 import csv
-import glob
 import io
 import os
 import sys
 
 import config
 import system
-from checkpoints import CheckpointError, load_model
+from checkpoints import CheckpointError, load_models, method_name
 from models import tiled_upscaler
 from dataset import DataError, SRDataset, imresize_matlab
 from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
@@ -32,27 +31,6 @@ def write_tables(out, title, rows):
     for path, text in ((out + ".md", markdown_table(title, rows)), (out + ".csv", table.getvalue())):
         system.write_file(path, text)
     return out + ".md", out + ".csv"
-
-
-def checkpoint_paths(cfg):
-    if cfg["checkpoint"]:
-        return [p for p in cfg["checkpoint"].split(",") if p]
-    return sorted(glob.glob(os.path.join(cfg["ckpt_dir"], "*", "model.pt")))
-
-
-def load_models(cfg, device):
-    """[(path, model, checkpoint dict)] of the checkpoints `cfg` names, each refused unless trained for cfg's scale."""
-    models = [(path, *load_model(path, device)) for path in checkpoint_paths(cfg)]
-    for path, _, payload in models:
-        if payload["config"]["scale"] != cfg["scale"]:
-            raise CheckpointError(f"{path}: trained for scale {payload['config']['scale']}, "
-                                  f"evaluating scale={cfg['scale']}")
-    return models
-
-
-def method_name(payload):
-    """A checkpoint's name in tables and on the comparison page: run, architecture and step."""
-    return f"{payload['run']} ({payload['config']['model']}, step {payload['step']})"
 
 
 def main(argv):

@@ -23,8 +23,8 @@ import sys
 
 import torch
 
-import compare
 import config
+import pages
 import plots
 import system
 from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoints
@@ -487,7 +487,7 @@ def comparison_crops(runs, standard, device):
         final_out = plots.upscaled(final.load(device), hr, "bicubic_matlab", SCALE, device)
         bicubic_out = plots.upscaled(matlab_bicubic, hr, "bicubic_matlab", SCALE, device)
         gain_map = ((bicubic_out - hr) ** 2 - (final_out - hr) ** 2).mean(0)
-        window = compare.focus_window(gain_map, COMPARISON_SIDE)
+        window = pages.focus_window(gain_map, COMPARISON_SIDE)
         found.append((set_name, file_name, window["y"], window["x"]))
     return found
 
@@ -817,8 +817,8 @@ def comparison_page(runs, out_dir, device):
               if n in runs and runs[n].checkpoint]
     dataset = SRDataset(os.path.join(DATA_ROOT, COMPARE_SET), scale=SCALE, degradation="bicubic_matlab", train=False)
     title = f"x{SCALE} on {COMPARE_SET}, LR by MATLAB bicubic: the final models of README.pdf"
-    return compare.write_page(os.path.join(out_dir, "compare"), title,
-                              compare.method_images(dataset, models, device, crop=COMPARE_CROP))
+    return pages.write_page(os.path.join(out_dir, "compare"), title,
+                            pages.method_images(dataset, models, device, crop=COMPARE_CROP))
 
 
 def build(cfg, out_dir, device, only=None):

@@ -372,11 +372,12 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:  # Ctrl-C twice: stop now
             self.restore()
             raise StopNow
-        if self.signal is None and signum == signal.SIGINT and self.announce:
+        first_ctrl_c = self.signal is None and signum == signal.SIGINT
+        self.signal = self.signal or signal.Signals(signum).name  # a repeated USR1/TERM changes nothing
+        if first_ctrl_c and self.announce:  # after the flag: a second Ctrl-C may come as soon as this is read
             # os.write: a print here could land inside a write to sys.stderr that this signal interrupted
             os.write(2, b"\nCtrl-C: the run stops with a checkpoint at its next logged step; Ctrl-C again stops it "
                         b"at once\n")
-        self.signal = self.signal or signal.Signals(signum).name  # a repeated USR1/TERM changes nothing
 
     def restore(self):
         for sig, handler in self.previous.items():

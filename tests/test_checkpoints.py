@@ -1,12 +1,16 @@
 """checkpoints.py: the one checkpoint format, safe loading, one-line errors."""
+import json
 import os
 import pickle
+import struct
+import zipfile
 
 import pytest
 import torch
 
 import checkpoints
-from checkpoints import CheckpointError, load_model, save_checkpoint
+from checkpoints import WHAT_LOADS, CheckpointError, load_model, save_checkpoint
+from conftest import photo_crops, write_folder
 from models import build_model
 
 
@@ -44,7 +48,7 @@ def test_foreign_files_are_refused_in_one_line(tmp_path):
         load_model(str(plain))
     text = tmp_path / "text.pt"
     text.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint but a text file starting 'not a checkpoint'"):
         load_model(str(text))
     with pytest.raises(CheckpointError, match="no such file"):
         load_model(str(tmp_path / "missing.pt"))
@@ -74,3 +78,73 @@ def test_a_whole_pickled_model_is_refused_in_one_plain_line(tmp_path):
     message = str(caught.value)
     assert "torch.save(model)" in message and "state_dict()" in message
     assert "\n" not in message and "\x1b" not in message
+
+
+def test_a_run_folder_stands_for_its_model_pt_and_says_so(tmp_path, capsys):
+    run = tmp_path / "final"
+    save_checkpoint(str(run / "model.pt"), build_model(small_cfg()), small_cfg(), step=7)
+    _, payload = load_model(str(run))
+    assert payload["step"] == 7
+    assert capsys.readouterr().err == f"note: {run} is a folder; using its {run / 'model.pt'}\n"
+
+
+def test_a_folder_without_model_pt_is_refused_naming_the_files_to_give(tmp_path):
+    run = tmp_path / "stopped"
+    save_checkpoint(str(run / "step000010.pt"), build_model(small_cfg()), small_cfg(), step=10)
+    with pytest.raises(CheckpointError, match=r"stopped: is a folder without a model.pt; give one of its files "
+                                              r"\(step000010.pt\)$"):
+        load_model(str(run))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty: is a folder without a model.pt; give a checkpoint file, e.g. "):
+        load_model(str(tmp_path / "empty"))
+
+
+def write_text(path, text):
+    path.write_text(text)
+
+
+def write_zip(path, text):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", text)
+
+
+def write_png(path, text):
+    os.replace(os.path.join(write_folder(path.parent / "images", photo_crops(40, 1)), "img00.png"), path)
+
+
+@pytest.mark.parametrize("write, content, kind", [
+    (write_text, "", "an empty file"),
+    (write_text, "lr=1e-4\nsteps=10\n", "a text file starting 'lr=1e-4'"),
+    (write_text, json.dumps({"model": "basic", "channels": 64}), "a JSON file"),
+    (write_zip, "hello", "a zip archive that torch did not write (holding readme.txt)"),
+    (write_png, None, "an image (PNG, 40x40 px)"),
+], ids=["empty", "text", "json", "zip", "png"])
+def test_a_file_of_another_kind_is_named_with_what_loads_instead(tmp_path, write, content, kind):
+    """Instead of torch's own words for a file it cannot read ('Unsupported operand 123' for a JSON)."""
+    path = tmp_path / "model.pt"
+    write(path, content)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(str(path))
+    assert str(caught.value) == f"{path}: not a checkpoint but {kind}; {WHAT_LOADS}"
+
+
+def test_a_safetensors_file_is_refused_in_one_plain_line(tmp_path):
+    """Recognised from its bytes (a JSON header after its length), whatever its name; no 'pip install' advice,
+    which would not make it load."""
+    weights = torch.arange(4, dtype=torch.float32)
+    header = json.dumps({"body.0.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    path = tmp_path / "weights.bin"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + weights.numpy().tobytes())
+    with pytest.raises(CheckpointError) as caught:
+        load_model(str(path))
+    assert str(caught.value) == (f"{path}: not a checkpoint but a safetensors file, a format this project does not "
+                                 f"read; {WHAT_LOADS}")
+
+
+def test_a_truncated_checkpoint_keeps_torchs_reason(tmp_path):
+    """A damaged file of torch's own format is not described as a foreign zip."""
+    path = save_checkpoint(str(tmp_path / "m.pt"), build_model(small_cfg()), small_cfg(), step=1)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(CheckpointError, match=r"m.pt: not a readable checkpoint \(.*zip archive"):
+        load_model(path)

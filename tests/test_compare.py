@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import compare
+import pages
 import evaluate
 import upscale
 from checkpoints import save_checkpoint
@@ -103,13 +104,13 @@ def test_compare_writes_every_method_scored_as_evaluate_does_and_the_same_bytes_
 def test_the_first_view_is_where_the_best_model_gains_most_over_bicubic(tiny_cfg):
     gain = torch.zeros(64, 96)
     gain[40:56, 64:80] = 1.0
-    assert compare.focus_window(gain) == {"x": 64, "y": 40, "size": 16}
+    assert pages.focus_window(gain) == {"x": 64, "y": 40, "size": 16}
 
     class Perfect(torch.nn.Module):  # HR wherever the mask is set, bicubic elsewhere: gains only there
         scale = 2
 
         def forward(self, low_res):
-            bicubic = compare.interpolate(low_res, 2, "bicubic")
+            bicubic = pages.interpolate(low_res, 2, "bicubic")
             mask = torch.zeros_like(bicubic)
             mask[..., 24:40, 8:24] = 1
             return mask * self.high_res + (1 - mask) * bicubic
@@ -117,32 +118,32 @@ def test_the_first_view_is_where_the_best_model_gains_most_over_bicubic(tiny_cfg
     dataset = SRDataset(tiny_cfg["eval_dir"], scale=2, train=False)
     model = Perfect()
     model.high_res = dataset[0][1][None]
-    [entry, _] = compare.method_images(dataset, [("perfect", model)], "cpu")
+    [entry, _] = pages.method_images(dataset, [("perfect", model)], "cpu")
     focus = entry["focus"]
     assert entry["right"] == "perfect" and focus["size"] == 16
     assert abs(focus["x"] - 8) <= 4 and abs(focus["y"] - 24) <= 4
-    cropped = compare.crop_entry(entry, 20, 2)
+    cropped = pages.crop_entry(entry, 20, 2)
     assert [tuple(image.shape[-2:]) for _, image, _ in cropped["methods"]][:3] == [(20, 20), (10, 10), (20, 20)]
     assert 0 <= cropped["focus"]["x"] <= 20 - 16 and cropped["methods"][4][2] == entry["methods"][4][2]
 
 
 def test_a_failure_midway_leaves_the_previous_page_and_no_temporary_folder(tmp_path):
     out = tmp_path / "page"
-    compare.write_page(str(out), "t", synthetic_entries())
+    pages.write_page(str(out), "t", synthetic_entries())
     before = folder_bytes(out)
 
     def failing():
         yield synthetic_entries()[0]
-        raise compare.PageError("broken on the second image")
-    with pytest.raises(compare.PageError, match="broken on the second image"):
-        compare.write_page(str(out), "t", failing())
+        raise pages.PageError("broken on the second image")
+    with pytest.raises(pages.PageError, match="broken on the second image"):
+        pages.write_page(str(out), "t", failing())
     assert folder_bytes(out) == before and leftovers(tmp_path) == []
     mismatched = synthetic_entries()[:1]
     mismatched[0]["methods"].append(("odd", solid(RED, 32, 20), None))
-    with pytest.raises(compare.PageError, match=r"colours.png: 'odd' is 20x32 px, neither 32x32 px"):
-        compare.write_page(str(tmp_path / "new"), "t", mismatched)
-    with pytest.raises(compare.PageError, match="no images to show"):
-        compare.write_page(str(tmp_path / "new"), "t", [])
+    with pytest.raises(pages.PageError, match=r"colours.png: 'odd' is 20x32 px, neither 32x32 px"):
+        pages.write_page(str(tmp_path / "new"), "t", mismatched)
+    with pytest.raises(pages.PageError, match="no images to show"):
+        pages.write_page(str(tmp_path / "new"), "t", [])
     assert sorted(os.listdir(tmp_path)) == ["page"]
 
 
@@ -151,14 +152,14 @@ def test_a_full_disk_while_the_page_is_written_is_one_line_and_keeps_the_previou
     import errno
 
     out = tmp_path / "page"
-    compare.write_page(str(out), "t", synthetic_entries())
+    pages.write_page(str(out), "t", synthetic_entries())
     before = folder_bytes(out)
 
     def full_disk(image, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(compare, "save_png", full_disk)
+    monkeypatch.setattr(pages, "save_png", full_disk)
     with pytest.raises(SystemExit) as stop:
-        compare.write_page(str(out), "t", synthetic_entries())
+        pages.write_page(str(out), "t", synthetic_entries())
     message = str(stop.value.code)
     assert message.startswith(f"error: cannot write {out}: No space left on device") and "\n" not in message
     assert folder_bytes(out) == before and leftovers(tmp_path) == []
@@ -175,7 +176,7 @@ def test_bad_input_is_one_line_and_no_page(case, tiny_cfg, tmp_path):
         eval_dir, expected = tmp_path / "empty", "empty: no image files"
     elif case == "unreadable checkpoint":
         (tmp_path / "bad.pt").write_text("garbage")
-        ckpt, expected = tmp_path / "bad.pt", "bad.pt: not a readable checkpoint"
+        ckpt, expected = tmp_path / "bad.pt", "bad.pt: not a checkpoint but a text file"
     elif case == "other scale":
         ckpt, expected = checkpoint(tiny_cfg, tmp_path, "x4", scale=4), "trained for scale 4, evaluating scale=2"
     elif case == "out is another folder":
@@ -299,7 +300,7 @@ def test_the_slider_shows_the_left_method_left_and_the_right_method_right(page, 
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    compare.write_page(str(tmp_path / "page"), "synthetic", synthetic_entries())
+    pages.write_page(str(tmp_path / "page"), "synthetic", synthetic_entries())
     driver = page(tmp_path / "page")
     image, view = rect(driver, "left-img"), rect(driver, "view")
     y = view["top"] + view["height"] // 2 + 60  # below the line's handle
@@ -338,7 +339,7 @@ def test_zoom_magnifies_pixels_without_smoothing_and_pans_both_sides_together(pa
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    compare.write_page(str(tmp_path / "page"), "synthetic", synthetic_entries())
+    pages.write_page(str(tmp_path / "page"), "synthetic", synthetic_entries())
     driver = page(tmp_path / "page")
     Select(driver.find_element(By.ID, "left")).select_by_index(2)  # checker
     Select(driver.find_element(By.ID, "right")).select_by_index(3)  # the half-size green, magnified the same
@@ -380,7 +381,7 @@ def test_zoom_magnifies_pixels_without_smoothing_and_pans_both_sides_together(pa
 def test_keys_step_through_the_images_and_keep_the_split(page, tmp_path):
     from selenium.webdriver.common.by import By
 
-    compare.write_page(str(tmp_path / "page"), "synthetic", synthetic_entries())
+    pages.write_page(str(tmp_path / "page"), "synthetic", synthetic_entries())
     driver = page(tmp_path / "page")
 
     def shown():

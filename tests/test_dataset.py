@@ -145,6 +145,14 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
         SRDataset(write_folder(tmp_path / "x", photo_crops(40, 1)) + "/img00.png/not-a-folder.png")
 
 
+def test_an_image_given_for_a_folder_is_named_as_a_file(tmp_path):
+    """data_dir=one image instead of its folder: the line says it is a file, not that it does not exist."""
+    image = os.path.join(write_folder(tmp_path / "x", photo_crops(40, 1)), "img00.png")
+    with pytest.raises(DataError) as caught:
+        SRDataset(image)
+    assert str(caught.value) == f"{image}: is a file, not a folder; a folder of images is wanted here"
+
+
 def test_unreadable_image_names_the_file(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("this is text, not a PNG")

@@ -51,7 +51,7 @@ def test_degradation_changes_the_lr_input(tiny_cfg, tmp_path):
 def test_bad_checkpoint_or_folder_stop_with_one_line(tiny_cfg, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("garbage")
-    with pytest.raises(SystemExit, match=r"^error: .*bad.pt: not a readable checkpoint"):
+    with pytest.raises(SystemExit, match=r"^error: .*bad.pt: not a checkpoint but a text file starting 'garbage'"):
         evaluate.main([f"checkpoint={bad}", f"eval_dir={tiny_cfg['eval_dir']}"])
     with pytest.raises(SystemExit, match="no such folder"):
         evaluate.main([f"eval_dir={tmp_path / 'missing'}", f"ckpt_dir={tmp_path}"])

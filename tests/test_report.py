@@ -37,7 +37,7 @@ def test_signed_numbers_never_print_minus_zero():
 def test_the_comparison_crop_is_the_square_with_the_largest_mean_gain():
     gain = torch.zeros(64, 80)
     gain[20:36, 44:60] = 1.0
-    assert report.compare.focus_window(gain, 16) == {"x": 44, "y": 20, "size": 16}
+    assert report.pages.focus_window(gain, 16) == {"x": 44, "y": 20, "size": 16}
 
 
 def test_fill_replaces_every_placeholder_and_refuses_an_unknown_one():

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -289,6 +290,54 @@ def test_scheduler_signals_save_a_checkpoint_and_exit_75(tiny_cfg, signum):
     saved = checkpoints.step_checkpoints(os.path.join(cfg["ckpt_dir"], "tiny"))
     assert [os.path.basename(p) for p in saved] == [f"step{step:06d}.pt"]
     summary = train.train(dict(cfg, max_steps=step + 2, resume="auto"))
+    assert summary["steps"] == step + 2
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_and_resume_auto_continues(tiny_cfg, capsys):
+    """Two real SIGINTs to a training process whose steps after the 10th never end (as a large model's long step
+    would, for the test's purpose), so that the first cannot end the run by itself: the second, sent once the first
+    is acknowledged, stops it at once with one line naming the checkpoint that resume=auto continues from."""
+    cfg = dict(tiny_cfg, max_steps=1000, val_every=5, ckpt_every=5)
+    script = ("import time, train\n"
+              "real_step, steps = train.training_step, []\n"
+              "def endless_after_10(*args, **kwargs):\n"
+              "    steps.append(None)\n"
+              "    while len(steps) > 10:\n"
+              "        time.sleep(1)\n"
+              "    return real_step(*args, **kwargs)\n"
+              "train.training_step = endless_after_10\n"
+              f"train.train({cfg!r})\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=CODE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(300, process.kill)  # a hang fails the asserts below instead of blocking the suite
+    watchdog.start()
+    try:
+        for line in process.stdout:  # validated at step 10, its checkpoint follows
+            if line.startswith("step 10:"):
+                break
+        os.kill(process.pid, signal.SIGINT)
+        err = []
+        for line in process.stderr:  # wait until the first is handled: two at once would count as one
+            err.append(line)
+            if line.startswith("Ctrl-C:"):
+                break
+        os.kill(process.pid, signal.SIGINT)
+        _, rest = process.communicate()
+    finally:
+        watchdog.cancel()
+    err = "".join(err) + rest
+    assert process.returncode == train.EXIT_INTERRUPTED, err
+    assert "Traceback" not in err
+    stopped = [line for line in err.splitlines() if line.startswith("stopped")]
+    assert len(stopped) == 1 and stopped[0].startswith("stopped at once by a second Ctrl-C after step "), err
+    ckpt_dir = os.path.join(cfg["ckpt_dir"], "tiny")
+    newest = checkpoints.step_checkpoints(ckpt_dir)[0]
+    assert stopped[0].endswith(f"; resume=auto continues from {newest}")
+    assert not [name for name in os.listdir(ckpt_dir) if ".tmp" in name]  # nothing half-written
+    step = torch.load(newest, weights_only=True)["step"]
+    capsys.readouterr()
+    summary = train.train(dict(cfg, max_steps=step + 2, resume="auto"))
+    assert f"Resuming run 'tiny' at step {step} from {newest}" in capsys.readouterr().out
     assert summary["steps"] == step + 2
 
 
