@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-requirements.txt
 # the handout's learning rate, so that the demo stays within a few minutes on CPUs without bf16 instructions too.
 DEMO_ARGS ?= run=demo model=residual max_steps=300 batch_size=8 patch_size=32 lr=2e-4 val_every=100 ckpt_every=100
 
-.PHONY: demo test test-slow test-slurm experiments report pdf bench gpu-check venv data data-standard train evaluate tensorboard clean
+.PHONY: demo test test-slow test-slurm experiments report pdf bench onnx gpu-check venv data data-standard train evaluate tensorboard clean
 
 demo: venv
 	$(PY) code/prepare_data.py
@@ -74,6 +74,11 @@ bench: venv data
 # a 4000x3000 upscale. About 5 minutes on one GPU; without one it runs a small CPU version and says so.
 gpu-check: venv data
 	$(PY) code/gpu_check.py $(ARGS)
+
+# The final model as an ONNX file, checked by onnxruntime against PyTorch (code/export.py): final.onnx;
+# another checkpoint: make onnx ARGS="checkpoint=checkpoints/demo/model.pt out=demo.onnx"
+onnx: venv
+	$(PY) code/export.py $(ARGS)
 
 tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs

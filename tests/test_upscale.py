@@ -8,7 +8,7 @@ from PIL import Image
 import upscale
 from conftest import photo_crops
 from checkpoints import load_model, save_checkpoint
-from models import build_model, self_ensemble, upscale_tiled
+from models import OnnxModel, build_model, self_ensemble, upscale_tiled
 
 
 @pytest.fixture
@@ -31,6 +31,38 @@ def test_tiled_output_equals_whole_image_output_when_the_overlap_covers_the_rece
     assert (tiled - whole).abs().max() < 1e-5
     too_small = upscale_tiled(model, low_res, 2, tile=16, margin=1)
     assert (too_small - whole).abs().max() > 1e-3  # the check can fail: without context the seams differ
+
+
+def test_onnxruntime_tiles_equal_the_whole_image_bit_for_bit(model_path):
+    """The model run by onnxruntime computes each output pixel in the same order wherever it lies in the image, so
+    the tiles that upscale.py computes are the whole image's bit for bit (PyTorch's differ by float rounding)."""
+    model, _ = load_model(model_path)
+    runner = OnnxModel(model, threads=2)
+    low_res = torch.from_numpy(photo_crops(45, 1)[0][:, :38]).permute(2, 0, 1)[None].float() / 255
+    whole = runner(low_res)
+    assert whole.shape == (1, 3, 90, 76) and (whole - model(low_res)).abs().max() < 1e-5
+    assert torch.equal(upscale_tiled(runner, low_res, 2, tile=16, margin=runner.receptive_margin()), whole)
+    too_small = upscale_tiled(runner, low_res, 2, tile=16, margin=1)
+    assert (too_small - whole).abs().max() > 1e-3  # the check can fail: without context the seams differ
+
+
+def test_on_a_cpu_onnxruntime_upscales_by_default_within_one_level_of_pytorch(model_path, tmp_path, monkeypatch):
+    tiles = []
+
+    class Counted(OnnxModel):
+        def __call__(self, low_res):
+            tiles.append(low_res.shape)
+            return super().__call__(low_res)
+    monkeypatch.setattr(upscale, "OnnxModel", Counted)
+    Image.fromarray(photo_crops(45, 1)[0]).save(tmp_path / "photo.png")
+    args = [f"checkpoint={model_path}", f"input={tmp_path / 'photo.png'}", "tile=16", "device=cpu"]
+    [onnx_png] = upscale.main([*args, f"output={tmp_path / 'onnx.png'}"])
+    assert len(tiles) == 9  # 3 x 3 tiles, all through onnxruntime
+    [torch_png] = upscale.main([*args, f"output={tmp_path / 'torch.png'}", "onnxruntime=false"])
+    assert len(tiles) == 9  # none: PyTorch ran them
+    onnx_pixels, torch_pixels = (np.asarray(Image.open(path)).astype(int) for path in (onnx_png, torch_png))
+    assert onnx_pixels.shape == (90, 90, 3) and np.abs(onnx_pixels - torch_pixels).max() <= 1
+    assert (onnx_pixels == torch_pixels).mean() > 0.999
 
 
 def test_self_ensemble_of_an_equivariant_function_is_the_function():
@@ -68,7 +100,7 @@ def test_bad_inputs_and_checkpoints_are_one_line_errors(model_path, tmp_path):
         upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'broken.png'}"])
     with pytest.raises(SystemExit, match="no such file or folder"):
         upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'missing.png'}"])
-    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+    with pytest.raises(SystemExit, match="broken.png: not a checkpoint but a text file starting 'not an image'"):
         upscale.main([f"checkpoint={tmp_path / 'broken.png'}", f"input={tmp_path / 'broken.png'}"])
     with pytest.raises(SystemExit, match="give input=IMAGE_OR_FOLDER"):
         upscale.main([])
@@ -158,7 +190,8 @@ def test_every_file_of_the_bad_input_corpus_is_upscaled_or_refused_in_one_line(m
         source = tmp_path / "corpus" / name
         try:
             out = upscale.main([f"checkpoint={model_path}", f"input={source}", f"output={tmp_path / 'out.png'}",
-                                "device=cpu"])[0]
+                                "device=cpu", "onnxruntime=false"])[0]  # the files are the subject, not the engine,
+            # and onnxruntime's export would cost seconds for each of them
         except SystemExit as refused:
             message = str(refused.code)
             assert outcome != "rgb" and "\n" not in message and message.startswith("error: "), (name, message)
