@@ -20,6 +20,7 @@ with resume=auto).
 """
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
@@ -116,6 +117,13 @@ def learning_rate(cfg, step):
         return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
     progress = (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"])
     return cfg["lr_min"] + (cfg["lr"] - cfg["lr_min"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_learning_rate(optimizer, cfg, step):
+    """The scheduled learning rate of training step `step`; a constant one stays as the optimiser was built."""
+    if cfg["lr_schedule"] != "constant":
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
 
 
 def seed_everything(seed):
@@ -219,9 +227,10 @@ def build_networks(cfg, device, memory_format):
     return networks
 
 
-def resume(cfg, networks, state_path, state, device, hardware, print_once):
+def resume(cfg, networks, state_path, state, device, hardware, main_process):
     """Continue from a periodic checkpoint (refusing one made with other settings; a key that an older
     checkpoint lacks counts as its default), or start from `init`'s weights, or from scratch."""
+    print_once = print if main_process else (lambda *args, **kwargs: None)
     try:
         if state is None:
             if cfg["init"]:
@@ -281,6 +290,14 @@ def training_batches(cfg, train_set, samples, rank, world_size, device):
 
 
 # ---- one step ----
+
+def step_function(cfg):
+    """The training step of the run: the pixel-loss step, or for gan=true the GAN's (generator, then discriminator);
+    called as step(model, networks, low_res, high_res, autocast, border=...)."""
+    if cfg["gan"]:
+        return functools.partial(gan_step, kind=cfg["gan_loss"], adv_weight=cfg["adv_weight"])
+    return functools.partial(training_step, kind=cfg["loss"], channels=cfg["loss_channels"])
+
 
 def training_step(model, networks, low_res, high_res, autocast, kind="l1", border=0, channels="rgb"):
     """Forward, loss (the handout's L1, or `kind`, without `border` edge pixels, on `channels`), backward, Adam.
@@ -354,7 +371,7 @@ def discriminator_loss(real_logits, fake_logits, kind):
 
 class StopNow(KeyboardInterrupt):
     """A second Ctrl-C, raised in the middle of whatever runs; a KeyboardInterrupt, so that no `except Exception`
-    on its way catches it. train() ends the run with one line (RunRecords.stop_at_once)."""
+    on its way catches it. train() ends the run with one line (stopped_at_once)."""
 
 
 class StopRequest:
@@ -412,174 +429,154 @@ def preview(model, val_set, device):
     return images
 
 
-class RunRecords:
-    """What a run keeps of its steps, for the loop in train() to call when due: the running means of the logged
-    values (agreed with the other ranks, with whether to stop), TensorBoard and the progress bar, validation,
-    checkpoints, the divergence and signal stops, and the end of the run. Only rank 0 writes."""
-
-    def __init__(self, cfg, networks, progress, val_set, device, world_size, main_process, run_dir, ckpt_dir,
-                 hardware, resumed):
-        self.cfg, self.networks, self.progress, self.val_set, self.device = cfg, networks, progress, val_set, device
-        self.world_size, self.main_process, self.hardware = world_size, main_process, hardware
-        self.run_dir, self.ckpt_dir = run_dir, ckpt_dir
-        # events after the saved step come from the interrupted attempt: TensorBoard drops them
-        self.writer = SummaryWriter(run_dir, purge_step=progress.step + 1 if resumed else None) \
-            if main_process else None
-        self.logged, self.running, self.running_steps = (), None, 0  # names and sums of the values since the last log
-        self.started = self.last_log = time.time()
-        self.stop_request = StopRequest(announce=main_process)
-        self.bar = tqdm(total=cfg["max_steps"], initial=progress.step, unit="step", dynamic_ncols=True,
-                        mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
-
-    def elapsed(self):
-        return self.progress.elapsed + time.time() - self.started
-
-    def account(self, values):
-        """Add the step just taken (`values`: what it logs, by name) to the running means."""
-        if self.running is None:  # the first step names what the run logs
-            self.logged, self.running = tuple(values), torch.zeros(len(values), device=self.device)
-        self.running += torch.stack([values[name] for name in self.logged])
-        self.running_steps += 1
-        self.bar.update(1)
-
-    def means_and_stop(self):
-        """The running means and whether any rank was asked to stop (every rank calls it: see means_across_ranks)."""
-        means, stop_requested = means_across_ranks(self.running, self.running_steps, self.stop_request, self.world_size, self.logged)
-        if not all(math.isfinite(v) for v in means.values()):
-            self.diverged(means)
-        return means, stop_requested
-
-    def log(self, means):
-        """TensorBoard and the progress bar (rank 0), then the running means start again (every rank)."""
-        if self.main_process:
-            now = time.time()
-            for name, value in means.items():
-                self.writer.add_scalar(f"train/{name}", value, self.progress.step)
-            patches = self.running_steps * self.cfg["batch_size"] * self.world_size
-            patches_per_s = patches / max(now - self.last_log, 1e-9)
-            self.bar.set_postfix(loss=f"{means[LOSS_NAME]:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
-            self.last_log = now
-        self.running.zero_()
-        self.running_steps = 0
-
-    def save_model(self, name):
-        """The validated weights as checkpoints/<run>/<name> (model_best.pt, model_<step>.pt)."""
-        save_checkpoint(os.path.join(self.ckpt_dir, name), self.networks.validated, self.cfg, self.progress.step,
-                        val=self.progress.val)
-
-    def stop(self, path):
-        """End the run after a stop request, naming the signal and the checkpoint `path` to resume from."""
-        by = self.stop_request.signal or "a signal to another rank"
-        self.finish(f"stopped by {by} at step {self.progress.step}; checkpoint {path}; continue with resume=auto",
-                    EXIT_INTERRUPTED)
-
-    def stop_at_once(self):
-        """End the run on a second Ctrl-C, wherever it came: the step in progress is dropped, and the checkpoints on
-        disk stay whole (each is written whole or not at all); the line names the one resume=auto continues from."""
-        kept = step_checkpoints(self.ckpt_dir)
-        resume_from = f"resume=auto continues from {kept[0]}" if kept else \
-            "no checkpoint yet, so start it again with overwrite=true"
-        self.finish(f"stopped at once by a second Ctrl-C after step {self.progress.step}; {resume_from}",
-                    EXIT_INTERRUPTED)
-
-    def validate(self):
-        """Validation metrics of the final weights, logged with preview crops; returns whether they are the best."""
-        cfg, progress, model = self.cfg, self.progress, self.networks.validated
-        model.eval()
-        progress.val = evaluate(tiled_upscaler(model), self.val_set, self.device)
-        for name, value in progress.val.items():
-            self.writer.add_scalar(f"val/{name}", value, progress.step)
-        for index, image in enumerate(preview(model, self.val_set, self.device)):
-            self.writer.add_image(f"val/bilinear|prediction|hr/{index}", image, progress.step)
-        self.writer.flush()
-        model.train()
-        if cfg["lr_schedule"] != "constant":
-            self.writer.add_scalar("train/lr", learning_rate(cfg, progress.step - 1), progress.step)
-        improved = progress.val["psnr"] > progress.best_psnr
-        progress.best_psnr = max(progress.best_psnr, progress.val["psnr"])
-        self.bar.write(f"step {progress.step}: val L1 {progress.val[LOSS_NAME]:.4f}, PSNR {progress.val['psnr']:.2f} dB, "
-                       f"SSIM {progress.val['ssim']:.4f}")
-        self.last_log = time.time()  # validation time is not training throughput
-        return improved
-
-    def save_state(self):
-        """A periodic checkpoint to resume from (the newest KEEP_STEP_CHECKPOINTS are kept); returns its path.
-        The logs up to this step are flushed first, so they are on disk before the checkpoint that follows them."""
-        self.writer.flush()
-        progress, networks = self.progress, self.networks
-        path = os.path.join(self.ckpt_dir, f"step{progress.step:06d}.pt")
-        save_checkpoint(path, networks.model, self.cfg, progress.step, train_config=self.cfg, samples=progress.samples,
-                        elapsed=self.elapsed(), best_psnr=progress.best_psnr, val=progress.val,
-                        rng=system.rng_states(self.device), hardware=self.hardware, **networks.state())
-        for old in step_checkpoints(self.ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
-            os.remove(old)
-        return path
-
-    def diverged(self, means):
-        if self.main_process:
-            for name, value in means.items():
-                self.writer.add_scalar(f"train/{name}", value, self.progress.step)
-        kept = step_checkpoints(self.ckpt_dir)
-        bad = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v))
-        loss = bad if self.cfg["gan"] else means[LOSS_NAME]
-        self.finish(f"error: training loss is {loss} at step {self.progress.step} (diverged); lower "
-                    f"lr={self.cfg['lr']}. Last good checkpoint: {kept[0] if kept else 'none yet'}", EXIT_DIVERGED)
-
-    def finish(self, message=None, code=0):
-        """Close the logs, give the signals back, leave the process group; with a code, stop the process."""
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-            if message:
-                print(message, file=sys.stderr)
-        self.stop_request.restore()
-        if self.world_size > 1:
-            dist.destroy_process_group()
-        if code:
-            raise SystemExit(code)
-
-    def failed_write(self, err):
-        """Stop with one line naming the file, the reason and the free space; the newest step checkpoint written
-        before stays, and resume=auto continues from it once there is room."""
-        if self.writer is not None:
-            with contextlib.suppress(OSError):  # TensorBoard's writer raises its own failure again
-                self.writer.close()
-            self.writer = None
-        self.finish()
-        raise SystemExit(system.write_failure(err.filename or self.run_dir, err))
-
-    def summary(self):
-        """The final model.pt, runs/<run>/summary.json and curves.png."""
-        cfg, progress = self.cfg, self.progress
-        final_path = save_checkpoint(os.path.join(self.ckpt_dir, "model.pt"), self.networks.validated, cfg, progress.step,
-                                     val=progress.val)
-        if self.networks.ema is not None:  # the last step's own weights too, to measure what the average adds
-            save_checkpoint(os.path.join(self.ckpt_dir, RAW_WEIGHTS), self.networks.model, cfg, progress.step)
-        summary = {"run": cfg["run"], "steps": progress.step, "samples": progress.samples, "processes": self.world_size,
-                   "wall_time_s": round(self.elapsed(), 1), "hardware": self.hardware, "torch": torch.__version__,
-                   "best_val_psnr": progress.best_psnr, "final_val": progress.val}
-        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        curves = plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
-        print(f" * final model: {final_path}\n * curves: {curves}\n * TensorBoard: tensorboard --logdir {cfg['runs_dir']}")
-        return summary
+def open_logs(cfg, run_dir, progress, resumed, main_process):
+    """TensorBoard's writer (rank 0; None on the others) and the progress bar. At a resume, TensorBoard drops the
+    events that the interrupted attempt logged after the saved step."""
+    writer = SummaryWriter(run_dir, purge_step=progress.step + 1 if resumed else None) if main_process else None
+    bar = tqdm(total=cfg["max_steps"], initial=progress.step, unit="step", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
+    return writer, bar
 
 
-def train(cfg):
+def log_scalars(writer, means, step, lr=None):
+    """The running means of the training values (and the learning rate of a schedule) in TensorBoard."""
+    for name, value in means.items():
+        writer.add_scalar(f"train/{name}", value, step)
+    if lr is not None:
+        writer.add_scalar("train/lr", lr, step)
+
+
+def log_training(writer, bar, means, step, cfg, batches, since):
+    """The training values' running means (and a schedule's learning rate) in TensorBoard, the loss and the
+    throughput of the `batches` (of all ranks) since the time `since` on the progress bar; returns the time now."""
+    now = time.time()
+    log_scalars(writer, means, step, learning_rate(cfg, step - 1) if cfg["lr_schedule"] != "constant" else None)
+    patches_per_s = batches * cfg["batch_size"] / max(now - since, 1e-9)
+    bar.set_postfix(loss=f"{means[LOSS_NAME]:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
+    return now
+
+
+def validate(model, val_set, device, writer, bar, step):
+    """Validation metrics of `model` (the weights saved as model.pt), logged with preview crops and printed."""
+    model.eval()
+    val = evaluate(tiled_upscaler(model), val_set, device)
+    for name, value in val.items():
+        writer.add_scalar(f"val/{name}", value, step)
+    for index, image in enumerate(preview(model, val_set, device)):
+        writer.add_image(f"val/bilinear|prediction|hr/{index}", image, step)
+    writer.flush()
+    model.train()
+    bar.write(f"step {step}: val L1 {val[LOSS_NAME]:.4f}, PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}")
+    return val
+
+
+def save_state(writer, ckpt_dir, cfg, networks, progress, elapsed, device, hardware):
+    """A periodic checkpoint to resume from (the newest KEEP_STEP_CHECKPOINTS are kept); returns its path. The logs
+    up to this step are flushed first, so they are on disk before the checkpoint that follows them."""
+    writer.flush()
+    path = os.path.join(ckpt_dir, f"step{progress.step:06d}.pt")
+    save_checkpoint(path, networks.model, cfg, progress.step, train_config=cfg, samples=progress.samples,
+                    elapsed=elapsed, best_psnr=progress.best_psnr, val=progress.val, rng=system.rng_states(device),
+                    hardware=hardware, **networks.state())
+    for old in step_checkpoints(ckpt_dir)[KEEP_STEP_CHECKPOINTS:]:
+        os.remove(old)
+    return path
+
+
+def save_final(cfg, networks, progress, run_dir, ckpt_dir, world_size, seconds, hardware):
+    """The final model.pt (and beside a moving average, model_raw.pt: the last step's own weights, to measure what
+    the average adds), runs/<run>/summary.json and curves.png; returns the summary. `seconds`: of training in this
+    process."""
+    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), networks.validated, cfg, progress.step,
+                                 val=progress.val)
+    if networks.ema is not None:
+        save_checkpoint(os.path.join(ckpt_dir, RAW_WEIGHTS), networks.model, cfg, progress.step)
+    summary = {"run": cfg["run"], "steps": progress.step, "samples": progress.samples, "processes": world_size,
+               "wall_time_s": round(progress.elapsed + seconds, 1), "hardware": hardware, "torch": torch.__version__, "best_val_psnr": progress.best_psnr, "final_val": progress.val}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    curves = plot_training_curves(run_dir, os.path.join(run_dir, "curves.png"))
+    print(f" * final model: {final_path}\n * curves: {curves}\n * TensorBoard: tensorboard --logdir {cfg['runs_dir']}")
+    return summary
+
+
+def divergence(cfg, means, step, ckpt_dir):
+    """The line of a run whose training values are no longer finite."""
+    kept = step_checkpoints(ckpt_dir)
+    loss = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v)) if cfg["gan"] else means[LOSS_NAME]
+    return (f"error: training loss is {loss} at step {step} (diverged); lower lr={cfg['lr']}. Last good checkpoint: "
+            f"{kept[0] if kept else 'none yet'}")
+
+
+def stopped(stop_request, step, path):
+    """The line of a run stopped by a signal (to this rank or another) at a logged step, after its checkpoint."""
+    by = stop_request.signal or "a signal to another rank"
+    return f"stopped by {by} at step {step}; checkpoint {path}; continue with resume=auto"
+
+
+def stopped_at_once(ckpt_dir, step):
+    """The line of a run stopped by a second Ctrl-C, wherever it came: the step in progress is dropped, and the
+    checkpoints on disk stay whole (each is written whole or not at all)."""
+    kept = step_checkpoints(ckpt_dir)
+    resume_from = f"resume=auto continues from {kept[0]}" if kept else \
+        "no checkpoint yet, so start it again with overwrite=true"
+    return f"stopped at once by a second Ctrl-C after step {step}; {resume_from}"
+
+
+def end_run(writer, bar, stop_request, world_size, message=None, code=0):
+    """Close the logs, give the signals back and leave the process group; with a code, print `message` (rank 0)
+    and stop the process with that exit status."""
+    bar.close()
+    if writer is not None:
+        with contextlib.suppress(OSError):  # after a failed write, TensorBoard's writer raises it again
+            writer.close()
+        if message:
+            print(message, file=sys.stderr)
+    stop_request.restore()
+    if world_size > 1:
+        dist.destroy_process_group()
+    if code:
+        raise SystemExit(code)
+
+
+def start(cfg):
+    """(device, rank, world_size, bf16, hardware) of this process, after the training-only config checks; the
+    device and precision are system.py's choice."""
     try:
         config.validate_training(cfg)
     except config.ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
-    # setup: the device and processes, the data, the folders, the networks, and where the run stands
     system.tune_malloc(cfg)
     system.quiet_writer_threads()
     device, rank, world_size = start_processes(cfg)
-    main_process = rank == 0  # only rank 0 validates, logs and saves
-    print_once = print if main_process else (lambda *args, **kwargs: None)
     bf16 = system.use_bf16(cfg, device)
-    hardware = system.describe(device, bf16)
-    print_once(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else "")
-        + (", bf16 autocast" if bf16 else ""))
+    if rank == 0:
+        print(f"Using {device} device" + (f", {world_size} processes" if world_size > 1 else "")
+              + (", bf16 autocast" if bf16 else ""))
+    return device, rank, world_size, bf16, system.describe(device, bf16)
+
+
+def across_ranks(model, device, world_size):
+    """The model as the training step calls it: with several processes wrapped by DDP, which averages the
+    gradients of the ranks (global batch = batch_size x world_size)."""
+    if world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def save_configs(cfg, run_dir, ckpt_dir, train_set, val_set):
+    """config.json beside the logs and the checkpoints (once resuming has accepted the settings), and what is used."""
+    with system.failed_writes_exit(run_dir):  # a disk already full
+        config.save(cfg, run_dir)
+        config.save(cfg, ckpt_dir)
+    print(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
+          f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
+
+
+def train(cfg):
+    # setup: the device and processes, the data, the folders, the networks, and where the run stands
+    device, rank, world_size, bf16, hardware = start(cfg)
+    main_process = rank == 0  # only rank 0 validates, logs and saves
     run_lock = lock_run(cfg) if main_process else None  # noqa: F841 (held until train() returns)
     seed_everything(cfg["seed"])
     train_set, val_set = load_data(cfg)
@@ -587,61 +584,71 @@ def train(cfg):
     state_path, state = find_state(cfg, run_dir, ckpt_dir, rank, world_size)
     layout = torch.channels_last if system.channels_last_helps(cfg["channels_last"], device) else torch.contiguous_format
     networks = build_networks(cfg, device, layout)
-    progress = resume(cfg, networks, state_path, state, device, hardware, print_once)
-    # DDP averages the gradients of the ranks: global batch = batch_size x world_size
-    model = DistributedDataParallel(networks.model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else networks.model
+    progress = resume(cfg, networks, state_path, state, device, hardware, main_process)
+    model = across_ranks(networks.model, device, world_size)
     if main_process:
-        with system.failed_writes_exit(run_dir):  # a disk already full
-            config.save(cfg, run_dir)
-            config.save(cfg, ckpt_dir)
-    print_once(f" * {len(train_set)} training images in {cfg['data_dir']}, {len(val_set)} validation images in "
-        f"{cfg['eval_dir']}; logs in {run_dir}, checkpoints in {ckpt_dir}")
+        save_configs(cfg, run_dir, ckpt_dir, train_set, val_set)
     batches = training_batches(cfg, train_set, progress.samples, rank, world_size, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    records = RunRecords(cfg, networks, progress, val_set, device, world_size, main_process, run_dir, ckpt_dir,
-                         hardware, resumed=state is not None)
+    take_step = step_function(cfg)
+    writer, bar = open_logs(cfg, run_dir, progress, state is not None, main_process)
+    stop_request = StopRequest(announce=main_process)  # SIGTERM, Ctrl-C: stop at the next logged step
+    names, running, since_log = (), None, 0  # what the steps log, and its sums since the last log
+    started = last_log = time.time()
 
     model.train()
     try:
         while progress.step < cfg["max_steps"]:
             low_res, high_res = (t.to(device, non_blocking=True, memory_format=layout) for t in next(batches))
-            if cfg["lr_schedule"] != "constant":
-                for group in networks.optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, progress.step)
-            if cfg["gan"]:
-                values = gan_step(model, networks, low_res, high_res, autocast, cfg["gan_loss"], cfg["adv_weight"],
-                                  cfg["loss_border"])
-            else:
-                values = training_step(model, networks, low_res, high_res, autocast, cfg["loss"], cfg["loss_border"],
-                                       cfg["loss_channels"])
+            set_learning_rate(networks.optimizer, cfg, progress.step)
+            values = take_step(model, networks, low_res, high_res, autocast, border=cfg["loss_border"])
             if networks.ema is not None:
                 networks.ema.update_parameters(networks.model)
             progress.step += 1
             progress.samples += cfg["batch_size"] * world_size
-            records.account(values)
+            if running is None:  # the first step names what the run logs
+                names, running = tuple(values), torch.zeros(len(values), device=device)
+            running += torch.stack([values[name] for name in names])
+            since_log += 1
+            bar.update(1)
             step, last = progress.step, progress.step == cfg["max_steps"]
             log, check, save = (step % cfg[every] == 0 or last for every in ("log_every", "val_every", "ckpt_every"))
             keep = step == cfg["save_model_at"]
             if not (log or check or save or keep):
                 continue
-            means, stop_requested = records.means_and_stop()  # all ranks take the same decisions; a NaN stops here
-            if log:
-                records.log(means)
-            improved = records.validate() if (check or keep) and main_process else False
-            path = records.save_state() if (save or stop_requested) and main_process else None
+            # the means over the ranks, and whether any was asked to stop: every rank takes the same decisions
+            means, stop_requested = means_across_ranks(running, since_log, stop_request, world_size, names)
+            if not all(math.isfinite(value) for value in means.values()):  # diverged: stop at the last good checkpoint
+                if main_process:
+                    log_scalars(writer, means, step)
+                end_run(writer, bar, stop_request, world_size, divergence(cfg, means, step, ckpt_dir), EXIT_DIVERGED)
+            if log and main_process:
+                last_log = log_training(writer, bar, means, step, cfg, since_log * world_size, last_log)
+            if log:  # the running sums start again, on every rank
+                running, since_log = running.zero_(), 0
+            improved = False
+            if (check or keep) and main_process:
+                progress.val = validate(networks.validated, val_set, device, writer, bar, step)
+                improved = progress.val["psnr"] > progress.best_psnr
+                progress.best_psnr = max(progress.best_psnr, progress.val["psnr"])
+                last_log = time.time()  # validation time is not training throughput
+            path = save_state(writer, ckpt_dir, cfg, networks, progress, progress.elapsed + time.time() - started,
+                              device, hardware) if (save or stop_requested) and main_process else None
             if improved:  # after the resume state, so that a disk filling up here costs this copy, not the run
-                records.save_model("model_best.pt")
+                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), networks.validated, cfg, step, val=progress.val)
             if keep and main_process:
-                records.save_model(f"model_{step:06d}.pt")
+                save_checkpoint(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), networks.validated, cfg, step,
+                                val=progress.val)
             if stop_requested and not last:
-                records.stop(path)
-        records.finish()
-        return records.summary() if main_process else None
+                end_run(writer, bar, stop_request, world_size, stopped(stop_request, step, path), EXIT_INTERRUPTED)
+        end_run(writer, bar, stop_request, world_size)
+        if main_process:  # the final model.pt, summary.json and curves.png
+            return save_final(cfg, networks, progress, run_dir, ckpt_dir, world_size, time.time() - started, hardware)
     except StopNow:
-        records.stop_at_once()
+        end_run(writer, bar, stop_request, world_size, stopped_at_once(ckpt_dir, progress.step), EXIT_INTERRUPTED)
     except OSError as err:  # a full disk or quota: checkpoints, logs, summary
-        records.failed_write(err)
+        end_run(writer, bar, stop_request, world_size)
+        raise SystemExit(system.write_failure(err.filename or run_dir, err)) from None
     finally:  # the DataLoader workers stop now, even where a kept traceback holds this frame (plots, errors)
         del batches
 
