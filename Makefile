@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-requirements.txt
 # the handout's learning rate, so that the demo stays within a few minutes on CPUs without bf16 instructions too.
 DEMO_ARGS ?= run=demo model=residual max_steps=300 batch_size=8 patch_size=32 lr=2e-4 val_every=100 ckpt_every=100
 
-.PHONY: demo test test-slow test-slurm experiments report pdf bench onnx gpu-check venv data data-standard train evaluate tensorboard clean
+.PHONY: demo test test-slow test-manual test-slurm experiments report pdf bench onnx gpu-check venv data data-standard train evaluate tensorboard clean
 
 demo: venv
 	$(PY) code/prepare_data.py
@@ -21,12 +21,17 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+# the end-to-end tests that make test leaves out (a few minutes); CI runs both
 test-slow: venv
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m "slow and not manual"
+
+# the whole committed report regenerated and compared (about an hour), and a real Slurm (installs it; root)
+test-manual: venv
+	$(PY) -m pytest -q -m manual
 
 # A real single-node Slurm on this machine (installs slurm-wlm + munge with apt when missing; needs root).
 test-slurm: venv
-	$(PY) -m pytest -q -m slow tests/test_jobs.py
+	$(PY) -m pytest -q -m manual tests/test_jobs.py
 
 # Reuses an existing venv whose installed requirements equal requirements.txt (compared by content, not time).
 venv: $(STAMP)

@@ -18,10 +18,12 @@ import zipfile
 import torch
 from PIL import Image
 
+import system
 from models import MODEL_KEYS, build_model
 
 # With ema > 0, model.pt holds the moving average and this file, beside it, the last step's own weights.
 RAW_WEIGHTS = "model_raw.pt"
+FINAL_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "final", "model.pt")
 # train.py's exit status besides 0 (done) and 1 (bad config, data or checkpoint)
 EXIT_DIVERGED = 3  # non-finite loss: the run stopped; its last good checkpoint is kept
 EXIT_INTERRUPTED = 75  # stopped by a signal (after saving a checkpoint, or at once on a second Ctrl-C): run again
@@ -40,30 +42,22 @@ def save_checkpoint(path, model, cfg, step, **extra):
     """Write {"model": state_dict, "config": architecture keys, "step": step, **extra} atomically.
 
     Only tensors, numbers and strings go in, so `torch.load(..., weights_only=True)` can read it.
-    A temporary file + os.replace means a crash mid-write never leaves a truncated checkpoint, and a full disk
-    leaves the previous file as it was. A failed write raises OSError naming `path` (torch's own error says
+    Written through system.replaced_whole, so a crash mid-write never leaves a truncated checkpoint, and a full
+    disk leaves the previous file as it was. A failed write raises OSError naming `path` (torch's own error says
     "unexpected pos" and names nothing).
     """
     payload = {"model": model.state_dict(), "config": {k: cfg[k] for k in MODEL_KEYS}, "step": step,
                "run": cfg["run"], **extra}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            try:
-                torch.save(payload, f)
-            except RuntimeError as err:  # the zip writer's "[enforce fail ...] unexpected pos": the OSError behind it
-                if not isinstance(err.__context__, OSError):
-                    raise
-                raise err.__context__ from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise OSError(err.errno, err.strerror, path) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with system.replaced_whole(path) as temporary, open(temporary, "wb") as f:
+        try:
+            torch.save(payload, f)
+        except RuntimeError as err:  # the zip writer's "[enforce fail ...] unexpected pos": the OSError behind it
+            if not isinstance(err.__context__, OSError):
+                raise
+            raise err.__context__ from None
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -183,6 +177,14 @@ def load_model(path, device="cpu"):
         raise CheckpointError(f"{path}: incomplete model config ({err})") from None
     load_weights(model, payload["model"], path)
     return model.to(device).eval(), payload
+
+
+def final_model():
+    """The committed final model, the default of the scripts that use one model (upscale.py, export.py)."""
+    if not os.path.isfile(FINAL_MODEL):
+        raise SystemExit(f"error: {FINAL_MODEL}: no such file yet (it is written when `python code/experiments.py "
+                         "final` has finished); give checkpoint=PATH, e.g. checkpoints/residual_matlab/model.pt")
+    return FINAL_MODEL
 
 
 def checkpoint_paths(cfg):

@@ -22,7 +22,7 @@ from pages import PageError, check_out, method_images, write_page
 
 
 def main(argv):
-    cfg = config.from_argv(argv, ("checkpoint", "ckpt_dir", "eval_dir", "scale", "degradation", "input", "out",
+    cfg = config.from_argv(argv, ("checkpoint", "ckpt_dir", "eval_dir", "scale", "degradation", "reading", "out",
                                   "runs_dir", "compare", "device"))
     device = system.pick_device(cfg["device"])
     eval_name = os.path.basename(os.path.normpath(cfg["eval_dir"]))

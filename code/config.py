@@ -31,7 +31,7 @@ SECTIONS = {
         "source": "",  # a local copy laid out like data_root (<source>/<set>/*.png) instead of the download
         "data_url": "https://raw.githubusercontent.com",  # where the manifest's <repository>/<commit>/<path> are
     },
-    "input": {  # every reader of images
+    "reading": {  # every reader of images
         "bad_files": "error",  # error | skip: what an unreadable or too small image in a data folder does
         "max_pixels": 100_000_000,  # larger images are refused from their header, before decoding (memory)
     },

@@ -275,7 +275,7 @@ def dihedral(images, k):
 
 class FolderImages(collections.abc.Sequence):
     """Checked image files, decoded again each time one is read instead of held: evaluation memory then holds
-    one image at a time whatever the number of images, for a decoding (~20 ms a megapixel) per use.
+    one image at a time whatever the number of images, for a decoding per use.
     `sizes`: the (height, width) of each, as decoded."""
 
     def __init__(self, files, sizes, keep_gray, max_pixels):
@@ -343,7 +343,7 @@ def main(argv):
     """The handout's check: one shuffled mini-batch from a DataLoader, its first pair saved as PNG."""
     import config
 
-    cfg = config.from_argv(argv, ("data", "input", "run", "seed"))
+    cfg = config.from_argv(argv, ("data", "reading", "run", "seed"))
     try:
         train_dataset = SRDataset.from_config(cfg)
     except DataError as err:

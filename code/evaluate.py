@@ -17,7 +17,7 @@ import system
 from checkpoints import CheckpointError, load_models, method_name
 from models import tiled_upscaler
 from dataset import DataError, SRDataset, imresize_matlab
-from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
+from metrics import LOGGED_L1, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
 
 
 def write_tables(out, title, rows):
@@ -26,15 +26,15 @@ def write_tables(out, title, rows):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["method", "psnr_db", "ssim", LOSS_NAME])
-    writer.writerows([name, f"{m['psnr']:.4f}", f"{m['ssim']:.5f}", f"{m[LOSS_NAME]:.5f}"] for name, m in rows)
+    writer.writerow(["method", "psnr_db", "ssim", LOGGED_L1])
+    writer.writerows([name, f"{m['psnr']:.4f}", f"{m['ssim']:.5f}", f"{m[LOGGED_L1]:.5f}"] for name, m in rows)
     for path, text in ((out + ".md", markdown_table(title, rows)), (out + ".csv", table.getvalue())):
         system.write_file(path, text)
     return out + ".md", out + ".csv"
 
 
 def main(argv):
-    cfg = config.from_argv(argv, ("checkpoint", "evaluate", "data", "input", "run", "system"))
+    cfg = config.from_argv(argv, ("checkpoint", "evaluate", "data", "reading", "run", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     system.bound_kernel_cache()
     device = system.pick_device(cfg["device"])

@@ -69,7 +69,7 @@ RUNS = [
     *[(name, [*ABLATION_BASE, *settings, "max_steps=2000", "val_every=250", "ckpt_every=250"])
       for name, settings in ABLATION],
 ]
-TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
 def finished_step(name, settings, overrides):
@@ -101,7 +101,7 @@ def main(argv):
             outcomes.append((name, "done before"))
             continue
         print(f"=== {name}: {' '.join(settings)}", flush=True)
-        command = [sys.executable, TRAIN, f"run={name}", *COMMON, *settings, "resume=auto", *overrides]
+        command = [sys.executable, TRAIN_SCRIPT, f"run={name}", *COMMON, *settings, "resume=auto", *overrides]
         status = subprocess.run(command).returncode
         outcomes.append((name, {0: "trained", EXIT_DIVERGED: "diverged (exit 3)"}.get(status, f"exit {status}")))
         if status == EXIT_INTERRUPTED:

@@ -16,11 +16,10 @@ from skimage import data
 
 import config
 import system
-from checkpoints import CheckpointError, load_model
+from checkpoints import CheckpointError, final_model, load_model
 from models import ONNX_OPSET, onnx_session, run_onnx, to_onnx
 
 # the default checkpoint, as upscale.py's: the final model of README.pdf section 4
-FINAL_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "final", "model.pt")
 # LR sizes (height, width) of the parity check: two different ones, odd sides among them
 CHECK_SIZES = ((97, 131), (128, 75))
 # Largest |onnxruntime - PyTorch| accepted, on outputs in [0, 1]. Both compute in fp32, only in another order of the
@@ -56,10 +55,7 @@ def seconds(run, low_res, rounds=3):
 
 def main(argv):
     cfg = config.from_argv(argv, ("checkpoint", "out"))
-    checkpoint = cfg["checkpoint"] or FINAL_MODEL
-    if not cfg["checkpoint"] and not os.path.isfile(FINAL_MODEL):
-        raise SystemExit(f"error: {FINAL_MODEL}: no such file yet (it is written when `python code/experiments.py "
-                         "final` has finished); give checkpoint=PATH, e.g. checkpoints/residual_matlab/model.pt")
+    checkpoint = cfg["checkpoint"] or final_model()
     out = cfg["out"] or os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) + ".onnx"
     try:
         model, payload = load_model(checkpoint)

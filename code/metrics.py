@@ -9,8 +9,8 @@ from torch import nn
 
 from dataset import MAX_PIXELS, MIN_EVAL_SIZE, crop_to_multiple, degrade, read_folder
 
-# The training loss (the handout's L1) and the name it is logged under (train/l1, val/l1) and plotted by.
-LOSS_NAME = "l1"
+# The tag of the RGB L1 that every run logs whatever its loss (train/l1, val/l1), so that all curves compare.
+LOGGED_L1 = "l1"
 PSNR_CAP = 100.0  # dB: the PSNR of an image identical to its reference (tables count such images)
 
 
@@ -84,7 +84,7 @@ def evaluate(upscale, dataset, device, batch_pixels=512 * 512):
     for index, size in enumerate(dataset.sizes):
         height, width = (side // dataset.scale * dataset.scale for side in size)
         by_shape.setdefault((height, width), []).append(index)
-    totals = {LOSS_NAME: 0.0, "psnr": 0.0, "ssim": 0.0, "sharpness": 0.0, "gmsd": 0.0}
+    totals = {LOGGED_L1: 0.0, "psnr": 0.0, "ssim": 0.0, "sharpness": 0.0, "gmsd": 0.0}
     identical = 0
     for (height, width), indices in by_shape.items():
         batch_size = max(1, batch_pixels // (height * width))
@@ -92,7 +92,7 @@ def evaluate(upscale, dataset, device, batch_pixels=512 * 512):
             pairs = [dataset[index] for index in indices[start:start + batch_size]]
             low_res, high_res = (torch.stack(t).to(device) for t in zip(*pairs))
             prediction = upscale(low_res)
-            totals[LOSS_NAME] += loss_function(prediction, high_res, per_image=True).sum().item()
+            totals[LOGGED_L1] += loss_function(prediction, high_res, per_image=True).sum().item()
             prediction = prediction.clamp(0, 1)
             scores = psnr(prediction, high_res)
             identical += int((scores >= PSNR_CAP - 1e-3).sum())
@@ -119,7 +119,7 @@ def standard_scores(sr, hr, scale):
     sr_y, hr_y = (luma(image)[scale:-scale, scale:-scale] for image in (sr, hr))
     psnr_db = 10 * torch.log10(255 ** 2 / ((sr_y - hr_y) ** 2).mean().clamp_min(255 ** 2 * 10 ** (-PSNR_CAP / 10)))
     ssim_y = pytorch_msssim.ssim(sr_y[None, None].float(), hr_y[None, None].float(), data_range=255)
-    return {LOSS_NAME: (sr_y - hr_y).abs().mean().item() / 255, "psnr": psnr_db.item(), "ssim": ssim_y.item()}
+    return {LOGGED_L1: (sr_y - hr_y).abs().mean().item() / 255, "psnr": psnr_db.item(), "ssim": ssim_y.item()}
 
 
 def standard_set(folder, scale, bad_files="error", max_pixels=MAX_PIXELS, stream=False):
@@ -135,7 +135,7 @@ def evaluate_standard(upscale, images, scale, device):
     LR = MATLAB bicubic imresize of the HR image, rounded to 8 bits; outputs rounded to 8 bits; metrics
     on Y with the border shaved (`standard_scores`). A grayscale image goes through the model as three
     equal channels, and the mean of the output channels is compared with it."""
-    totals, identical = {LOSS_NAME: 0.0, "psnr": 0.0, "ssim": 0.0}, 0
+    totals, identical = {LOGGED_L1: 0.0, "psnr": 0.0, "ssim": 0.0}, 0
     for image in images:
         hr = crop_to_multiple(image, scale).double()
         low_res = degrade(hr / 255, scale, "bicubic_matlab").expand(3, -1, -1)

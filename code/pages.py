@@ -8,7 +8,6 @@ for Set14; other code calls write_page with method_images.
 import html
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -101,13 +100,7 @@ def check_out(out):
     """Before any work: `out` must be new, empty or a page folder (it is replaced whole), and writable."""
     if os.path.lexists(out) and not (os.path.isdir(out) and (not os.listdir(out) or is_page(out))):
         raise PageError(f"{out}: exists and is not a comparison page, which would replace it; choose another folder")
-    probe = f"{out}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        os.mkdir(probe)
-        os.rmdir(probe)
-    except OSError as err:
-        raise PageError(f"{out}: cannot write the page there ({err.strerror or err})") from None
+    system.check_writable(os.path.dirname(os.path.abspath(out)))  # where its temporary folder goes
 
 
 def is_page(folder):
@@ -150,24 +143,14 @@ def write_page(out, title, entries, note=METRICS_NOTE):
     folder `out`; returns the path of its index.html. Entries are consumed one at a time (memory stays that of one
     image), into a temporary folder renamed at the end, so a failure leaves no half-written page."""
     check_out(out)
-    temporary = f"{out}.tmp{os.getpid()}"
-    os.makedirs(os.path.join(temporary, "images"))
-    try:
-        with system.failed_writes_exit(out):  # a disk filling up meanwhile: one line, and the old page stays
-            images = [write_images(temporary, index, entry) for index, entry in enumerate(entries)]
-            if not images:
-                raise PageError(f"{out}: no images to show")
-            with open(os.path.join(temporary, "index.html"), "w", encoding="utf-8") as f:
-                f.write(page_html(title, images, note))
-            if os.path.lexists(out):
-                old = f"{temporary}old"
-                os.rename(out, old)
-                os.rename(temporary, out)
-                shutil.rmtree(old)
-            else:
-                os.rename(temporary, out)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    # a disk filling up meanwhile: one line, and the old page stays
+    with system.failed_writes_exit(out), system.replaced_whole(out) as temporary:
+        os.makedirs(os.path.join(temporary, "images"))
+        images = [write_images(temporary, index, entry) for index, entry in enumerate(entries)]
+        if not images:
+            raise PageError(f"{out}: no images to show")
+        with open(os.path.join(temporary, "index.html"), "w", encoding="utf-8") as f:
+            f.write(page_html(title, images, note))
     return os.path.join(out, "index.html")
 
 

@@ -16,14 +16,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dataset import degrade
-from metrics import LOSS_NAME, psnr, ssim
+from metrics import LOGGED_L1, psnr, ssim
 
 logging.getLogger("tensorboard").addFilter(
     lambda record: not str(record.msg).startswith("Detected out of order event.step"))
 # A panel: (tags drawn in it, title, log y axis)
-PANELS = (((f"train/{LOSS_NAME}",), "train L1 (log scale)", True), ((f"val/{LOSS_NAME}",), "validation L1", True),
+PANELS = (((f"train/{LOGGED_L1}",), "train L1 (log scale)", True), ((f"val/{LOGGED_L1}",), "validation L1", True),
           (("val/psnr",), "validation PSNR (dB)", False), (("val/ssim",), "validation SSIM", False))
-GAN_PANELS = (((f"train/{LOSS_NAME}",), "generator L1 (content, log scale)", True),
+GAN_PANELS = (((f"train/{LOGGED_L1}",), "generator L1 (content, log scale)", True),
               (("train/adv",), "generator adversarial loss", False), (("train/d_loss",), "discriminator loss", False),
               (("train/d_real", "train/d_fake"), "D(real), D(fake)", False), (("val/psnr",), "validation PSNR (dB)", False),
               (("val/ssim",), "validation SSIM", False), (("val/sharpness",), "validation sharpness (1 = HR)", False))

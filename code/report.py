@@ -30,7 +30,7 @@ import system
 from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoints
 from dataset import SRDataset, crop_to_multiple, decode_image, imresize_matlab, save_first_pair, to_float
 from experiments import ABLATION, FINAL_RECIPE, RUNS
-from metrics import LOSS_NAME, evaluate, evaluate_standard, interpolate, standard_set
+from metrics import LOGGED_L1, evaluate, evaluate_standard, interpolate, standard_set
 from models import Discriminator, count_parameters, self_ensemble
 
 DATA_ROOT = config.DATA_ROOT  # the standard sets: `make data-standard` puts them there
@@ -172,7 +172,7 @@ class Run:
         return self.series(tag, max_step)[1][-count:]
 
     def diverged_at(self):
-        steps, values = self.series(f"train/{LOSS_NAME}")
+        steps, values = self.series(f"train/{LOGGED_L1}")
         return steps[-1] if values and not math.isfinite(values[-1]) else None
 
     def load(self, device):
@@ -356,7 +356,7 @@ def sweep_runs(runs):
 
 def train_loss_mean(run, first_step, last_step):
     """Mean of the logged training L1 between two steps, or None where it is not finite."""
-    steps, values = run.series(f"train/{LOSS_NAME}", last_step)
+    steps, values = run.series(f"train/{LOGGED_L1}", last_step)
     window = [v for s, v in zip(steps, values) if s > first_step]
     return statistics.fmean(window) if window and all(math.isfinite(v) for v in window) else None
 
@@ -604,7 +604,7 @@ def learning_rates(out, runs, scores):
                "(lr 1e-2 peaks far above); dashed: bicubic upsampling",
                lambda path: plots.plot_curves(curves, path, [plots.PANELS[0], *plots.PANELS[2:]],
                                               references=bicubic_reference(scores),
-                                              y_limits={f"train/{LOSS_NAME}": (0.01, 0.3)}))
+                                              y_limits={f"train/{LOGGED_L1}": (0.01, 0.3)}))
     out.table("sweep", lambda: sweep_table(runs))
     if out.want("sweep"):
         sweep_values(out, sweep, baseline, runs)
@@ -626,7 +626,7 @@ def sweep_values(out, sweep, baseline, runs):
                            "lr_gap": f"{means['baseline'] - means['lr_1e-3']:.2f}"})
     if "lr_1e-2" in runs:
         out.values["lr_1e-2"] = pm(runs["lr_1e-2"].last(max_step=5000))
-        out.values["lr_1e-2_peak_loss"] = f"{max(runs['lr_1e-2'].series(f'train/{LOSS_NAME}')[1]):.0f}"
+        out.values["lr_1e-2_peak_loss"] = f"{max(runs['lr_1e-2'].series(f'train/{LOGGED_L1}')[1]):.0f}"
     if "lr_1e-6" in runs:
         out.values["lr_1e-6"] = pm(runs["lr_1e-6"].last(max_step=5000))
     if "lr_1e-5" in runs:

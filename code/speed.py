@@ -15,7 +15,7 @@ from models import build_model
 from train import Networks, training_step
 
 WARMUP = 3
-TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
 def training_flops(model, batch_size, patch_size):
@@ -87,7 +87,7 @@ def training_command(cfg, folder, run, steps, **changes):
     settings = dict(run=run, runs_dir=folder, ckpt_dir=folder, model="residual", max_steps=steps, val_every=steps,
                     ckpt_every=max(1, steps // 4), log_every=max(1, steps // 20), resume="auto", **changes)
     keys = ("data_dir", "eval_dir", "device", "channels", "num_blocks", "batch_size", "patch_size", "seed")
-    return [sys.executable, TRAIN, *(f"{k}={cfg[k]}" for k in keys), *(f"{k}={v}" for k, v in settings.items())]
+    return [sys.executable, TRAIN_SCRIPT, *(f"{k}={cfg[k]}" for k in keys), *(f"{k}={v}" for k, v in settings.items())]
 
 
 def short_training(cfg, folder, run, steps, **changes):

@@ -172,9 +172,9 @@ def with_memory_returned(upscale):
 
 def bound_kernel_cache(capacity=16):
     """oneDNN keeps a compiled convolution for every input shape it has seen (1024 by default), each with buffers
-    of its size: evaluating photos of many sizes (SSIM's filters on each, the model on its edge tiles) grew by
-    ~10 MB an image (100 photos of 564x1024 to 1280x960: +1 GB). Whole-image scripts keep the `capacity` most
-    recent, enough for the tiles of one size. Results are unchanged. Before the first convolution."""
+    of its size, so evaluating photos of many sizes grows with their number (README, Performance). Whole-image
+    scripts keep the `capacity` most recent, enough for the tiles of one size. Results are unchanged. Call it before
+    the first convolution."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
@@ -253,21 +253,36 @@ def write_failure(path, err):
     return f"error: cannot write {path}: {reason} ({free})"
 
 
-def write_file(path, content):
-    """Write `content` (str or bytes) to `path` whole or not at all (a temporary file beside it, then os.replace):
-    a disk that fills meanwhile keeps the previous file and leaves no partial one, and ends in write_failure's line
-    naming `path`."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+@contextlib.contextmanager
+def replaced_whole(path):
+    """The one way outputs are written whole or not at all: yields a temporary path beside `path` for the block to
+    write (a file or a folder), which then replaces `path` by renaming. A crash or a full disk meanwhile keeps the
+    previous `path` as it was and leaves no partial one; an OSError on the way names `path`."""
+    temporary = f"{path}.tmp{os.getpid()}"
     try:
-        binary = isinstance(content, bytes)
-        with open(temporary, "wb" if binary else "w", newline=None if binary else "") as f:
-            f.write(content)
-        os.replace(temporary, path)
+        yield temporary
+        if os.path.isdir(temporary) and os.path.lexists(path):  # a folder cannot replace one in a single rename
+            os.rename(path, f"{temporary}old")
+            os.rename(temporary, path)
+            shutil.rmtree(f"{temporary}old")
+        else:
+            os.replace(temporary, path)
     except OSError as err:
-        raise SystemExit(write_failure(path, err)) from None
+        raise OSError(err.errno, err.strerror, path) from None
     finally:
+        if os.path.isdir(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.remove(temporary)
+
+
+def write_file(path, content):
+    """Write `content` (str or bytes) to `path` whole or not at all (replaced_whole); a failure ends the script in
+    write_failure's line naming `path`."""
+    binary = isinstance(content, bytes)
+    with failed_writes_exit(path), replaced_whole(path) as temporary:
+        with open(temporary, "wb" if binary else "w", newline=None if binary else "") as f:
+            f.write(content)
 
 
 @contextlib.contextmanager
@@ -290,6 +305,23 @@ def check_writable(folder):
             pass
     except OSError as err:  # named after the folder, not the probe's random name
         raise SystemExit(write_failure(folder, err)) from None
+
+
+class LinesOnly:
+    """A file for a progress bar writing into a log (not a terminal): each state of the bar on a line of its own
+    and a message printed through the bar (tqdm.write) on its own line, where the bar's carriage returns would put
+    them all on one line."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, text):
+        for part in text.split("\r"):
+            if part.strip():
+                self.file.write(part.rstrip() + "\n")
+
+    def flush(self):
+        self.file.flush()
 
 
 def quiet_writer_threads():

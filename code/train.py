@@ -50,7 +50,7 @@ from batches import DeviceBatches, TrainSampler
 from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, RAW_WEIGHTS, CheckpointError, load_model, load_weights, \
     newest_good_state, save_checkpoint, step_checkpoints
 from dataset import DataError, SRDataset
-from metrics import LOSS_NAME, evaluate, interpolate, loss_function
+from metrics import LOGGED_L1, evaluate, interpolate, loss_function
 from models import MODEL_KEYS, Discriminator, tiled_upscaler, build_model
 from plots import plot_training_curves
 
@@ -74,7 +74,7 @@ class Networks:
     d_optimizer: torch.optim.Optimizer = None
 
     @property
-    def validated(self):
+    def ema_or_model(self):
         """The weights that are validated and saved as model.pt: the moving average where there is one."""
         return self.ema.module if self.ema is not None else self.model
 
@@ -310,9 +310,9 @@ def training_step(model, networks, low_res, high_res, autocast, kind="l1", borde
     loss.backward()
     networks.optimizer.step()
     if kind == "l1" and channels == "rgb":
-        return {LOSS_NAME: loss.detach()}
+        return {LOGGED_L1: loss.detach()}
     with torch.no_grad(), autocast:
-        return {LOSS_NAME: loss_function(prediction, high_res, "l1", border)}
+        return {LOGGED_L1: loss_function(prediction, high_res, "l1", border)}
 
 
 def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight, border=0):
@@ -341,7 +341,7 @@ def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight, bor
     networks.d_optimizer.step()
     if kind == "relativistic":  # what D's loss reads: how much more real than the average of the other side
         real_logits, fake_logits = relativistic(real_logits, fake_logits)
-    values = {LOSS_NAME: loss, "adv": adversarial, "d_loss": d_loss, "d_real": torch.sigmoid(real_logits).mean(),
+    values = {LOGGED_L1: loss, "adv": adversarial, "d_loss": d_loss, "d_real": torch.sigmoid(real_logits).mean(),
               "d_fake": torch.sigmoid(fake_logits).mean()}
     return {name: value.detach() for name, value in values.items()}
 
@@ -433,8 +433,9 @@ def open_logs(cfg, run_dir, progress, resumed, main_process):
     """TensorBoard's writer (rank 0; None on the others) and the progress bar. At a resume, TensorBoard drops the
     events that the interrupted attempt logged after the saved step."""
     writer = SummaryWriter(run_dir, purge_step=progress.step + 1 if resumed else None) if main_process else None
-    bar = tqdm(total=cfg["max_steps"], initial=progress.step, unit="step", dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not main_process)
+    terminal = sys.stderr.isatty()
+    bar = tqdm(total=cfg["max_steps"], initial=progress.step, unit="step", dynamic_ncols=True, disable=not main_process,
+               mininterval=1.0 if terminal else 30.0, file=sys.stderr if terminal else system.LinesOnly(sys.stderr))
     return writer, bar
 
 
@@ -452,7 +453,7 @@ def log_training(writer, bar, means, step, cfg, batches, since):
     now = time.time()
     log_scalars(writer, means, step, learning_rate(cfg, step - 1) if cfg["lr_schedule"] != "constant" else None)
     patches_per_s = batches * cfg["batch_size"] / max(now - since, 1e-9)
-    bar.set_postfix(loss=f"{means[LOSS_NAME]:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
+    bar.set_postfix(loss=f"{means[LOGGED_L1]:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
     return now
 
 
@@ -466,7 +467,7 @@ def validate(model, val_set, device, writer, bar, step):
         writer.add_image(f"val/bilinear|prediction|hr/{index}", image, step)
     writer.flush()
     model.train()
-    bar.write(f"step {step}: val L1 {val[LOSS_NAME]:.4f}, PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}")
+    bar.write(f"step {step}: val L1 {val[LOGGED_L1]:.4f}, PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}")
     return val
 
 
@@ -487,7 +488,7 @@ def save_final(cfg, networks, progress, run_dir, ckpt_dir, world_size, seconds, 
     """The final model.pt (and beside a moving average, model_raw.pt: the last step's own weights, to measure what
     the average adds), runs/<run>/summary.json and curves.png; returns the summary. `seconds`: of training in this
     process."""
-    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), networks.validated, cfg, progress.step,
+    final_path = save_checkpoint(os.path.join(ckpt_dir, "model.pt"), networks.ema_or_model, cfg, progress.step,
                                  val=progress.val)
     if networks.ema is not None:
         save_checkpoint(os.path.join(ckpt_dir, RAW_WEIGHTS), networks.model, cfg, progress.step)
@@ -503,7 +504,7 @@ def save_final(cfg, networks, progress, run_dir, ckpt_dir, world_size, seconds, 
 def divergence(cfg, means, step, ckpt_dir):
     """The line of a run whose training values are no longer finite."""
     kept = step_checkpoints(ckpt_dir)
-    loss = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v)) if cfg["gan"] else means[LOSS_NAME]
+    loss = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v)) if cfg["gan"] else means[LOGGED_L1]
     return (f"error: training loss is {loss} at step {step} (diverged); lower lr={cfg['lr']}. Last good checkpoint: "
             f"{kept[0] if kept else 'none yet'}")
 
@@ -612,9 +613,10 @@ def train(cfg):
             since_log += 1
             bar.update(1)
             step, last = progress.step, progress.step == cfg["max_steps"]
-            log, check, save = (step % cfg[every] == 0 or last for every in ("log_every", "val_every", "ckpt_every"))
-            keep = step == cfg["save_model_at"]
-            if not (log or check or save or keep):
+            log_now, validate_now, checkpoint_now = (step % cfg[every] == 0 or last
+                                                     for every in ("log_every", "val_every", "ckpt_every"))
+            keep_now = step == cfg["save_model_at"]  # model_<step>.pt, validated
+            if not (log_now or validate_now or checkpoint_now or keep_now):
                 continue
             # the means over the ranks, and whether any was asked to stop: every rank takes the same decisions
             means, stop_requested = means_across_ranks(running, since_log, stop_request, world_size, names)
@@ -622,22 +624,22 @@ def train(cfg):
                 if main_process:
                     log_scalars(writer, means, step)
                 end_run(writer, bar, stop_request, world_size, divergence(cfg, means, step, ckpt_dir), EXIT_DIVERGED)
-            if log and main_process:
+            if log_now and main_process:
                 last_log = log_training(writer, bar, means, step, cfg, since_log * world_size, last_log)
-            if log:  # the running sums start again, on every rank
+            if log_now:  # the running sums start again, on every rank
                 running, since_log = running.zero_(), 0
             improved = False
-            if (check or keep) and main_process:
-                progress.val = validate(networks.validated, val_set, device, writer, bar, step)
+            if (validate_now or keep_now) and main_process:
+                progress.val = validate(networks.ema_or_model, val_set, device, writer, bar, step)
                 improved = progress.val["psnr"] > progress.best_psnr
                 progress.best_psnr = max(progress.best_psnr, progress.val["psnr"])
                 last_log = time.time()  # validation time is not training throughput
             path = save_state(writer, ckpt_dir, cfg, networks, progress, progress.elapsed + time.time() - started,
-                              device, hardware) if (save or stop_requested) and main_process else None
+                              device, hardware) if (checkpoint_now or stop_requested) and main_process else None
             if improved:  # after the resume state, so that a disk filling up here costs this copy, not the run
-                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), networks.validated, cfg, step, val=progress.val)
-            if keep and main_process:
-                save_checkpoint(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), networks.validated, cfg, step,
+                save_checkpoint(os.path.join(ckpt_dir, "model_best.pt"), networks.ema_or_model, cfg, step, val=progress.val)
+            if keep_now and main_process:
+                save_checkpoint(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), networks.ema_or_model, cfg, step,
                                 val=progress.val)
             if stop_requested and not last:
                 end_run(writer, bar, stop_request, world_size, stopped(stop_request, step, path), EXIT_INTERRUPTED)
@@ -654,4 +656,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(config.from_argv(sys.argv[1:], ("run", "data", "input", "model", "training", "gan", "system")))
+    train(config.from_argv(sys.argv[1:], ("run", "data", "reading", "model", "training", "gan", "system")))

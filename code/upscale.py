@@ -1,4 +1,4 @@
-"""Upscale your own images x2 with a trained checkpoint; by default the final model (FINAL_MODEL).
+"""Upscale your own images x2 with a trained checkpoint; by default the final model (checkpoints.FINAL_MODEL).
 
     python code/upscale.py input=photo.jpg                  # photo_x2.png, with checkpoints/final/model.pt
     python code/upscale.py checkpoint=checkpoints/residual/model.pt input=photo.jpg output=photo_x2.png
@@ -25,11 +25,10 @@ import config
 import pages
 import system
 from dataset import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, decode_image, list_images, open_image
-from checkpoints import CheckpointError, load_model
+from checkpoints import CheckpointError, final_model, load_model
 from models import OnnxModel, self_ensemble, upscale_tiled
 
 # the default checkpoint: the final model of README.pdf section 4, wherever the script is started from
-FINAL_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "final", "model.pt")
 
 
 def read_extras(path, scale, max_pixels):
@@ -46,9 +45,9 @@ def read_extras(path, scale, max_pixels):
     return torch.from_numpy(alpha.copy())[None].float() / 255, options
 
 
-# What max_pixels let upscale.py hold before it kept its output in 8 bits, per pixel of a max_pixels input at x2:
-# the 8-bit input and its float copy, the float output and its 8-bit copy (3 + 12 + 48 + 12 bytes). The limit
-# below keeps that budget (7.5 GB at the default) for what it holds now, about 31 bytes an input pixel.
+# The bytes upscale.py may hold per pixel of a max_pixels input at x2 (7.5 GB at the default max_pixels): the
+# 8-bit input and its float copy, a float output and its 8-bit copy (3 + 12 + 48 + 12). Holding its output in 8
+# bits, it needs about 31 bytes an input pixel, so images up to ~2.4x max_pixels fit the budget.
 BUDGET_BYTES_PER_MAX_PIXEL = 75
 
 
@@ -118,16 +117,13 @@ def plan(input_path, output):
 
 
 def main(argv):
-    cfg = config.from_argv(argv, ("checkpoint", "upscale", "input", "system"))
+    cfg = config.from_argv(argv, ("checkpoint", "upscale", "reading", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     system.bound_kernel_cache()
     device = system.pick_device(cfg["device"])
     if not cfg["input"]:
         raise SystemExit("error: give input=IMAGE_OR_FOLDER (and optionally output=PATH, checkpoint=PATH)")
-    checkpoint = cfg["checkpoint"] or FINAL_MODEL
-    if not cfg["checkpoint"] and not os.path.isfile(FINAL_MODEL):
-        raise SystemExit(f"error: {FINAL_MODEL}: no such file yet (it is written when `python code/experiments.py "
-                         "final` has finished); give checkpoint=PATH, e.g. checkpoints/residual_matlab/model.pt")
+    checkpoint = cfg["checkpoint"] or final_model()
     try:
         model, payload = load_model(checkpoint, device)
         if cfg["onnxruntime"] and device.type == "cpu":  # measured faster on an AVX2 CPU (README, Performance)

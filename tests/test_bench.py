@@ -15,6 +15,7 @@ def test_training_flops_match_the_count_by_hand():
     assert expected / 16 == pytest.approx(9.13e9, rel=0.01)  # the ~9.3 GFLOP per patch of the issue
 
 
+@pytest.mark.slow
 def test_bench_runs_every_measurement(tiny_cfg, capsys, monkeypatch):
     monkeypatch.setattr(bench, "BF16_CHECK_STEPS", 2)
     args = [f"data_dir={tiny_cfg['data_dir']}", f"eval_dir={tiny_cfg['eval_dir']}", "num_blocks=1", "channels=8",

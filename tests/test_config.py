@@ -69,7 +69,7 @@ def test_from_argv_exits_with_the_message(capsys):
 
 def test_a_key_of_another_script_is_refused_with_the_scripts_own_keys():
     with pytest.raises(SystemExit) as exit_:
-        config.from_argv(["input=a.png", "out=b"], ("checkpoint", "upscale", "input", "system"))  # upscale.py
+        config.from_argv(["input=a.png", "out=b"], ("checkpoint", "upscale", "reading", "system"))  # upscale.py
     message = str(exit_.value)
     assert message.startswith("config error: out= is not a setting of this script (did you mean output=?); its keys:")
     assert "tile" in message and "protocol" not in message and "\n" not in message

@@ -70,6 +70,7 @@ def test_standard_protocol_table_rows(tiny_cfg, tmp_path):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["rgb", "standard"])
 def test_a_decompression_bomb_gives_one_line_and_little_memory_or_is_skipped(tiny_cfg, tmp_path, protocol):
     import shutil
@@ -168,6 +169,7 @@ def test_a_disk_that_fills_while_the_tables_are_written_is_one_line_and_keeps_th
             unmount(folder)
 
 
+@pytest.mark.slow
 def test_streamed_evaluation_memory_does_not_grow_with_the_number_of_photos(tmp_path):
     """40 photos of 40 sizes from 1024x768 to 712x612, baselines only: streamed (one image decoded at a time) and
     with oneDNN's cache of per-shape convolutions bounded, the process stays near its imports (1.02 GB measured);

@@ -14,6 +14,7 @@ def test_runs_share_settings_and_names_are_unique():
     assert steps["baseline"] == steps["residual"]
 
 
+@pytest.mark.slow
 def test_runner_trains_missing_runs_skips_finished_ones_and_goes_on_after_a_divergence(tiny_cfg, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "COMMON", [f"data_dir={tiny_cfg['data_dir']}", f"eval_dir={tiny_cfg['eval_dir']}",
                                                 "val_every=2", "ckpt_every=2"])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import export
+import checkpoints
 from checkpoints import load_model, save_checkpoint
 from models import ONNX_OPSET, build_model, onnx_session, run_onnx, to_onnx
 
@@ -107,7 +108,7 @@ def test_an_unwritable_out_stops_before_the_work_in_one_line(checkpoint, read_on
 
 def test_the_default_is_the_final_model_written_as_final_onnx(tmp_path, monkeypatch, tiny_cfg):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(export, "FINAL_MODEL", str(tmp_path / "final" / "model.pt"))
+    monkeypatch.setattr(checkpoints, "FINAL_MODEL", str(tmp_path / "final" / "model.pt"))
     with pytest.raises(SystemExit, match=r"final/model.pt: no such file yet \(it is written when"):
         export.main([])
     save_checkpoint(str(tmp_path / "final" / "model.pt"), build_model(tiny_cfg), tiny_cfg, step=1)

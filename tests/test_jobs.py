@@ -10,6 +10,8 @@ import pytest
 
 from conftest import CODE
 
+pytestmark = pytest.mark.slow  # each test runs the job scripts' shells and trainings: make test-slow (CI)
+
 ROOT = os.path.dirname(CODE)
 JOBS = sorted(glob.glob(os.path.join(ROOT, "jobs", "*.sbatch")) + glob.glob(os.path.join(ROOT, "jobs", "*.bsub")))
 
@@ -129,7 +131,7 @@ def wait_for(condition, seconds):
     return False
 
 
-@pytest.mark.slow
+@pytest.mark.manual
 def test_real_local_slurm_runs_the_job_and_requeues_it_after_usr1(tiny_cfg, tmp_path):
     """Starts slurmctld + slurmd on localhost, submits jobs/train.sbatch twice: once straight through, once
     signalled with USR1 mid-run, which must checkpoint, requeue itself and finish."""

@@ -254,6 +254,7 @@ def test_the_pinned_manifest_matches_the_local_standard_sets(tmp_path):
     assert len(files_under(tmp_path / "data")) == 410
 
 
+@pytest.mark.slow
 def test_the_standard_sets_through_http_as_their_pinned_urls_serve_them(tmp_path):
     """The real manifest over a local HTTP server laid out like raw.githubusercontent.com, serving each pinned
     source's bytes (T91's BMPs rebuilt from the PNGs here: 24-bit, no resolution, as the sources are)."""

@@ -100,6 +100,7 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
     return config.parse_overrides(where)
 
 
+@pytest.mark.slow
 def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(tiny_experiments, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     blocks, values = report.build(tiny_experiments, str(first), torch.device("cpu"))
@@ -245,7 +246,7 @@ def test_committed_plots_and_tables_are_reproduced_from_the_committed_checkpoint
     assert_same_as_committed(tmp_path, names)
 
 
-@pytest.mark.slow
+@pytest.mark.manual
 def test_the_whole_committed_report_is_reproduced(tmp_path, monkeypatch):
     shared_folder("BSD68")
     names = regenerate(tmp_path, None, monkeypatch)

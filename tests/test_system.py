@@ -209,3 +209,19 @@ def test_without_glibc_the_upscaler_is_left_as_it_is(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", no_libc)
     upscale = lambda low_res: low_res  # noqa: E731
     assert system.with_memory_returned(upscale) is upscale
+
+
+def test_a_progress_bar_in_a_log_puts_each_state_and_each_message_on_its_own_line():
+    import io
+
+    from tqdm import tqdm
+
+    log = io.StringIO()
+    bar = tqdm(total=3, file=system.LinesOnly(log), mininterval=0, ascii=True)
+    bar.update(1)
+    bar.write("step 1: val L1 0.0208, PSNR 27.87 dB", file=bar.fp)
+    bar.update(2)
+    bar.close()
+    lines = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and "step 1: val L1 0.0208, PSNR 27.87 dB" in lines
+    assert [line for line in lines if "|" in line][-1].startswith("100%|") and all(line.strip() for line in lines[:-1])

@@ -211,6 +211,7 @@ def cli_args(cfg, **changes):
     return [sys.executable, os.path.join(CODE, "train.py"), *(f"{k}={cfg[k]}" for k in keys)]
 
 
+@pytest.mark.slow
 def test_a_second_process_for_the_same_run_stops_at_once_naming_the_holder(tiny_cfg):
     """Two real processes: one holds the run (as a training does), the second training of that run refuses in one
     line and writes nothing; once the holder is killed (-9, no clean-up), the run starts: the lock went with it."""
@@ -248,6 +249,7 @@ def test_the_resume_state_is_written_before_the_best_model(tiny_cfg, monkeypatch
     assert written.index("step000005.pt") < written.index("model_best.pt")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_cfg):
     """The process is killed without warning at whatever step it has reached after its step-20 checkpoint."""
     cfg = dict(tiny_cfg, channels=32, num_blocks=3, patch_size=64, max_steps=40, ckpt_every=5, val_every=20,
@@ -272,6 +274,7 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_cfg):
     assert [e.step for e in events.Scalars("train/l1")] == list(range(1, 41))  # none missing, none twice
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_scheduler_signals_save_a_checkpoint_and_exit_75(tiny_cfg, signum):
     cfg = dict(tiny_cfg, channels=32, num_blocks=3, patch_size=64, max_steps=100000, ckpt_every=100000,
@@ -354,6 +357,7 @@ def test_a_too_high_learning_rate_diverges_cleanly(tiny_cfg, capsys):
         assert all(torch.isfinite(w).all() for w in weights.values()), path
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process_on_the_concatenated_batch(tiny_cfg):
     """DDP with gloo on CPU: rank r trains on the r-th half of each global batch; the averaged gradients
     then equal those of one process on the whole batch, so the weights agree within float tolerance."""
@@ -375,6 +379,7 @@ def test_torchrun_two_processes_equal_one_process_on_the_concatenated_batch(tiny
     assert summary["processes"] == 2 and summary["samples"] == 4 * 4
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_continues_the_sample_stream(tiny_cfg):
     cfg = dict(tiny_cfg, max_steps=2, val_every=2, ckpt_every=2)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -509,6 +514,7 @@ def test_a_scheduled_run_cannot_be_extended_silently(tiny_cfg):
     assert train.train(dict(tiny_cfg, run="constant", max_steps=14, resume="auto"))["steps"] == 14
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_in_the_data_folder_gives_one_line_and_little_memory(tiny_cfg, tmp_path):
     import shutil
 
@@ -524,6 +530,7 @@ def test_a_decompression_bomb_in_the_data_folder_gives_one_line_and_little_memor
     assert peak_mb < 1500
 
 
+@pytest.mark.slow
 def test_a_read_only_runs_or_checkpoint_folder_stops_before_the_work_in_one_line(tiny_cfg, read_only_dir):
     from conftest import run_or_call
 
@@ -535,6 +542,7 @@ def test_a_read_only_runs_or_checkpoint_folder_stops_before_the_work_in_one_line
         assert "Read-only file system (" in err and " MB free on " in err
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_up_stops_in_one_line_and_resume_continues_after_freeing_space(tiny_cfg, tmp_path,
                                                                                          monkeypatch):
     """A 2.5 MB tmpfs, filled so that the step-5 checkpoint and model_best.pt fit and step 10 does not (where root

@@ -7,6 +7,7 @@ from PIL import Image
 
 import upscale
 from conftest import photo_crops
+import checkpoints
 from checkpoints import load_model, save_checkpoint
 from models import OnnxModel, build_model, self_ensemble, upscale_tiled
 
@@ -108,14 +109,15 @@ def test_bad_inputs_and_checkpoints_are_one_line_errors(model_path, tmp_path):
 
 def test_the_default_checkpoint_is_the_final_model(model_path, tmp_path, monkeypatch):
     Image.fromarray(photo_crops(20, 1)[0]).save(tmp_path / "small.png")
-    monkeypatch.setattr(upscale, "FINAL_MODEL", str(tmp_path / "final" / "model.pt"))
+    monkeypatch.setattr(checkpoints, "FINAL_MODEL", str(tmp_path / "final" / "model.pt"))
     with pytest.raises(SystemExit, match=r"final/model.pt: no such file yet \(it is written when"):
         upscale.main([f"input={tmp_path / 'small.png'}"])
-    monkeypatch.setattr(upscale, "FINAL_MODEL", str(model_path))
+    monkeypatch.setattr(checkpoints, "FINAL_MODEL", str(model_path))
     [written] = upscale.main([f"input={tmp_path / 'small.png'}"])
     assert Image.open(written).size == (40, 40)
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_gives_one_line_and_little_memory(model_path, tmp_path):
     from conftest import run_script, write_bomb_png
 
