@@ -10,6 +10,8 @@ import json
 import math
 import os
 
+import system
+
 # Where the standard sets are, as <DATA_ROOT>/T91, .../Set5 (`prepare_data.py standard` puts them there): the folder
 # that experiments.py and report.py read; the environment variable SR_DATA_ROOT points them at another copy.
 DATA_ROOT = os.environ.get("SR_DATA_ROOT", "data")
@@ -54,6 +56,9 @@ SECTIONS = {
         "gan": False, "init": "",  # init: checkpoint whose weights start the model, e.g. checkpoints/residual/model.pt
         "adv_weight": 0.01,  # weight of the adversarial loss beside the L1 content loss (weight 1)
         "gan_loss": "relativistic",  # relativistic (ESRGAN's RaGAN) | standard (SRGAN's BCE)
+        "fm_weight": 0.0,  # weight of feature matching (L1 between D's features of HR and of the prediction); 0 = off
+        "disc_channels": 32,  # the discriminator's first width (doubled at each of its 4 stages)
+        "disc_norm": "none",  # none | spectral: spectral normalisation of the discriminator's layers
     },
     "system": {  # what system.py decides with them
         "device": "auto",  # auto | cpu | cuda | cuda:N
@@ -88,12 +93,12 @@ CHOICES = {
     "degradation": ("bilinear", "bicubic", "nearest", "nearest_centred", "bicubic_matlab"), "augment": ("none", "dihedral"),
     "bad_files": ("error", "skip"), "model": ("basic", "residual"), "lr_schedule": ("constant", "cosine"),
     "resume": ("never", "auto"), "loss": ("l1", "l2"), "loss_channels": ("rgb", "y"),
-    "gan_loss": ("relativistic", "standard"), "channels_last": ("auto", "on", "off"),
+    "gan_loss": ("relativistic", "standard"), "disc_norm": ("none", "spectral"), "channels_last": ("auto", "on", "off"),
     "data_on_device": ("auto", "on", "off"), "amp": ("auto", "off", "bf16"), "malloc": ("tuned", "default"),
     "protocol": ("rgb", "standard"),
 }
 POSITIVE = ("max_pixels", "scale", "patch_size", "num_blocks", "channels", "batch_size", "max_steps",
-            "log_every", "val_every", "ckpt_every", "lr", "tile", "bench_steps")
+            "log_every", "val_every", "ckpt_every", "lr", "tile", "bench_steps", "disc_channels")
 
 
 class ConfigError(ValueError):
@@ -164,7 +169,7 @@ def validate(cfg):
 
     for key in POSITIVE:
         require(cfg[key] > 0, f"{key}={cfg[key]}: must be positive")
-    for key in ("seed", "overlap", "adv_weight", "warmup_steps", "lr_min", "loss_border", "crop",
+    for key in ("seed", "overlap", "adv_weight", "fm_weight", "warmup_steps", "lr_min", "loss_border", "crop",
                 "save_model_at"):
         require(cfg[key] >= 0, f"{key}={cfg[key]}: must not be negative")
     try:
@@ -222,7 +227,5 @@ def save(cfg, folder):
     """Write the resolved config as JSON beside a run's outputs, so a result says how it was made."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "config.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
+    system.write_file(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path

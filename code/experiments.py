@@ -25,6 +25,11 @@ FINAL_RECIPE = ["model=residual", "degradation=bicubic_matlab", "jitter=0", "aug
 FINE_TUNE_291 = [*FINAL_RECIPE, f"data_dir={DATA_ROOT}/T91,{DATA_ROOT}/BSD200", "init=checkpoints/final_t91/model.pt",
                  "batch_size=8", "patch_size=96", "bad_files=skip", "loss_border=12", "lr=2e-4", "warmup_steps=200",
                  "max_steps=12000", "ckpt_every=250"]
+# Task 6 v2: the final model fine-tuned as a GAN generator on its own data and degradation
+GAN2 = ["model=residual", "gan=true", "init=checkpoints/final/model.pt", "degradation=bicubic_matlab", "jitter=0",
+        "augment=dihedral", f"data_dir={DATA_ROOT}/T91,{DATA_ROOT}/BSD200", "scale_augment=0.9,0.8,0.7,0.6", "lr=1e-4",
+        "max_steps=2000", "val_every=250", "ckpt_every=250"]
+GAN2_DISCRIMINATORS = [("vgg", []), ("sn", ["disc_channels=64", "disc_norm=spectral", "fm_weight=10"])]  # fm: pix2pixHD's 10
 ABLATION_BASE = ["model=residual", "degradation=bicubic_matlab"]
 ABLATION = [  # each adds one ingredient to the one before; the last is FINAL_RECIPE
     ("ablate_handout", ["lr=1e-4"]),
@@ -68,6 +73,12 @@ RUNS = [
     # What each ingredient buys: short runs at equal steps, adding them one at a time to the handout's recipe.
     *[(name, [*ABLATION_BASE, *settings, "max_steps=2000", "val_every=250", "ckpt_every=250"])
       for name, settings in ABLATION],
+    # Task 6 v2's short trials, to choose the adversarial weight and the discriminator before one long run (not
+    # run yet: meant for a GPU, device=cuda): the handout's discriminator, and a wider one with spectral
+    # normalisation and feature matching (pix2pixHD's stand-in for a perceptual loss, whose VGG weights would be a
+    # download), each at the adversarial weights around ESRGAN's 0.005 and Real-ESRGAN's 0.1.
+    *[(f"gan2_{name}_a{weight}", [*GAN2, f"adv_weight={weight}", *discriminator])
+      for name, discriminator in GAN2_DISCRIMINATORS for weight in ("0.005", "0.02", "0.1")],
 ]
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 

@@ -16,10 +16,9 @@ from skimage import data
 
 import config
 import system
-from checkpoints import CheckpointError, final_model, load_model
+from checkpoints import CheckpointError, checkpoint_file, final_model, load_model
 from models import ONNX_OPSET, onnx_session, run_onnx, to_onnx
 
-# the default checkpoint, as upscale.py's: the final model of README.pdf section 4
 # LR sizes (height, width) of the parity check: two different ones, odd sides among them
 CHECK_SIZES = ((97, 131), (128, 75))
 # Largest |onnxruntime - PyTorch| accepted, on outputs in [0, 1]. Both compute in fp32, only in another order of the
@@ -56,6 +55,7 @@ def seconds(run, low_res, rounds=3):
 def main(argv):
     cfg = config.from_argv(argv, ("checkpoint", "out"))
     checkpoint = cfg["checkpoint"] or final_model()
+    checkpoint = checkpoint_file(checkpoint)  # a run's folder: its model.pt
     out = cfg["out"] or os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) + ".onnx"
     try:
         model, payload = load_model(checkpoint)

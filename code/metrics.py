@@ -65,6 +65,34 @@ def gmsd(prediction, target):
     return piq.gmsd(prediction, target, reduction="none", data_range=1.0)
 
 
+def radial_power_spectrum(image, bins=32):
+    """The radially averaged power spectrum of a CxHxW image in [0, 1] (its luma, a Hann window against the
+    edges' jump): the mean |FFT|^2 in `bins` rings of spatial frequency from 0 to Nyquist (0.5 cycles/pixel),
+    rings beyond Nyquist on the diagonals left out. Texture is power at high frequencies: comparing an output's
+    spectrum with HR's says whether it restores HR's fine detail (near HR), lacks it (below) or adds other (above)."""
+    gray = image.float().mean(0) if image.shape[0] != 3 else \
+        (torch.tensor(BT601, device=image.device).view(3, 1, 1) * image.float()).sum(0) / sum(BT601)
+    height, width = gray.shape
+    window = torch.outer(torch.hann_window(height, periodic=False, device=image.device),
+                         torch.hann_window(width, periodic=False, device=image.device))
+    power = torch.fft.fft2((gray - gray.mean()) * window).abs().square()
+    radius = torch.sqrt(torch.fft.fftfreq(height, device=image.device)[:, None].square()
+                        + torch.fft.fftfreq(width, device=image.device)[None, :].square())
+    ring = (radius / 0.5 * bins).long()
+    inside = ring < bins
+    totals = torch.zeros(bins, device=image.device).index_add_(0, ring[inside], power[inside])
+    counts = torch.zeros(bins, device=image.device).index_add_(0, ring[inside], torch.ones_like(power[inside]))
+    return totals / counts.clamp(min=1)
+
+
+def high_frequency_gap(prediction, target, bins=32):
+    """The mean over the upper half of the frequencies (0.25 to 0.5 cycles/pixel) of 10 log10 of the prediction's
+    power over HR's (radial_power_spectrum), in dB: 0 = HR's texture energy, negative = smoother than HR, positive
+    = more high-frequency energy than HR (right or wrong). Needs no downloaded network."""
+    ratio = radial_power_spectrum(prediction, bins) / radial_power_spectrum(target, bins).clamp(min=1e-20)
+    return 10 * torch.log10(ratio[bins // 2:].clamp(min=1e-20)).mean()
+
+
 def interpolate(low_res, scale, mode):
     """Upsample with bilinear or bicubic interpolation: the baselines a model has to beat."""
     return F.interpolate(low_res, scale_factor=scale, mode=mode, align_corners=False).clamp(0, 1)

@@ -14,8 +14,7 @@ from torchvision.transforms.functional import convert_image_dtype
 
 # The config keys that define an architecture; a checkpoint stores them so it can rebuild its model.
 MODEL_KEYS = ("model", "num_blocks", "channels", "scale")
-# The ONNX opset of exported models (to_onnx): the default of torch 2.14's exporter, run by onnxruntime 1.32.
-ONNX_OPSET = 20
+ONNX_OPSET = 20  # of exported models (to_onnx): the exporter's default, which the pinned onnxruntime runs
 
 
 class BasicSRModel(nn.Module):
@@ -49,24 +48,36 @@ class BasicSRModel(nn.Module):
 
 class Discriminator(nn.Module):
     """SRGAN's VGG-style discriminator, narrowed for 64x64 patches: pairs of 3x3 convolutions (the second
-    with stride 2) doubling the width 32 -> 256 while halving the size 64 -> 4, then a small classifier.
+    with stride 2) doubling the width `channels` -> 8x while halving the size 64 -> 4, then a small classifier.
     No batch norm (as in later ESRGAN practice): one logit per image, real (HR) vs generated.
-    Global average pooling before the classifier lets it take any patch size."""
+    Global average pooling before the classifier lets it take any patch size. spectral=True normalises every
+    layer's weights by their largest singular value (Miyato et al. 2018, as Real-ESRGAN's discriminator does), which
+    keeps a stronger discriminator's gradients from exploding."""
 
-    def __init__(self, channels=32, stages=4):
+    def __init__(self, channels=32, stages=4, spectral=False):
         super().__init__()
+        norm = nn.utils.parametrizations.spectral_norm if spectral else (lambda layer: layer)
         layers, width_in = [], 3
         for stage in range(stages):
             width = channels * 2 ** stage
-            layers += [nn.Conv2d(width_in, width, 3, padding=1), nn.LeakyReLU(0.2),
-                       nn.Conv2d(width, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            layers += [norm(nn.Conv2d(width_in, width, 3, padding=1)), nn.LeakyReLU(0.2),
+                       norm(nn.Conv2d(width, width, 3, stride=2, padding=1)), nn.LeakyReLU(0.2)]
             width_in = width
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width_in, 256),
-                                        nn.LeakyReLU(0.2), nn.Linear(256, 1))
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), norm(nn.Linear(width_in, 256)),
+                                        nn.LeakyReLU(0.2), norm(nn.Linear(256, 1)))
 
-    def forward(self, image):
-        return self.classifier(self.features(image)).squeeze(1)
+    def forward(self, image, with_features=False):
+        """The logit of each image; with_features: also the activations after each stage (its 4 resolutions),
+        which feature matching compares between HR and prediction."""
+        if not with_features:
+            return self.classifier(self.features(image)).squeeze(1)
+        stages = []
+        for index, layer in enumerate(self.features):
+            image = layer(image)
+            if index % 4 == 3:  # after a stage's strided convolution and its activation
+                stages.append(image)
+        return self.classifier(image).squeeze(1), stages
 
 
 def build_model(cfg):

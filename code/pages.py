@@ -8,7 +8,6 @@ for Set14; other code calls write_page with method_images.
 import html
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F

@@ -173,7 +173,7 @@ def checked_png(content, file):
 
 
 def fetch_standard(cfg):
-    """Bring the standard sets into cfg['data_root']; returns {set: number of images}."""
+    """Bring the standard sets into cfg['data_root']; returns ({set: number of images}, how many were fetched)."""
     files = read_manifest([name for name in cfg["sets"].split(",") if name])
     system.check_writable(cfg["data_root"])
     downloads = None

@@ -922,7 +922,8 @@ def main(argv):
     for set_name in ("T91", *EVAL_SETS, *STANDARD_SETS):
         if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):
             raise SystemExit(f"error: {DATA_ROOT}/{set_name}: no such folder; the report evaluates on the standard "
-                             "sets: make data-standard (or SR_DATA_ROOT=<a copy of them>)")
+                             f"sets: make data-standard ARGS=sets={','.join(dict.fromkeys(('T91', *EVAL_SETS, *STANDARD_SETS)))} "
+                             "(or SR_DATA_ROOT=<a copy of them>)")
     blocks, values = build(cfg, out_dir, device, only or None)
     if saved:
         blocks, values = {**saved["blocks"], **blocks}, {**saved["values"], **values}

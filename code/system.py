@@ -258,18 +258,24 @@ def replaced_whole(path):
     """The one way outputs are written whole or not at all: yields a temporary path beside `path` for the block to
     write (a file or a folder), which then replaces `path` by renaming. A crash or a full disk meanwhile keeps the
     previous `path` as it was and leaves no partial one; an OSError on the way names `path`."""
-    temporary = f"{path}.tmp{os.getpid()}"
+    temporary, old = f"{path}.tmp{os.getpid()}", f"{path}.tmp{os.getpid()}old"
     try:
         yield temporary
         if os.path.isdir(temporary) and os.path.lexists(path):  # a folder cannot replace one in a single rename
-            os.rename(path, f"{temporary}old")
-            os.rename(temporary, path)
-            shutil.rmtree(f"{temporary}old")
+            os.rename(path, old)
+            try:
+                os.rename(temporary, path)
+            except BaseException:
+                os.rename(old, path)  # the previous folder back
+                raise
         else:
             os.replace(temporary, path)
     except OSError as err:
+        if err.errno is None or not str(err.filename or temporary).startswith(temporary):  # not of the writing
+            raise
         raise OSError(err.errno, err.strerror, path) from None
     finally:
+        shutil.rmtree(old, ignore_errors=True)
         if os.path.isdir(temporary):
             shutil.rmtree(temporary, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -308,9 +314,9 @@ def check_writable(folder):
 
 
 class LinesOnly:
-    """A file for a progress bar writing into a log (not a terminal): each state of the bar on a line of its own
-    and a message printed through the bar (tqdm.write) on its own line, where the bar's carriage returns would put
-    them all on one line."""
+    """A file for a progress bar writing into a log (not a terminal): each state of the bar on a line of its own,
+    where the bar's carriage returns would run them, and the lines printed beside them (tqdm.write, print), into
+    one line of the log."""
 
     def __init__(self, file):
         self.file = file

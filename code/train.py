@@ -58,7 +58,7 @@ from plots import plot_training_curves
 RESULT_KEYS = ("data_dir", "scale", "patch_size", "jitter", "degradation", "model", "num_blocks", "channels",
                "batch_size", "lr", "seed", "gan", "init", "adv_weight", "gan_loss",
                "augment", "lr_schedule", "warmup_steps", "lr_min", "ema", "loss", "loss_border", "loss_channels",
-               "scale_augment")
+               "scale_augment", "fm_weight", "disc_channels", "disc_norm")
 KEEP_STEP_CHECKPOINTS = 3
 PREVIEW_IMAGES, PREVIEW_SIZE = 3, 96
 
@@ -220,7 +220,8 @@ def build_networks(cfg, device, memory_format):
     model = build_model(cfg).to(device, memory_format=memory_format)
     networks = Networks(model, torch.optim.Adam(model.parameters(), lr=cfg["lr"]))
     if cfg["gan"]:
-        networks.discriminator = Discriminator().to(device, memory_format=memory_format)
+        networks.discriminator = Discriminator(cfg["disc_channels"], spectral=cfg["disc_norm"] == "spectral").to(
+            device, memory_format=memory_format)
         networks.d_optimizer = torch.optim.Adam(networks.discriminator.parameters(), lr=cfg["lr"])
     if cfg["ema"] > 0:
         networks.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]))
@@ -295,7 +296,7 @@ def step_function(cfg):
     """The training step of the run: the pixel-loss step, or for gan=true the GAN's (generator, then discriminator);
     called as step(model, networks, low_res, high_res, autocast, border=...)."""
     if cfg["gan"]:
-        return functools.partial(gan_step, kind=cfg["gan_loss"], adv_weight=cfg["adv_weight"])
+        return functools.partial(gan_step, kind=cfg["gan_loss"], adv_weight=cfg["adv_weight"], fm_weight=cfg["fm_weight"])
     return functools.partial(training_step, kind=cfg["loss"], channels=cfg["loss_channels"])
 
 
@@ -315,11 +316,12 @@ def training_step(model, networks, low_res, high_res, autocast, kind="l1", borde
         return {LOGGED_L1: loss_function(prediction, high_res, "l1", border)}
 
 
-def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight, border=0):
-    """Task 6: a generator step (L1 content + adversarial loss, the discriminator frozen), then a discriminator
-    step (HR patches real, the detached predictions fake). Returns the values to log by name; d_real and
-    d_fake are D's mean probabilities as its loss reads them (relative to the other side for the relativistic
-    loss), so 0.5 / 0.5 means D cannot tell them apart."""
+def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight, border=0, fm_weight=0.0):
+    """Task 6: a generator step (L1 content + adversarial loss, and with fm_weight > 0 feature matching: the L1
+    between D's features of HR and of the prediction, pix2pixHD's stand-in for a perceptual loss that needs no
+    download; the discriminator frozen), then a discriminator step (HR patches real, the detached predictions
+    fake). Returns the values to log by name; d_real and d_fake are D's mean probabilities as its loss reads them
+    (relative to the other side for the relativistic loss), so 0.5 / 0.5 means D cannot tell them apart."""
     networks.optimizer.zero_grad(set_to_none=True)
     discriminator = networks.discriminator
     with autocast:
@@ -327,9 +329,16 @@ def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight, bor
         loss = loss_function(prediction, high_res, "l1", border)
     discriminator.requires_grad_(False)
     with autocast:
-        real_logits, fake_logits = discriminator(high_res), discriminator(prediction)
+        if fm_weight:
+            (real_logits, real_features), (fake_logits, fake_features) = (
+                discriminator(image, with_features=True) for image in (high_res, prediction))
+            matching = feature_matching(real_features, fake_features)
+        else:
+            real_logits, fake_logits = discriminator(high_res), discriminator(prediction)
         adversarial = generator_loss(real_logits, fake_logits, kind)
         generator_total = loss + adv_weight * adversarial
+        if fm_weight:
+            generator_total = generator_total + fm_weight * matching
     generator_total.backward()
     networks.optimizer.step()
     discriminator.requires_grad_(True)
@@ -342,8 +351,14 @@ def gan_step(model, networks, low_res, high_res, autocast, kind, adv_weight, bor
     if kind == "relativistic":  # what D's loss reads: how much more real than the average of the other side
         real_logits, fake_logits = relativistic(real_logits, fake_logits)
     values = {LOGGED_L1: loss, "adv": adversarial, "d_loss": d_loss, "d_real": torch.sigmoid(real_logits).mean(),
-              "d_fake": torch.sigmoid(fake_logits).mean()}
+              "d_fake": torch.sigmoid(fake_logits).mean(), **({"fm": matching} if fm_weight else {})}
     return {name: value.detach() for name, value in values.items()}
+
+
+def feature_matching(real_features, fake_features):
+    """The mean over D's stages of the L1 distance between its features of HR and of the prediction; HR's side is
+    a target (no gradient)."""
+    return sum(F.l1_loss(fake, real.detach()) for real, fake in zip(real_features, fake_features)) / len(real_features)
 
 
 def relativistic(real_logits, fake_logits):
@@ -371,7 +386,7 @@ def discriminator_loss(real_logits, fake_logits, kind):
 
 class StopNow(KeyboardInterrupt):
     """A second Ctrl-C, raised in the middle of whatever runs; a KeyboardInterrupt, so that no `except Exception`
-    on its way catches it. train() ends the run with one line (stopped_at_once)."""
+    on its way catches it. train() ends the run with one line (stop_at_once_line)."""
 
 
 class StopRequest:
@@ -447,12 +462,12 @@ def log_scalars(writer, means, step, lr=None):
         writer.add_scalar("train/lr", lr, step)
 
 
-def log_training(writer, bar, means, step, cfg, batches, since):
+def log_training(writer, bar, means, step, cfg, steps_all_ranks, since):
     """The training values' running means (and a schedule's learning rate) in TensorBoard, the loss and the
-    throughput of the `batches` (of all ranks) since the time `since` on the progress bar; returns the time now."""
+    throughput of the steps of all ranks since the time `since` on the progress bar; returns the time now."""
     now = time.time()
     log_scalars(writer, means, step, learning_rate(cfg, step - 1) if cfg["lr_schedule"] != "constant" else None)
-    patches_per_s = batches * cfg["batch_size"] / max(now - since, 1e-9)
+    patches_per_s = steps_all_ranks * cfg["batch_size"] / max(now - since, 1e-9)
     bar.set_postfix(loss=f"{means[LOGGED_L1]:.4f}", patches_s=f"{patches_per_s:.0f}", refresh=False)
     return now
 
@@ -494,14 +509,13 @@ def save_final(cfg, networks, progress, run_dir, ckpt_dir, world_size, seconds, 
         save_checkpoint(os.path.join(ckpt_dir, RAW_WEIGHTS), networks.model, cfg, progress.step)
     summary = {"run": cfg["run"], "steps": progress.step, "samples": progress.samples, "processes": world_size,
                "wall_time_s": round(progress.elapsed + seconds, 1), "hardware": hardware, "torch": torch.__version__, "best_val_psnr": progress.best_psnr, "final_val": progress.val}
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    system.write_file(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
     curves = plot_training_curves(run_dir, os.path.join(run_dir, "curves.png"))
     print(f" * final model: {final_path}\n * curves: {curves}\n * TensorBoard: tensorboard --logdir {cfg['runs_dir']}")
     return summary
 
 
-def divergence(cfg, means, step, ckpt_dir):
+def divergence_line(cfg, means, step, ckpt_dir):
     """The line of a run whose training values are no longer finite."""
     kept = step_checkpoints(ckpt_dir)
     loss = ", ".join(f"{n} {v}" for n, v in means.items() if not math.isfinite(v)) if cfg["gan"] else means[LOGGED_L1]
@@ -509,13 +523,13 @@ def divergence(cfg, means, step, ckpt_dir):
             f"{kept[0] if kept else 'none yet'}")
 
 
-def stopped(stop_request, step, path):
+def stop_line(stop_request, step, path):
     """The line of a run stopped by a signal (to this rank or another) at a logged step, after its checkpoint."""
     by = stop_request.signal or "a signal to another rank"
     return f"stopped by {by} at step {step}; checkpoint {path}; continue with resume=auto"
 
 
-def stopped_at_once(ckpt_dir, step):
+def stop_at_once_line(ckpt_dir, step):
     """The line of a run stopped by a second Ctrl-C, wherever it came: the step in progress is dropped, and the
     checkpoints on disk stay whole (each is written whole or not at all)."""
     kept = step_checkpoints(ckpt_dir)
@@ -534,7 +548,7 @@ def end_run(writer, bar, stop_request, world_size, message=None, code=0):
         if message:
             print(message, file=sys.stderr)
     stop_request.restore()
-    if world_size > 1:
+    if world_size > 1 and dist.is_initialized():  # a failed final save ends the run a second time
         dist.destroy_process_group()
     if code:
         raise SystemExit(code)
@@ -593,12 +607,12 @@ def train(cfg):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     take_step = step_function(cfg)
     writer, bar = open_logs(cfg, run_dir, progress, state is not None, main_process)
-    stop_request = StopRequest(announce=main_process)  # SIGTERM, Ctrl-C: stop at the next logged step
     names, running, since_log = (), None, 0  # what the steps log, and its sums since the last log
     started = last_log = time.time()
 
     model.train()
     try:
+        stop_request = StopRequest(announce=main_process)  # SIGTERM, Ctrl-C: stop at the next logged step
         while progress.step < cfg["max_steps"]:
             low_res, high_res = (t.to(device, non_blocking=True, memory_format=layout) for t in next(batches))
             set_learning_rate(networks.optimizer, cfg, progress.step)
@@ -623,7 +637,7 @@ def train(cfg):
             if not all(math.isfinite(value) for value in means.values()):  # diverged: stop at the last good checkpoint
                 if main_process:
                     log_scalars(writer, means, step)
-                end_run(writer, bar, stop_request, world_size, divergence(cfg, means, step, ckpt_dir), EXIT_DIVERGED)
+                end_run(writer, bar, stop_request, world_size, divergence_line(cfg, means, step, ckpt_dir), EXIT_DIVERGED)
             if log_now and main_process:
                 last_log = log_training(writer, bar, means, step, cfg, since_log * world_size, last_log)
             if log_now:  # the running sums start again, on every rank
@@ -642,12 +656,12 @@ def train(cfg):
                 save_checkpoint(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), networks.ema_or_model, cfg, step,
                                 val=progress.val)
             if stop_requested and not last:
-                end_run(writer, bar, stop_request, world_size, stopped(stop_request, step, path), EXIT_INTERRUPTED)
+                end_run(writer, bar, stop_request, world_size, stop_line(stop_request, step, path), EXIT_INTERRUPTED)
         end_run(writer, bar, stop_request, world_size)
         if main_process:  # the final model.pt, summary.json and curves.png
             return save_final(cfg, networks, progress, run_dir, ckpt_dir, world_size, time.time() - started, hardware)
     except StopNow:
-        end_run(writer, bar, stop_request, world_size, stopped_at_once(ckpt_dir, progress.step), EXIT_INTERRUPTED)
+        end_run(writer, bar, stop_request, world_size, stop_at_once_line(ckpt_dir, progress.step), EXIT_INTERRUPTED)
     except OSError as err:  # a full disk or quota: checkpoints, logs, summary
         end_run(writer, bar, stop_request, world_size)
         raise SystemExit(system.write_failure(err.filename or run_dir, err)) from None

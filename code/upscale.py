@@ -28,8 +28,6 @@ from dataset import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, decode_image, list_
 from checkpoints import CheckpointError, final_model, load_model
 from models import OnnxModel, self_ensemble, upscale_tiled
 
-# the default checkpoint: the final model of README.pdf section 4, wherever the script is started from
-
 
 def read_extras(path, scale, max_pixels):
     """What of the input the PNG keeps besides the pixels: the alpha channel (a 1xHxW float tensor in [0, 1],

@@ -1,3 +1,4 @@
+import math
 """metrics.py: PSNR, SSIM, sharpness, the RGB evaluation and the standard protocol of the SR literature."""
 import pytest
 import torch
@@ -115,3 +116,21 @@ def test_sharpness_is_one_for_hr_below_one_for_blur_and_above_for_noise():
     smooth = F.interpolate(F.avg_pool2d(high_res, 4), scale_factor=4, mode="bilinear")
     noisy = smooth + 0.2 * torch.randn_like(smooth)
     assert (metrics.sharpness(noisy, smooth) > 2).all()
+
+
+def test_the_radial_power_spectrum_puts_a_stripe_pattern_in_its_frequencys_ring():
+    rows = torch.arange(128, dtype=torch.float32)
+    stripes = (0.5 + 0.4 * torch.sin(2 * math.pi * 0.3 * rows))[:, None].expand(128, 128)  # 0.3 cycles/pixel
+    spectrum = metrics.radial_power_spectrum(stripes.expand(3, -1, -1), bins=32)
+    assert int(spectrum.argmax()) == int(0.3 / 0.5 * 32)
+
+
+def test_the_high_frequency_gap_is_zero_for_hr_negative_when_smoother_and_rises_with_added_noise():
+    from skimage import data
+
+    hr = torch.from_numpy(data.astronaut()[:128, 160:288]).permute(2, 0, 1).float() / 255
+    blurred = metrics.interpolate(hr[None, :, ::2, ::2], 2, "bicubic")[0].clamp(0, 1)
+    noisy = (blurred + 0.05 * torch.randn(blurred.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert metrics.high_frequency_gap(hr, hr).item() == 0
+    assert metrics.high_frequency_gap(blurred, hr).item() < -3
+    assert metrics.high_frequency_gap(noisy, hr).item() > metrics.high_frequency_gap(blurred, hr).item() + 3

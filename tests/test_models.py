@@ -1,4 +1,4 @@
-
+import pytest
 import torch
 
 import models
@@ -33,3 +33,22 @@ def test_discriminator_gives_one_logit_per_image_for_any_patch_size():
     assert models.count_parameters(discriminator) == 1_238_305
     for size in (64, 96, 128):
         assert discriminator(torch.rand(3, 3, size, size)).shape == (3,)
+
+
+def test_the_discriminator_gives_its_stage_features_and_the_same_logit_with_them():
+    discriminator = models.Discriminator(channels=8)
+    images = torch.rand(2, 3, 64, 64)
+    logits, stages = discriminator(images, with_features=True)
+    assert torch.equal(logits, discriminator(images))
+    assert [tuple(stage.shape) for stage in stages] == [(2, 8, 32, 32), (2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4)]
+
+
+def test_a_spectrally_normalised_discriminator_has_layers_of_unit_largest_singular_value():
+    discriminator = models.Discriminator(channels=8, spectral=True)
+    for _ in range(20):  # the power iteration runs once per training-mode call
+        discriminator(torch.rand(2, 3, 64, 64))
+    discriminator.eval()
+    with torch.no_grad():
+        largest = torch.linalg.matrix_norm(discriminator.features[0].weight.flatten(1), ord=2).item()
+        plain = torch.linalg.matrix_norm(models.Discriminator(channels=8).features[0].weight.flatten(1), ord=2).item()
+    assert largest == pytest.approx(1.0, rel=0.05) and plain != pytest.approx(1.0, rel=0.05)

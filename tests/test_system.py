@@ -1,5 +1,7 @@
 """system.py: device, precision, layout and data-path choices, malloc, and the generator states of a checkpoint.
 CUDA is mocked where a CPU cannot show the behaviour (fewer GPUs on resume, old GPUs, Turing's emulated bf16)."""
+import errno
+import os
 import platform
 import random
 import subprocess
@@ -225,3 +227,37 @@ def test_a_progress_bar_in_a_log_puts_each_state_and_each_message_on_its_own_lin
     lines = log.getvalue().split("\n")
     assert "\r" not in log.getvalue() and "step 1: val L1 0.0208, PSNR 27.87 dB" in lines
     assert [line for line in lines if "|" in line][-1].startswith("100%|") and all(line.strip() for line in lines[:-1])
+
+
+def test_a_file_and_a_folder_are_replaced_whole_and_a_failure_keeps_the_previous_one(tmp_path, monkeypatch):
+    path, folder = tmp_path / "table.md", tmp_path / "page"
+    system.write_file(str(path), "old")
+    folder.mkdir()
+    (folder / "index.html").write_text("old page")
+    with pytest.raises(OSError) as failure, system.replaced_whole(str(path)) as temporary:
+        with open(temporary, "w") as f:
+            f.write("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), temporary)
+    assert failure.value.filename == str(path) and path.read_text() == "old"  # named after the output
+    real_rename = os.rename
+
+    def second_rename_fails(source, target):
+        if str(source).endswith(f".tmp{os.getpid()}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), source)
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(OSError), system.replaced_whole(str(folder)) as temporary:
+        os.mkdir(temporary)
+        (tmp_path / temporary / "index.html").write_text("new page")
+    assert (folder / "index.html").read_text() == "old page"  # the previous folder is back
+    monkeypatch.setattr(os, "rename", real_rename)
+    with system.replaced_whole(str(folder)) as temporary:
+        os.mkdir(temporary)
+        (tmp_path / temporary / "index.html").write_text("new page")
+    assert (folder / "index.html").read_text() == "new page" and sorted(os.listdir(tmp_path)) == ["page", "table.md"]
+
+
+def test_an_error_without_errno_keeps_its_own_words():
+    with pytest.raises(OSError, match="cannot write mode P as JPEG"), system.replaced_whole("/tmp/never"):
+        raise OSError("cannot write mode P as JPEG")

@@ -296,6 +296,7 @@ def test_scheduler_signals_save_a_checkpoint_and_exit_75(tiny_cfg, signum):
     assert summary["steps"] == step + 2
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_in_one_line_and_resume_auto_continues(tiny_cfg, capsys):
     """Two real SIGINTs to a training process whose steps after the 10th never end (as a large model's long step
     would, for the test's purpose), so that the first cannot end the run by itself: the second, sent once the first
@@ -597,3 +598,46 @@ def test_a_disk_that_fills_up_stops_in_one_line_and_resume_continues_after_freei
     finally:
         if mounted:
             unmount(disk)
+
+
+@pytest.mark.parametrize("fm_weight", [0.0, 1.0])
+def test_a_gan_step_sends_the_generator_losses_to_the_generator_only(fm_weight):
+    """The generator's step leaves no gradient in the discriminator (frozen), D's step none in the generator
+    (predictions detached); with fm_weight the feature matching is logged and moves the generator."""
+    import contextlib
+
+    from models import BasicSRModel, Discriminator
+
+    torch.manual_seed(0)
+    model, discriminator = BasicSRModel(num_blocks=1, channels=4, residual=True), Discriminator(channels=4)
+    networks = train.Networks(model, torch.optim.Adam(model.parameters(), lr=1e-3), discriminator=discriminator,
+                              d_optimizer=torch.optim.Adam(discriminator.parameters(), lr=1e-3))
+    seen = {}
+    real_d_zero_grad, real_d_step = networks.d_optimizer.zero_grad, networks.d_optimizer.step
+
+    def d_zero_grad(**kwargs):  # called between the two steps: what the generator's step left in D
+        seen["d_after_generator_step"] = [p.grad for p in discriminator.parameters()]
+        seen["generator_grads"] = [p.grad.clone() for p in model.parameters()]
+        real_d_zero_grad(**kwargs)
+
+    def d_step():
+        seen["generator_grads_after_d"] = [p.grad.clone() for p in model.parameters()]
+        real_d_step()
+
+    networks.d_optimizer.zero_grad, networks.d_optimizer.step = d_zero_grad, d_step
+    low_res, high_res = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 32, 32)
+    values = train.gan_step(model, networks, low_res, high_res, contextlib.nullcontext(), "relativistic", 0.1,
+                            fm_weight=fm_weight)
+    assert all(grad is None for grad in seen["d_after_generator_step"])
+    assert all(torch.equal(a, b) for a, b in zip(seen["generator_grads"], seen["generator_grads_after_d"]))
+    assert ("fm" in values) == bool(fm_weight) and all(torch.isfinite(v) for v in values.values())
+
+
+def test_feature_matching_pulls_the_prediction_features_towards_hrs_and_not_back():
+    real = [torch.rand(2, 4, 8, 8, requires_grad=True), torch.rand(2, 8, 4, 4, requires_grad=True)]
+    fake = [torch.rand(2, 4, 8, 8, requires_grad=True), torch.rand(2, 8, 4, 4, requires_grad=True)]
+    matching = train.feature_matching(real, fake)
+    matching.backward()
+    assert matching.item() == pytest.approx(sum(F.l1_loss(f, r).item() for r, f in zip(real, fake)) / 2)
+    assert all(r.grad is None for r in real) and all(f.grad is not None and f.grad.abs().sum() > 0 for f in fake)
+    assert train.feature_matching([t.detach() for t in real], [t.detach() for t in real]).item() == 0
