@@ -119,9 +119,10 @@ def degrade(hr, scale=2, method="bilinear"):
 
     bilinear / bicubic / nearest: torchvision's Resize (antialiased). bicubic_matlab: MATLAB's
     `imresize`, the degradation of the published SR benchmarks, rounded to 8 bits as they are.
-    nearest_centred: a point sample like nearest, but at the centre of each scale x scale block (cubic
-    interpolation, no antialiasing) instead of its top-left pixel: aliased like nearest, yet aligned with
-    the other methods, so the two separate what aliasing and what nearest's half-pixel shift cost.
+    nearest_centred: cubic interpolation (PyTorch's, a = -0.75) at the centre of each scale x scale block,
+    without antialiasing: aligned with the other methods, but not a point sample: at x2 each LR pixel weighs
+    four HR pixels per axis by (-3/32, 19/32, 19/32, -3/32), a mild low-pass filter. So nearest against it
+    changes both the alignment and the filtering (README.pdf's split of the two is confounded; issue #38).
     """
     if method == "bicubic_matlab":
         return imresize_matlab(hr, 1 / scale).mul(255).round().clamp(0, 255).div(255).to(hr.dtype)
