@@ -109,7 +109,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert names == sorted(os.listdir(second)) and len(names) == 21
     assert {"lr_image.png", "hr_image.png", "loader.png", "comparison.png", "compare"} <= set(names)
     for name in names:
-        if name != "compare":  # the page: tests/test_compare.py
+        if name != "compare":  # the page: tests/test_pages.py
             assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert (first / "compare" / "index.html").read_bytes() == (second / "compare" / "index.html").read_bytes()
     runs = blocks["runs"]
