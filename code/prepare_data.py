@@ -77,6 +77,8 @@ def read_manifest(sets):
         files = [StandardFile(**row) for row in csv.DictReader(f, delimiter="\t")]
     known = sorted({file.set for file in files})
     unknown = [name for name in sets if name not in known]
+    if not sets:
+        raise SystemExit(f"config error: sets= names no set; the standard sets: {', '.join(known)}")
     if unknown:
         raise SystemExit(f"config error: sets={','.join(sets)}: unknown set {unknown[0]!r}; "
                          f"the standard sets: {', '.join(known)}")
@@ -175,6 +177,8 @@ def checked_png(content, file):
 def fetch_standard(cfg):
     """Bring the standard sets into cfg['data_root']; returns ({set: number of images}, how many were fetched)."""
     files = read_manifest([name for name in cfg["sets"].split(",") if name])
+    if cfg["source"] and not os.path.isdir(cfg["source"]):
+        raise FetchError(f"source={cfg['source']}: no such folder (a copy of the sets laid out as <source>/<set>/*.png)")
     system.check_writable(cfg["data_root"])
     downloads = None
     if not cfg["source"]:

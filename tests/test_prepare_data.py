@@ -231,9 +231,12 @@ def test_a_full_disk_is_one_line_naming_the_image_and_leaves_no_partial_file(pin
     assert files_under(pinned.root) == ["Tiny/a.png"]
 
 
-def test_an_unknown_set_is_refused_with_the_known_ones(pinned):
+def test_an_unknown_set_no_set_or_a_missing_source_is_refused_in_one_line(pinned, tmp_path):
     line = refusal(pinned, "sets=Set6")
     assert "unknown set 'Set6'" in line and "Tiny" in line
+    assert "names no set" in refusal(pinned, "sets=")
+    assert "no such folder" in refusal(pinned, f"source={tmp_path / 'nowhere'}")
+    assert not pinned.root.exists()
 
 
 def test_the_pinned_manifest_matches_the_local_standard_sets(tmp_path):
