@@ -95,6 +95,9 @@ def finished_step(name, settings, overrides):
 
 
 def main(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\nruns: " + ", ".join(name for name, _ in RUNS))
+        raise SystemExit(0)
     names = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
     unknown = set(names) - {name for name, _ in RUNS}

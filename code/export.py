@@ -54,13 +54,12 @@ def seconds(run, low_res, rounds=3):
 
 def main(argv):
     cfg = config.from_argv(argv, ("checkpoint", "out"))
-    checkpoint = cfg["checkpoint"] or final_model()
-    checkpoint = checkpoint_file(checkpoint)  # a run's folder: its model.pt
-    out = cfg["out"] or os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) + ".onnx"
     try:
+        checkpoint = checkpoint_file(cfg["checkpoint"] or final_model())  # a run's folder: its model.pt
         model, payload = load_model(checkpoint)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from None
+    out = cfg["out"] or os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) + ".onnx"
     system.check_writable(os.path.dirname(out) or ".")  # before the work, not after it
     onnx_bytes = to_onnx(model)
     threads = torch.get_num_threads()

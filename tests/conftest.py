@@ -53,11 +53,15 @@ def tiny_cfg(tiny_data, tmp_path):
 
 
 def shared_folder(name):
-    """Path of a standard set in ../shared/data, or skip the test where it is absent."""
-    path = os.path.join(SHARED_DATA, name)
-    if not os.path.isdir(path):
-        pytest.skip(f"{path} not present (standard data lives beside the repo, not in it)")
-    return path
+    """Path of a standard set in ../shared/data (where a machine has a copy beside the repo), else in the folder
+    that `make data-standard` fills (config.DATA_ROOT: data/, or SR_DATA_ROOT), or skip the test where neither
+    has it."""
+    import config
+
+    for root in (SHARED_DATA, config.DATA_ROOT):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    pytest.skip(f"{name} not in {SHARED_DATA} nor in {config.DATA_ROOT} (make data-standard)")
 
 
 def write_bomb_png(path, side=30000, zeros=4 << 20):

@@ -90,7 +90,9 @@ def test_missing_foreign_and_broken_checkpoints_are_one_line_errors(tmp_path):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     out = tmp_path / "x.onnx"
-    for name, message in (("missing.pt", "no such file"), ("foreign.pt", "not a"), ("text.pt", "not a")):
+    (tmp_path / "run_without_model").mkdir()
+    for name, message in (("missing.pt", "no such file"), ("foreign.pt", "not a"), ("text.pt", "not a"),
+                          ("run_without_model", "is a folder without a model.pt")):
         with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(tmp_path / name))}: {message}") as refused:
             export.main([f"checkpoint={tmp_path / name}", f"out={out}"])
         assert "\n" not in refused.value.code

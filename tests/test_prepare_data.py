@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import prepare_data
-from conftest import SHARED_DATA, photo_crops, shared_folder
+from conftest import photo_crops, shared_folder
 from dataset import SRDataset
 
 COMMIT = "0" * 40
@@ -242,17 +242,17 @@ def test_an_unknown_set_no_set_or_a_missing_source_is_refused_in_one_line(pinned
 def test_the_pinned_manifest_matches_the_local_standard_sets(tmp_path):
     """code/standard_sets.tsv against ../shared/data: every PNG source byte for byte, T91's PNGs by their pixels;
     then the whole path from that copy: 410 checked images in data_root."""
-    shared_folder("Set5")
+    root = os.path.dirname(shared_folder("Set5"))
     files = prepare_data.read_manifest(list(SETS))
     assert len(files) == 410
     for file in files:
-        path = os.path.join(SHARED_DATA, file.set, file.file)
+        path = os.path.join(root, file.set, file.file)
         if file.url_path.endswith(".png"):
             with open(path, "rb") as f:
                 assert hashlib.sha256(f.read()).hexdigest() == file.sha256, path
         else:
             assert prepare_data.pixels_sha256(path) == (file.size, file.pixels_sha256), path
-    counts = prepare_data.main(["standard", f"source={SHARED_DATA}", f"data_root={tmp_path / 'data'}"])
+    counts = prepare_data.main(["standard", f"source={root}", f"data_root={tmp_path / 'data'}"])
     assert counts == SETS
     assert len(files_under(tmp_path / "data")) == 410
 
@@ -261,11 +261,11 @@ def test_the_pinned_manifest_matches_the_local_standard_sets(tmp_path):
 def test_the_standard_sets_through_http_as_their_pinned_urls_serve_them(tmp_path):
     """The real manifest over a local HTTP server laid out like raw.githubusercontent.com, serving each pinned
     source's bytes (T91's BMPs rebuilt from the PNGs here: 24-bit, no resolution, as the sources are)."""
-    shared_folder("Set5")
+    root = os.path.dirname(shared_folder("Set5"))
     files = prepare_data.read_manifest(list(SETS))
     served = {}
     for file in files:
-        path = os.path.join(SHARED_DATA, file.set, file.file)
+        path = os.path.join(root, file.set, file.file)
         if file.url_path.endswith(".bmp"):
             with Image.open(path) as pil:
                 served[file.url_path] = encoded(np.asarray(pil), "BMP")
