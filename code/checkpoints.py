@@ -52,8 +52,8 @@ def save_checkpoint(path, model, cfg, step, **extra):
     with system.replaced_whole(path) as temporary, open(temporary, "wb") as f:
         try:
             torch.save(payload, f)
-        except RuntimeError as err:  # the zip writer's "[enforce fail ...] unexpected pos": the OSError behind it
-            if not isinstance(err.__context__, OSError):
+        except RuntimeError as err:  # the zip writer's "[enforce fail ...] unexpected pos": what interrupted it
+            if not isinstance(err.__context__, (OSError, KeyboardInterrupt)):  # a full disk, a second Ctrl-C
                 raise
             raise err.__context__ from None
         f.flush()

@@ -148,3 +148,27 @@ def test_a_truncated_checkpoint_keeps_torchs_reason(tmp_path):
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(CheckpointError, match=r"m.pt: not a readable checkpoint \(.*zip archive"):
         load_model(path)
+
+
+def test_a_ctrl_c_inside_torch_save_stops_as_itself_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A second Ctrl-C (train.StopNow, a KeyboardInterrupt) in the middle of torch.save surfaces as the zip writer's
+    'unexpected pos' RuntimeError; it must leave as the interrupt, so that train() ends in its one line."""
+    import models
+
+    model = models.build_model({"model": "basic", "num_blocks": 1, "channels": 4, "scale": 2})
+    cfg = {"model": "basic", "num_blocks": 1, "channels": 4, "scale": 2, "run": "r"}
+    path = str(tmp_path / "step000010.pt")
+    save_checkpoint(path, model, cfg, 5)
+    before = open(path, "rb").read()
+
+    def interrupted(payload, f):
+        f.write(b"partial")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 18624 vs 18576")
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, cfg, 10)
+    assert open(path, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["step000010.pt"]
