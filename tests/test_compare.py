@@ -41,6 +41,7 @@ def test_compare_writes_every_method_scored_as_evaluate_does_and_the_same_bytes_
     assert f"wrote {out / 'index.html'}" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a subprocess each: end to end, as the user runs it
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "unreadable checkpoint", "other scale",
                                   "out is another folder", "out under a file"])
 def test_bad_input_is_one_line_and_no_page(case, tiny_cfg, tmp_path):
