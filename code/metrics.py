@@ -19,6 +19,13 @@ PSNR_CAP = 100.0  # dB: the PSNR of an image identical to its reference (tables 
 BT601 = (65.481, 128.553, 24.966)
 
 
+def unit_luma(image):
+    """(Y - 16) / 255 of RGB images (...x3xHxW) in [0, 1], BT.601 as `luma`, unrounded, with their channel axis
+    kept (...x1xHxW); float32 whatever autocast computed them in."""
+    weights = torch.tensor(BT601, device=image.device).div(255).view(3, 1, 1)
+    return (image * weights).sum(-3, keepdim=True)
+
+
 def loss_function(prediction, target, kind="l1", border=0, per_image=False, channels="rgb"):
     """The training loss over the crop without `border` pixels at each edge: l1 (the handout's), or l2 (the mean
     squared error, which PSNR measures). Edge pixels see the crop's zero padding, which a whole test image has
@@ -27,9 +34,8 @@ def loss_function(prediction, target, kind="l1", border=0, per_image=False, chan
     per_image: one value an image of the batch (validation averages them over the images), else the batch mean."""
     if border:
         prediction, target = (t[..., border:-border, border:-border] for t in (prediction, target))
-    if channels == "y":  # (Y - 16) / 255 of images in [0, 1], in float32 whatever autocast computed them in
-        weights = torch.tensor(BT601, device=prediction.device).div(255).view(3, 1, 1)
-        prediction, target = ((t * weights).sum(-3, keepdim=True) for t in (prediction, target))
+    if channels == "y":
+        prediction, target = (unit_luma(t) for t in (prediction, target))
     loss = F.l1_loss if kind == "l1" else F.mse_loss
     if per_image:
         return loss(prediction, target, reduction="none").flatten(1).mean(1)
@@ -70,8 +76,7 @@ def radial_power_spectrum(image, bins=32):
     edges' jump): the mean |FFT|^2 in `bins` rings of spatial frequency from 0 to Nyquist (0.5 cycles/pixel),
     rings beyond Nyquist on the diagonals left out. Texture is power at high frequencies: comparing an output's
     spectrum with HR's says whether it restores HR's fine detail (near HR), lacks it (below) or adds other (above)."""
-    gray = image.float().mean(0) if image.shape[0] != 3 else \
-        (torch.tensor(BT601, device=image.device).view(3, 1, 1) * image.float()).sum(0) / sum(BT601)
+    gray = unit_luma(image.float())[0] if image.shape[0] == 3 else image.float().mean(0)
     height, width = gray.shape
     window = torch.outer(torch.hann_window(height, periodic=False, device=image.device),
                          torch.hann_window(width, periodic=False, device=image.device))

@@ -70,14 +70,13 @@ class Discriminator(nn.Module):
     def forward(self, image, with_features=False):
         """The logit of each image; with_features: also the activations after each stage (its 4 resolutions),
         which feature matching compares between HR and prediction."""
-        if not with_features:
-            return self.classifier(self.features(image)).squeeze(1)
         stages = []
-        for index, layer in enumerate(self.features):
+        for index, layer in enumerate(self.features):  # what self.features(image) computes, layer by layer
             image = layer(image)
             if index % 4 == 3:  # after a stage's strided convolution and its activation
                 stages.append(image)
-        return self.classifier(image).squeeze(1), stages
+        logits = self.classifier(image).squeeze(1)
+        return (logits, stages) if with_features else logits
 
 
 def build_model(cfg):

@@ -95,14 +95,9 @@ def pixels_sha256(source):
 
 
 def is_checked(path, file):
-    """Whether `path` holds the image of `file` (its pixels; the size from the header before decoding)."""
-    if not os.path.isfile(path):
-        return False
+    """Whether `path` holds the image of `file`, by its pixels."""
     try:
-        with open_image(path) as pil:
-            if f"{pil.size[0]}x{pil.size[1]}" != file.size:
-                return False
-        return pixels_sha256(path) == (file.size, file.pixels_sha256)
+        return os.path.isfile(path) and pixels_sha256(path) == (file.size, file.pixels_sha256)
     except DataError:
         return False
 
@@ -118,27 +113,20 @@ def as_png(content):
 
 
 def from_folder(source, file):
-    """The bytes of `file` in a local copy laid out like data_root (<source>/<set>/<file>, or the source's own
-    name: T91/t1.bmp), checked by its pixels."""
+    """(path, bytes) of `file` in a local copy laid out like data_root (<source>/<set>/<file>, or the source's own
+    name: T91/t1.bmp); checked_png checks them."""
     path = os.path.join(source, file.set, file.file)
     if not os.path.isfile(path):  # a source file as downloaded by hand, e.g. T91/t1.bmp
         path = os.path.join(source, file.set, os.path.basename(file.url_path))
     if not os.path.isfile(path):
         raise FetchError(f"{os.path.join(source, file.set, file.file)}: no such file in source={source} "
                          f"(expected <source>/<set>/{file.file} or {os.path.basename(file.url_path)})")
-    try:
-        checked = pixels_sha256(path)
-    except DataError as err:
-        raise FetchError(str(err)) from None
-    if checked != (file.size, file.pixels_sha256):
-        raise FetchError(f"{path}: not the pinned image of {file.set}/{file.file} (pixels {checked[0]} SHA-256 "
-                         f"{checked[1][:12]}…, expected {file.size} {file.pixels_sha256[:12]}…); not copied")
     with open(path, "rb") as f:
-        return f.read()
+        return path, f.read()
 
 
 def from_network(downloads, file):
-    """The bytes of `file` downloaded by pooch into `downloads`, which keeps them only when their SHA-256 is the
+    """(URL, bytes) of `file` downloaded by pooch into `downloads`, which keeps them only when their SHA-256 is the
     pinned one (and retries a failed transfer)."""
     import requests
 
@@ -159,18 +147,20 @@ def from_network(downloads, file):
     with open(path, "rb") as f:
         content = f.read()
     os.remove(path)  # the PNG in data_root/<set>/ is what is kept
-    return content
+    return url, content
 
 
-def checked_png(content, file):
-    """The image of `file` as PNG bytes, refused unless its pixels are the pinned ones."""
+def checked_png(origin, content, file):
+    """The image of `file` as PNG bytes, refused unless its pixels are the pinned ones (`origin`: where the bytes
+    came from, for the message)."""
     try:
         png = as_png(content)
-        checked = pixels_sha256(png)
+        checked = pixels_sha256(png)  # what is written is what is checked
     except (OSError, DataError) as err:
-        raise FetchError(f"{file.set}/{file.file}: not a readable image ({err}); not kept") from None
+        raise FetchError(f"{origin}: not a readable image ({err}); not kept") from None
     if checked != (file.size, file.pixels_sha256):
-        raise FetchError(f"{file.set}/{file.file}: its pixels are not the pinned ones; not kept")
+        raise FetchError(f"{origin}: not the pinned image of {file.set}/{file.file} (pixels {checked[0]} SHA-256 "
+                         f"{checked[1][:12]}…, expected {file.size} {file.pixels_sha256[:12]}…); not kept")
     return png
 
 
@@ -195,8 +185,8 @@ def fetch_standard(cfg):
             counts[file.set] = counts.get(file.set, 0) + 1
             if is_checked(target, file):
                 continue
-            content = from_folder(cfg["source"], file) if cfg["source"] else from_network(downloads, file)
-            png = checked_png(content, file)
+            origin, content = from_folder(cfg["source"], file) if cfg["source"] else from_network(downloads, file)
+            png = checked_png(origin, content, file)
             with system.failed_writes_exit(target):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
             system.write_file(target, png)
