@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-requirements.txt
 # the handout's learning rate, so that the demo stays within a few minutes on CPUs without bf16 instructions too.
 DEMO_ARGS ?= run=demo model=residual max_steps=300 batch_size=8 patch_size=32 lr=2e-4 val_every=100 ckpt_every=100
 
-.PHONY: demo test test-slow test-manual test-slurm experiments report pdf bench onnx gpu-check venv data data-standard train evaluate tensorboard clean
+.PHONY: demo test test-slow test-manual test-slurm experiments report bench onnx gpu-check venv data data-standard train evaluate tensorboard clean
 
 demo: venv
 	$(PY) code/prepare_data.py
@@ -63,13 +63,11 @@ experiments: venv
 	$(PY) code/experiments.py $(ARGS)
 
 # The report: runs/report/, README.pdf and README.md's key results, from the committed checkpoints and logs
-# (code/report.py evaluates and plots, code/report.md is the prose).
+# (code/report.py evaluates and plots, code/report.typ is the text, set by Typst), and the comparison page of Set14.
 report: venv
 	$(PY) code/report.py $(ARGS)
-
-# README.pdf again from code/report.md and the saved runs/report/report.json, after editing the prose.
-pdf: venv
-	$(PY) code/report.py pdf $(ARGS)
+	$(PY) code/compare.py checkpoint=checkpoints/residual_matlab,checkpoints/final_t91,checkpoints/final \
+	  eval_dir=$${SR_DATA_ROOT:-data}/Set14 degradation=bicubic_matlab crop=160 out=runs/report/compare
 
 # Training-speed ratios on this machine (code/bench.py); ARGS="data_dir=data/T91" for T91.
 bench: venv data

@@ -24,7 +24,7 @@ SECTIONS = {
         "eval_dir": "data/eval", "scale": 2,
         "patch_size": 64,  # side of the HR training crop
         "jitter": 0.2,  # ColorJitter brightness = contrast = saturation = hue
-        "degradation": "bilinear",  # how LR is made: bilinear | bicubic | nearest | nearest_centred | bicubic_matlab
+        "degradation": "bilinear",  # how LR is made: bilinear | bicubic | nearest | nearest_last | box | bicubic_matlab
         "augment": "none",  # none | dihedral: each HR crop also randomly flipped and turned by 90 degrees
         "scale_augment": "",  # e.g. 0.9,0.8,0.7,0.6: training also on each image downscaled by these; empty = none
     },
@@ -83,14 +83,13 @@ SECTIONS = {
         "page": "",  # a folder for the comparison page (input | bicubic | model) of the upscaled images; empty = none
     },
     "compare": {"crop": 0},  # compare.py: HR px a side of the crop around each image's first view; 0 = whole images
-    "report": {"report_dir": "",  # report.py's output folder; empty = runs/report
-               "report_blocks": ""},  # only these tables/figures (comma-separated), the rest from report.json
+    "report": {"report_dir": ""},  # report.py's output folder; empty = runs/report
     "bench": {"bench_steps": 24},  # timed steps per measurement (a multiple of 8: see bench.py)
 }
 DEFAULTS = {key: value for section in SECTIONS.values() for key, value in section.items()}
 
 CHOICES = {
-    "degradation": ("bilinear", "bicubic", "nearest", "nearest_centred", "bicubic_matlab"), "augment": ("none", "dihedral"),
+    "degradation": ("bilinear", "bicubic", "nearest", "nearest_last", "box", "bicubic_matlab"), "augment": ("none", "dihedral"),
     "bad_files": ("error", "skip"), "model": ("basic", "residual"), "lr_schedule": ("constant", "cosine"),
     "resume": ("never", "auto"), "loss": ("l1", "l2"), "loss_channels": ("rgb", "y"),
     "gan_loss": ("relativistic", "standard"), "disc_norm": ("none", "spectral"), "channels_last": ("auto", "on", "off"),

@@ -117,18 +117,19 @@ def degrade(hr, scale=2, method="bilinear"):
     from torch's global generator, which SRDataset seeds per sample around this call, while the batch-wise
     path (batches.DeviceBatches) would need its draws added to batches.SampleParameters.
 
-    bilinear / bicubic / nearest: torchvision's Resize (antialiased). bicubic_matlab: MATLAB's
-    `imresize`, the degradation of the published SR benchmarks, rounded to 8 bits as they are.
-    nearest_centred: cubic interpolation (PyTorch's, a = -0.75) at the centre of each scale x scale block,
-    without antialiasing: aligned with the other methods, but not a point sample: at x2 each LR pixel weighs
-    four HR pixels per axis by (-3/32, 19/32, 19/32, -3/32), a mild low-pass filter. So nearest against it
-    changes both the alignment and the filtering (README.pdf's split of the two is confounded; issue #38).
+    bilinear / bicubic / nearest: torchvision's Resize (antialiased; nearest keeps the first, top-left pixel of
+    each scale x scale block, half an HR pixel off the block's centre). bicubic_matlab: MATLAB's `imresize`, the
+    degradation of the published SR benchmarks, rounded to 8 bits as they are. The two controls of nearest, for
+    README.pdf's downscaling table: nearest_last keeps each block's last, bottom-right pixel (no blur either, the opposite
+    shift) and box is the block's mean (aligned with the block's centre, as bilinear is, with a milder blur).
     """
     if method == "bicubic_matlab":
         return imresize_matlab(hr, 1 / scale).mul(255).round().clamp(0, 255).div(255).to(hr.dtype)
     height, width = hr.shape[-2] // scale, hr.shape[-1] // scale
-    if method == "nearest_centred":
-        return transforms.functional.resize(hr, [height, width], INTERPOLATION["bicubic"], antialias=False).clamp(0, 1)
+    if method == "nearest_last":
+        return hr[..., scale - 1:height * scale:scale, scale - 1:width * scale:scale].clone()  # not a view of hr
+    if method == "box":
+        return torch.nn.functional.avg_pool2d(hr[..., :height * scale, :width * scale], scale)
     return transforms.functional.resize(hr, [height, width], INTERPOLATION[method], antialias=True)
 
 
@@ -340,8 +341,18 @@ def save_first_pair(lr_image, hr_image, out):
     return paths
 
 
+def check_batch(dataset, seed, out):
+    """The handout's check: one shuffled DataLoader mini-batch of 4 pairs (seeded), its first pair saved as PNG in
+    `out` (save_first_pair). Returns (lr, hr)."""
+    torch.manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=0, drop_last=True)
+    lr_image, hr_image = next(iter(loader))
+    save_first_pair(lr_image, hr_image, out)
+    return lr_image, hr_image
+
+
 def main(argv):
-    """The handout's check: one shuffled mini-batch from a DataLoader, its first pair saved as PNG."""
+    """The handout's check, on the configured training folder: python code/dataset.py data_dir=..."""
     import config
 
     cfg = config.from_argv(argv, ("data", "reading", "run", "seed"))
@@ -349,19 +360,13 @@ def main(argv):
         train_dataset = SRDataset.from_config(cfg)
     except DataError as err:
         raise SystemExit(f"data error: {err}") from None
-    torch.manual_seed(cfg["seed"])
-    train_dataloader = DataLoader(train_dataset, batch_size=4, shuffle=True, num_workers=2,
-                                  drop_last=True, pin_memory=torch.cuda.is_available())
     print(f" * Dataset contains {len(train_dataset)} image(s).")
     out = os.path.join(cfg["runs_dir"], "dataset_check")
     os.makedirs(out, exist_ok=True)
-    for _, batch in enumerate(train_dataloader, 0):
-        lr_image, hr_image = batch
-        print(f" * batch: lr {tuple(lr_image.shape)}, hr {tuple(hr_image.shape)}, "
-              f"values in [{hr_image.min():.3f}, {hr_image.max():.3f}]")
-        for path in save_first_pair(lr_image, hr_image, out):
-            print(f" * wrote {path}")
-        break  # one batch is enough for a check
+    lr_image, hr_image = check_batch(train_dataset, cfg["seed"], out)
+    print(f" * batch: lr {tuple(lr_image.shape)}, hr {tuple(hr_image.shape)}, "
+          f"values in [{hr_image.min():.3f}, {hr_image.max():.3f}]")
+    print(f" * wrote {out}/lr_image.png and hr_image.png")
 
 
 if __name__ == "__main__":

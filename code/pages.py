@@ -16,7 +16,7 @@ from PIL import Image
 import system
 from checkpoints import method_name
 from dataset import MAX_PIXELS, decode_image, to_float
-from metrics import interpolate, psnr, ssim
+from metrics import interpolate, luma, psnr, ssim
 from models import tiled_upscaler
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare.html")  # the page: HTML, CSS, JavaScript
@@ -37,6 +37,15 @@ def focus_window(gain, size=None):
     means = F.avg_pool2d(gain[None, None].float(), size, stride)[0, 0]
     row, col = divmod(int(means.argmax()), means.shape[1])
     return {"x": col * stride, "y": row * stride, "size": size}
+
+
+def detail_window(hr, side):
+    """(top, left) of the side x side square of the CxHxW image `hr` (in [0, 1]) with the most edges (mean gradient
+    magnitude of its luma, searched as focus_window searches): where an upscaler has something to recover, found
+    from HR alone."""
+    y = luma(hr * 255)
+    window = focus_window((y[1:, :-1] - y[:-1, :-1]).abs() + (y[:-1, 1:] - y[:-1, :-1]).abs(), side)
+    return window["y"], window["x"]
 
 
 def crop_entry(entry, size, scale):

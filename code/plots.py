@@ -61,10 +61,11 @@ def moving_mean(steps, values, window=SMOOTH_STEPS):
     return smoothed
 
 
-def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None):
+def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None, reference_legend=True):
     """On each axis one panel (tags, title, log) of every curve (label, {tag: (steps, values)}); a curve keeps its
     colour in every panel. train/* tags are drawn as moving means over SMOOTH_STEPS steps. `references`:
-    {tag: [(label, value)]}, dashed horizontal lines; `y_limits`: {tag: (low, high)}."""
+    {tag: [(label, value)]}, dashed horizontal lines (in the legend unless `reference_legend` is False: a caption
+    says what they are); `y_limits`: {tag: (low, high)}."""
     for axis, (tags, title, log) in zip(axes, panels):
         for index, (label, scalars) in enumerate(curves):
             for tag in tags:
@@ -83,6 +84,7 @@ def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None
             axis.set_ylim(*y_limits[tags[0]])
         axis.grid(alpha=0.3)
         several = len(curves) > 1 or len(tags) > 1
+        lines = lines if reference_legend else []
         if (axis is axes[0] and several) or len(tags) > 1 or lines:  # the curves' legend once, references where drawn
             axis.legend(handles=lines if lines and not (axis is axes[0] and len(curves) > 1) else None,
                         loc="best", framealpha=0.8)
@@ -131,6 +133,19 @@ def plot_image_grid(cells, out_path, columns, cell_inches=None, title_size=8):
         if under:
             axis.text(0.5, -0.02, under, fontsize=title_size - 0.5, ha="center", va="top", transform=axis.transAxes)
     return save_figure(figure, out_path, pad=0.2, h_pad=0.6, w_pad=0.3)
+
+
+def plot_split(left, right, out_path, labels, height=4.4):
+    """A whole image (CxHxW in [0, 1]) drawn pixel for pixel, its left half from `left` and its right half from
+    `right` (two outputs for the same input), a line between them and `labels` (left, right) above."""
+    middle = left.shape[-1] // 2
+    pixels = to_pixels(torch.cat([left[..., :middle], right[..., middle:]], -1))
+    figure, axis = plt.subplots(figsize=(height * pixels.shape[1] / pixels.shape[0], height + 0.25))
+    axis.imshow(pixels, interpolation="nearest")
+    axis.axvline(middle - 0.5, color="white", linewidth=0.8)
+    axis.set_axis_off()
+    axis.set_title(f"{labels[0]}    |    {labels[1]}", fontsize=8, pad=3)
+    return save_figure(figure, out_path, pad=0.1)
 
 
 # ---- crops of model outputs, for plot_image_grid (README.pdf's image figures) ----

@@ -72,17 +72,22 @@ def test_eval_mode_returns_whole_images_cropped_to_the_scale(tmp_path):
     assert torch.equal(SRDataset(folder, train=False)[0][0], low_res)
 
 
-@pytest.mark.parametrize("method", ["bilinear", "bicubic", "nearest", "nearest_centred"])
+@pytest.mark.parametrize("method", ["bilinear", "bicubic", "nearest", "nearest_last", "box"])
 def test_degrade_halves_each_side(method):
     assert degrade(torch.rand(2, 3, 10, 14), 2, method).shape == (2, 3, 5, 7)
+    assert degrade(torch.rand(3, 11, 15), 2, method).shape == (3, 5, 7)  # odd sides: the last row/column dropped
 
 
-def test_nearest_takes_the_top_left_pixel_and_nearest_centred_samples_the_block_centre():
+def test_nearest_and_nearest_last_sample_half_a_pixel_either_side_and_box_averages_at_the_centre():
     ramp = torch.arange(8.0).repeat(8, 1)[None] / 8  # brightness rising to the right, 1/8 a pixel
     assert torch.equal(degrade(ramp, 2, "nearest")[0, 0], torch.tensor([0.0, 2, 4, 6]) / 8)  # half a pixel left
-    centred = degrade(ramp, 2, "nearest_centred")[0, 0]
-    torch.testing.assert_close(centred[1:3], torch.tensor([2.5, 4.5]) / 8)  # a linear ramp: exactly the centre
-    torch.testing.assert_close(centred[1:3], degrade(ramp, 2, "bilinear")[0, 0, 1:3])  # where bilinear samples
+    assert torch.equal(degrade(ramp, 2, "nearest_last")[0, 0], torch.tensor([1.0, 3, 5, 7]) / 8)  # half right
+    box = degrade(ramp, 2, "box")[0, 0]
+    assert torch.equal(box, torch.tensor([0.5, 2.5, 4.5, 6.5]) / 8)  # a linear ramp: exactly the block's centre
+    torch.testing.assert_close(box[1:3], degrade(ramp, 2, "bilinear")[0, 0, 1:3])  # where bilinear samples
+    checker = torch.tensor([[0.0, 1], [1, 0]]).repeat(4, 4)[None]  # the finest pattern: box blurs it to grey
+    assert torch.equal(degrade(checker, 2, "box"), torch.full((1, 4, 4), 0.5))
+    assert torch.equal(degrade(checker, 2, "nearest"), torch.zeros(1, 4, 4))  # point samples alias it
 
 
 def make_odd_formats(folder):

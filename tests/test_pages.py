@@ -71,6 +71,19 @@ def leftovers(parent):
 
 # ---- the page's files, without a browser ----
 
+def test_the_focus_window_is_the_square_with_the_largest_mean_gain():
+    gain = torch.zeros(64, 80)
+    gain[20:36, 44:60] = 1.0
+    assert pages.focus_window(gain, 16) == {"x": 44, "y": 20, "size": 16}
+
+
+def test_the_detail_window_is_where_the_image_has_most_edges():
+    hr = torch.full((3, 64, 96), 0.5)
+    hr[:, 32:48, 16:32] = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))  # texture: edges
+    hr[:, :, 80:] = 1.0  # one straight edge elsewhere: less than the texture
+    assert pages.detail_window(hr, 16) == (32, 16)
+
+
 def test_the_first_view_is_where_the_best_model_gains_most_over_bicubic(tiny_cfg):
     gain = torch.zeros(64, 96)
     gain[40:56, 64:80] = 1.0

@@ -1,5 +1,8 @@
 import os
 
+import numpy as np
+import torch
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 import plots
@@ -33,3 +36,12 @@ def test_a_gan_run_gets_panels_for_its_losses_and_discriminator_outputs(tmp_path
     plots.plot_training_curves(str(tmp_path), str(tmp_path / "curves.png"))
     run = tmp_path.name
     assert drawn == [run, run, run, f"{run} d_real", f"{run} d_fake", run]  # logged tags only; ssim, sharpness: none
+
+
+def test_the_split_view_shows_the_left_half_of_one_image_and_the_right_half_of_the_other(tmp_path):
+    black, white = torch.zeros(3, 40, 60), torch.ones(3, 40, 60)
+    path = plots.plot_split(black, white, str(tmp_path / "split.png"), ("black", "white"))
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
+    rows = pixels[pixels.shape[0] // 2]  # a row through the image: black, the white line, white
+    dark = np.flatnonzero(rows < 30)
+    assert len(dark) > 0 and rows[dark[-1] + 5:].min() > 225 and dark[0] < len(rows) // 2 < dark[-1] + 10

@@ -1,0 +1,65 @@
+"""How the report summarises runs and comparisons: a run's level (mean ± sd of its last validations), paired
+differences over the images of a set, the trend test of a validation curve, and numbers as the text prints them."""
+import math
+import statistics
+
+PM = "\u00a0±\u00a0"  # "a ± b" kept on one line
+TREND_FRACTION, TREND_DB = 0.2, 0.05  # the trend test: the last 20% of the steps against the 20% before
+
+
+def mean_sd(values):
+    """(mean, sample standard deviation); sd 0 for one value, both NaN for none."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def signed(value, digits=2):
+    """'+0.13', '-0.05', and '0.00' for what rounds to zero (no '-0.00')."""
+    text = f"{value:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text
+
+
+def pm(values, digits=2):
+    """'mean ± sd' of a list, '—' for none (a run that diverged before its first validation)."""
+    mean, sd = mean_sd(values)
+    return "—" if not values else f"{mean:.{digits}f}{PM}{sd:.{digits}f}"
+
+
+def signed_pm(value, error):
+    return f"{signed(value)}{PM}{error:.2f}"
+
+
+def spread(values, digits=2):
+    """'a–b' of a few numbers, or the one number when they agree to `digits`."""
+    low, high = (f"{f(values):.{digits}f}" for f in (min, max)) if values else ("—", "—")
+    return low if low == high else f"{low} to {high}" if "-" in low + high else f"{low}–{high}"
+
+
+def trend(steps, values, fraction=TREND_FRACTION, tolerance=TREND_DB):
+    """(gain, se, verdict): the mean validation PSNR of the last `fraction` of the steps minus that of the `fraction`
+    before, its standard error, and "rising" (gain above `tolerance` and 2 se), "flat" (gain and 2 se within
+    `tolerance`: a test that can tell) or "no detectable trend (noisy)". Under a learning rate annealed to ~0 the end
+    of a run is flat by construction: flat says the run has settled, not that longer training cannot help."""
+    last = steps[-1]
+    recent = [v for s, v in zip(steps, values) if s > last * (1 - fraction)]
+    before = [v for s, v in zip(steps, values) if last * (1 - 2 * fraction) < s <= last * (1 - fraction)]
+    if len(recent) < 2 or len(before) < 2:
+        return math.nan, math.nan, "—"
+    gain = statistics.fmean(recent) - statistics.fmean(before)
+    se = math.sqrt(statistics.variance(recent) / len(recent) + statistics.variance(before) / len(before))
+    if gain > tolerance and gain > 2 * se:
+        return gain, se, "rising"
+    return gain, se, "flat" if abs(gain) < tolerance and 2 * se < tolerance else "no detectable trend (noisy)"
+
+
+def trend_text(steps, values):
+    gain, se, verdict = trend(steps, values)
+    return "—" if math.isnan(gain) else f"{signed_pm(gain, se)} dB, {verdict}"
+
+
+def paired(after, before):
+    """Mean ± standard error over the images of per-image PSNR differences (one training run each: the ± covers the
+    images, not the training noise)."""
+    mean, sd = mean_sd([a["psnr"] - b["psnr"] for a, b in zip(after, before)])
+    return signed_pm(mean, sd / math.sqrt(len(after)))

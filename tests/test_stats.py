@@ -1,0 +1,33 @@
+import math
+
+import pytest
+
+import stats
+
+
+def test_trend_compares_the_last_fifth_with_the_fifth_before_and_says_noisy_where_it_cannot_tell():
+    steps = list(range(500, 10001, 500))
+    rising = [20 + 0.1 * i for i in range(len(steps))]
+    gain, se, verdict = stats.trend(steps, rising)
+    assert gain == pytest.approx(0.4) and se == pytest.approx(math.sqrt(2 * 0.1 ** 2 * 5 / 3 / 4))
+    assert verdict == "rising"
+    assert stats.trend(steps, [30.0 + 0.001 * (i % 2) for i in range(len(steps))])[2] == "flat"
+    noisy_but_flat = [30.0 + (0.5 if i % 2 else 0.0) for i in range(len(steps))]
+    assert stats.trend(steps, noisy_but_flat)[::2] == (0.0, "no detectable trend (noisy)")  # no power: not "flat"
+    noisy_and_rising_a_little = [v + 0.02 * i for i, v in enumerate(noisy_but_flat)]  # 0.08 dB within 2 se
+    gain, se, verdict = stats.trend(steps, noisy_and_rising_a_little)
+    assert gain == pytest.approx(0.08) and gain < 2 * se and verdict == "no detectable trend (noisy)"
+    assert math.isnan(stats.trend([500], [30.0])[0])
+
+
+def test_signed_numbers_never_print_minus_zero():
+    assert [stats.signed(v) for v in (0.126, -0.051, -0.004, 0.0)] == ["+0.13", "-0.05", "0.00", "0.00"]
+    assert stats.signed_pm(-0.001, 0.004) == "0.00\xa0±\xa00.00"
+
+
+def test_a_paired_difference_is_the_mean_and_standard_error_over_the_images():
+    after, before = [{"psnr": v} for v in (31.0, 32.0, 33.5)], [{"psnr": v} for v in (30.0, 31.0, 32.0)]
+    # differences 1, 1, 1.5: mean 1.1667, sd 0.2887, se 0.1667
+    assert stats.paired(after, before) == "+1.17\xa0±\xa00.17"
+    assert stats.pm([1.0, 2.0, 3.0]) == "2.00\xa0±\xa01.00" and stats.pm([]) == "—"
+    assert stats.spread([0.1234, 0.2]) == "0.12–0.20" and stats.spread([0.2, 0.2001]) == "0.20" and stats.spread([]) == "—"
