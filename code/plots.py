@@ -111,7 +111,7 @@ def plot_curves(curves, out_path, panels, rows=1, width=FIGURE_WIDTH, height=2.3
 def plot_curve_rows(groups, out_path, panels):
     """One row of `panels` per (curves, x_max, references) of `groups`: runs of very different lengths each on a
     step axis of their own, each row with its own reference lines (see draw_curves) or None."""
-    figure, axes = plt.subplots(len(groups), len(panels), figsize=(FIGURE_WIDTH, 2.4 * len(groups)), squeeze=False)
+    figure, axes = plt.subplots(len(groups), len(panels), figsize=(FIGURE_WIDTH, 2.0 * len(groups)), squeeze=False)
     for row, (curves, x_max, references) in zip(axes, groups):
         draw_curves(list(row), curves, panels, references=references, x_max=x_max)
     return save_figure(figure, out_path)

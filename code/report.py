@@ -365,7 +365,7 @@ def adversarial(r):
     start_path = os.path.join(r.cfg["ckpt_dir"], gan.init)
     start_step = load_checkpoint(start_path)["step"]
     start = checkpoint_method(start_path, f"residual, step {start_step:,} (GAN's start)", r.device)
-    start_level = {tag: mean_sd(residual.last(tag, max_step=start_step))[0] for tag in ("val/psnr", "val/ssim")}
+    start_level = {t: mean_sd(residual.last(t, max_step=start_step))[0] for t in ("val/psnr", "val/ssim", "val/sharpness")}
     plots.plot_curves([gan.curve()], r.fig("gan_curves"), [p for p in plots.GAN_PANELS if "train/d_real" not in p[0]], rows=2,
                       references={t: [("start", value)] for t, value in start_level.items()}, reference_legend=False)
     methods, keys = [BICUBIC, start, r.method["gan"]], ("psnr", "ssim", "sharpness", "gmsd")
