@@ -315,8 +315,8 @@ def baseline_and_residual(r):
              pm([b - a for a, b in zip(*levels)])]]
     rows += [[f"{s}, last step's weights", f"{a:.2f}", f"{b:.2f}", signed(b - a)] for s, a, b in zip(SETS, *tested)]
     r.tables["gap"] = table(["PSNR (dB)", "baseline", "residual", "residual − baseline"], rows)
-    r.v.update(baseline_below_level=f"{mean_sd(levels[0])[0] - tested[0][0]:.2f}",
-               residual_below_level=f"{mean_sd(levels[1])[0] - tested[1][0]:.2f}",
+    r.v.update(baseline_vs_level=signed(tested[0][0] - mean_sd(levels[0])[0]),
+               residual_vs_level=signed(tested[1][0] - mean_sd(levels[1])[0]),
                gap_level=rows[0][-1], gap_tests=spread([b - a for a, b in zip(tested[0][1:], tested[1][1:])]),
                baseline_trend=trend_text(*baseline.series("val/psnr")),
                residual_trend=trend_text(*residual.series("val/psnr")),
@@ -411,16 +411,17 @@ def final_model(r):
                final_val_start=f"{run.series('val/psnr')[1][0]:.2f}", final_t91_val_level=pm(t91_run.last()),
                final_t91_trend=trend_text(*t91_run.series("val/psnr")),
                no_rescale_val_level=pm(runs["final_no_rescale"].last()), matlab_steps=f"{runs['residual_matlab'].step:,}",
-               **{f"final_{k}": f"{run.config[k]:g}" for k in ("lr", "warmup_steps", "loss_border", "batch_size", "patch_size")},
+               **{f"final_{k}": f"{run.config[k]:g}" for k in ("warmup_steps", "loss_border", "batch_size", "patch_size")},
+               final_lr=f"{run.config['lr']:.0e}".replace("e-0", "e-"),
                final_scale_factors=f"{', '.join(factors[:-1])} and {factors[-1]}")
     r.tables["ablation"], values = ablation_table(runs, method, r.scores)
     r.v.update(values, ablation_steps=f"{runs[ABLATION[0][0]].planned:,}")
     reference = {"val/psnr": [("bicubic upsampling", r.scores.rgb(BICUBIC, "Set5", "bicubic_matlab")["psnr"])]}
     ablation = [runs[n] for n, _ in ABLATION]
     plots.plot_curve_rows([([t91_run.curve()], t91_run.planned, reference),
-                           ([runs[n].curve() for n in ("final_no_rescale", "final")], run.planned, None),
-                           ([x.curve() for x in ablation], ablation[0].planned, reference)],
-                          r.fig("final_curves"), [plots.PANELS[0], plots.PANELS[2], (("train/lr",), "learning rate", False)])
+                           ([runs[n].curve(label=n) for n in ("final_no_rescale", "final")], run.planned, None),
+                           ([x.curve() for x in ablation], ablation[0].planned, reference)], r.fig("final_curves"),
+                          [((f"train/{metrics.LOGGED_L1}",), "train L1", False), plots.PANELS[2], (("train/lr",), "learning rate", False)])
     best_case_figure(r.fig("best_case"), final, r.scores, r.device)
     panels = [("HR", None), ("bicubic", MATLAB.upscale), ("final, T91 only", t91.upscale), ("final", final.upscale)]
     crops_figure(r, "barbara", [(label, "bicubic_matlab", upscale) for label, upscale in panels], 4, errors=True)
