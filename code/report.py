@@ -164,11 +164,11 @@ class Scores:
 
 
 def training_data(cfg):
-    """'T91 + BSD200 (291)', with ' at 5 scales' where the run also trained on downscaled copies."""
-    folders = cfg["data_dir"].split(",")
-    count = sum(len([n for n in os.listdir(f) if not n.startswith(".")]) for f in folders if os.path.isdir(f))
+    """'T91 + BSD200 (291)', ' at 5 scales' with downscaled copies; counted in DATA_ROOT's sets of those names."""
+    names = [os.path.basename(os.path.normpath(f)) for f in cfg["data_dir"].split(",")]
+    count = sum(len(list_images(os.path.join(DATA_ROOT, n))) for n in names if os.path.isdir(os.path.join(DATA_ROOT, n)))
     scales = f" at {len(config.scale_factors(cfg['scale_augment'])) + 1} scales" if cfg.get("scale_augment") else ""
-    return f"{' + '.join(os.path.basename(os.path.normpath(f)) for f in folders)} ({count}){scales}"
+    return f"{' + '.join(names)} ({count}){scales}"
 
 
 # ---- tables, as report.typ's `tab` sets them: {"header": [...], "rows": [[...]]} --------------------------------

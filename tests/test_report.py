@@ -240,3 +240,16 @@ def test_report_needs_the_standard_sets_and_says_so_in_one_line(monkeypatch, tmp
     monkeypatch.setattr(report, "DATA_ROOT", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match=r"nowhere/T91: no such folder; the report evaluates on the standard sets"):
         report.main([])
+
+
+def test_training_data_counts_the_standard_sets_where_this_machine_has_them(tmp_path, monkeypatch):
+    for name, count in (("T91", 3), ("BSD200", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            (tmp_path / name / f"{i}.png").write_bytes(b"")
+        (tmp_path / name / "README.md").write_text("not an image")
+    monkeypatch.setattr(report, "DATA_ROOT", str(tmp_path))
+    # the committed runs name the folders they were trained from on our machines, absent on a user's
+    cfg = {"data_dir": "../elsewhere/T91,../elsewhere/BSD200", "scale_augment": "0.9,0.8"}
+    assert report.training_data(cfg) == "T91 + BSD200 (5) at 3 scales"
+    assert report.training_data({"data_dir": "/x/Set5", "scale_augment": ""}) == "Set5 (0)"
