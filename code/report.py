@@ -1,8 +1,8 @@
 """README.pdf from the committed checkpoints and logs: python code/report.py (make report). code/report.typ holds
 every sentence and caption; this script writes what it quotes into report_dir (runs/report): values.json (`#v.name`
 there), <name>.json per table (`#tab("name")`), <name>.png per figure (`#pic("name")`); Typst sets README.pdf. Scores
-are memoised in scores.json there by checkpoint hash, set, protocol and degradation (delete it after changing
-metrics.py): a rerun after editing the text takes a minute or two. A rerun writes the same bytes."""
+are memoised in scores.json there by checkpoint hash, set contents, metrics.py, protocol and degradation (delete it
+after changing degrade() or the models' code): a rerun takes a minute or two and writes the same bytes."""
 import functools
 import hashlib
 import json
