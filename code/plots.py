@@ -61,11 +61,11 @@ def moving_mean(steps, values, window=SMOOTH_STEPS):
     return smoothed
 
 
-def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None, reference_legend=True):
+def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None, legend_loc="upper right"):
     """On each axis one panel (tags, title, log) of every curve (label, {tag: (steps, values)}); a curve keeps its
     colour in every panel. train/* tags are drawn as moving means over SMOOTH_STEPS steps. `references`:
-    {tag: [(label, value)]}, dashed horizontal lines (in the legend unless `reference_legend` is False: a caption
-    says what they are); `y_limits`: {tag: (low, high)}."""
+    {tag: [(label, value)]}, dashed horizontal lines, left out of the legends (the captions say what they are);
+    `y_limits`: {tag: (low, high)}; the curves' legend, in the first panel, at `legend_loc`."""
     for axis, (tags, title, log) in zip(axes, panels):
         for index, (label, scalars) in enumerate(curves):
             for tag in tags:
@@ -77,17 +77,14 @@ def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None
                     name = label if len(tags) == 1 else f"{label} {tag.split('/')[-1]}".strip()
                     axis.plot(*zip(*finite), label=name, linewidth=1, color=f"C{(index * len(tags) + tags.index(tag)) % 10}",
                               marker="." if len(finite) < 30 else None)
-        lines = [axis.axhline(value, color="gray", linestyle=style, linewidth=1, label=label)
-                 for (label, value), style in zip((references or {}).get(tags[0], []), ("--", ":", "-."))]
+        for (label, value), style in zip((references or {}).get(tags[0], []), ("--", ":", "-.")):
+            axis.axhline(value, color="gray", linestyle=style, linewidth=1)
         axis.set(title=title, xlabel="step", yscale="log" if log else "linear", xlim=(0, x_max) if x_max else None)
         if y_limits and tags[0] in y_limits:
             axis.set_ylim(*y_limits[tags[0]])
         axis.grid(alpha=0.3)
-        several = len(curves) > 1 or len(tags) > 1
-        lines = lines if reference_legend else []
-        if (axis is axes[0] and several) or len(tags) > 1 or lines:  # the curves' legend once, references where drawn
-            axis.legend(handles=lines if lines and not (axis is axes[0] and len(curves) > 1) else None,
-                        loc="best", framealpha=0.8)
+        if (axis is axes[0] and len(curves) > 1) or len(tags) > 1:  # the curves' legend once; a panel's own tags
+            axis.legend(loc=legend_loc if axis is axes[0] else "best", framealpha=0.8)
 
 
 def save_figure(figure, out_path, **layout):

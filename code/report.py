@@ -1,8 +1,7 @@
-"""README.pdf from the committed checkpoints and logs: python code/report.py (make report). code/report.typ holds
-every sentence and caption; this script writes what it quotes into report_dir (runs/report): values.json (`#v.name`
-there), <name>.json per table (`#tab("name")`), <name>.png per figure (`#pic("name")`); Typst sets README.pdf. Scores
-are memoised in scores.json there by checkpoint hash, set contents, metrics.py, protocol and degradation (delete it
-after changing degrade() or the models' code): a rerun takes a minute or two and writes the same bytes."""
+"""README.pdf from the committed checkpoints and logs: python code/report.py (make report). code/report.typ holds every
+sentence and caption; this script writes what it quotes into runs/report: values.json (`#v.name`), <name>.json per table
+(`#tab("name")`), <name>.png per figure (`#pic("name")`); Typst sets README.pdf. Scores are memoised in scores.json there
+by checkpoint hash, set contents, metrics.py, protocol and degradation (delete it after changing degrade() or the models)."""
 import functools
 import hashlib
 import json
@@ -54,11 +53,6 @@ def cell(scores, keys=("psnr", "ssim")):
     return " / ".join(formats[k].format(scores[k]) for k in keys)
 
 
-def short_hardware(text):
-    return (text.replace("Intel(R) Xeon(R) Processor", "Xeon").replace(", 2 threads", "").replace(" autocast", "")
-            .replace("AMD EPYC Processor", "AMD EPYC"))
-
-
 # ---- the runs, their models and their scores ------------------------------------------------------------------
 
 def read_json(path):
@@ -98,6 +92,10 @@ class Run:
         if self.step is None:
             return "in progress: no checkpoint yet"
         return f"in progress: step {self.step:,} of {self.planned:,}" if self.step < self.planned else ""
+
+    def hardware(self):
+        text = self.summary.get("hardware") or self.payload.get("hardware", "—")
+        return re.sub(r"Intel\(R\) |\(R\)| Processor|, 2 threads| autocast", "", text)  # 'Xeon, bf16'
 
     def label(self):
         return NAMES.get(self.name, self.name) + (f" [{self.status()}]" if self.status() else "")
@@ -191,7 +189,7 @@ def sweep_table(sweep):
         rows.append([f"{run.config['lr']:g}", pm(psnrs), spread(psnrs),
                      f"{statistics.fmean(loss):.4f}" if loss and all(map(math.isfinite, loss)) else "not finite",
                      "the baseline's first 5,000 steps" if run.name == "baseline" else run.status() or "—"])
-    return table(["lr", "val PSNR, steps 3,000–5,000 (dB)", "range", "train L1, steps 4,501–5,000", "note"], rows)
+    return table(["lr", "val PSNR, mean ± sd of steps 3,000–5,000 (dB)", "range", "train L1, steps 4,501–5,000", "note"], rows)
 
 
 def standard_table(rows, scores):
@@ -210,7 +208,7 @@ def ablation_table(runs, method, scores):
     rows, before, first, added_before = [], None, None, []
     for name, settings in ABLATION:
         now = {s: scores.standard(method[name], s) for s in SETS[1:]}
-        cells = [x for s in SETS[1:] for x in (f"{statistics.fmean(m['psnr'] for m in now[s]):.2f}",
+        cells = [x for s in SETS[1:] for x in (f"{scores.standard_mean(method[name], s):.2f}",
                                                paired(now[s], before[s]) if before else "—")]
         added = ", ".join(x for x in settings if x not in added_before) or "—"
         rows.append([runs[name].label(), added, pm(runs[name].last()), *cells])
@@ -229,9 +227,8 @@ def runs_table(runs):
                      cfg["model"] + (f" from {run.init}" if run.init else ""), training_data(cfg),
                      f"{cfg['batch_size']}×{cfg['patch_size']}²", f"{cfg['lr']:g}",
                      *(["—", "—"] if run.step is None else [f"{run.step:,}", f"{run.step * cfg['batch_size'] / 1000:,.0f}k"]),
-                     "—" if elapsed is None else f"{elapsed / 3600:.2f}\u00a0h",
-                     short_hardware(run.summary.get("hardware") or run.payload.get("hardware", "—")),
-                     pm(psnrs[-LAST:]), "—" if verdict == "—" else f"{signed_pm(gain, se)}, {verdict}"])
+                     "—" if elapsed is None else f"{elapsed / 3600:.2f}\u00a0h", run.hardware(), pm(psnrs[-LAST:]),
+                     "—" if verdict == "—" else f"{signed_pm(gain, se)}, {verdict}"])
     return table(["run", "model", "data", "batch × crop", "lr", "steps", "samples", "wall time", "hardware",
                   "val PSNR, last 5 (dB)", "trend, last 20% (dB)"], rows)
 
@@ -292,10 +289,10 @@ def headline(r):
     r.v.update(typical=typical, typical_gain=f"{gains[index]:.2f}", typical_box=f"({left}, {top})",
                typical_side=str(TYPICAL_SIDE), best_side=str(BEST_SIDE),
                parameters=f"{count_parameters(r.method['residual'].upscale):,}")
-    panels = [("(a) HR", None), ("(b) LR input, pixels enlarged", "lr"), ("(c) final", r.method["final"].upscale),
-              ("(d) bicubic", MATLAB.upscale)]
+    panels = [("HR", "bicubic_matlab", None), ("final", "bicubic_matlab", r.method["final"].upscale),
+              ("bicubic", "bicubic_matlab", MATLAB.upscale)]
     where = ("B100", typical, top, left, TYPICAL_SIDE)
-    crops_figure(r, "typical", [(label, "bicubic_matlab", upscale) for label, upscale in panels], 2, where=where)
+    crops_figure(r, "typical", panels, 3, errors=True, where=where)  # the LR input under HR
     outputs = [plots.upscaled(m.upscale, hr, "bicubic_matlab", SCALE, r.device) for m in (MATLAB, r.method["final"])]
     plots.plot_split(*outputs, r.fig("split"), (f"← {MATLAB.label}", "final →"))
     panels = [("LR input, pixels enlarged", "lr"), ("bicubic", BICUBIC.upscale), ("HR", None)]
@@ -312,7 +309,7 @@ def baseline_and_residual(r):
     tested = [[r.scores.rgb(r.method[n], s)["psnr"] for s in SETS] for n in ("baseline", "residual")]
     steps = baseline.series("val/psnr")[0][-LAST:]
     rows = [[f"Set5, level: mean ± sd of steps {steps[0]:,}–{steps[-1]:,}", *map(pm, levels),
-             pm([b - a for a, b in zip(*levels)])]]
+             signed_pm(*mean_sd([b - a for a, b in zip(*levels)]))]]
     rows += [[f"{s}, last step's weights", f"{a:.2f}", f"{b:.2f}", signed(b - a)] for s, a, b in zip(SETS, *tested)]
     r.tables["gap"] = table(["PSNR (dB)", "baseline", "residual", "residual − baseline"], rows)
     r.v.update(baseline_vs_level=signed(tested[0][0] - mean_sd(levels[0])[0]),
@@ -325,22 +322,24 @@ def baseline_and_residual(r):
 
 
 def learning_rates(r):
-    """Task 5: the sweep's curves, table and outputs (5,000 steps each; lr 1e-4: the baseline's first 5,000)."""
-    baseline = r.runs["baseline"]
-    sweep = sorted([r.runs[n] for n, _ in RUNS if n.startswith("lr_") and n in r.runs] + [baseline],
+    """Task 5: the sweep's curves, table and outputs at 5,000 steps (lr 1e-4: the baseline's logs; its outputs: lr_1e-4)."""
+    baseline, rerun = r.runs["baseline"], r.runs["lr_1e-4"]
+    sweep = sorted([r.runs[n] for n, _ in RUNS if n.startswith("lr_") and n in r.runs and n != rerun.name] + [baseline],
                    key=lambda run: -run.config["lr"])
     plots.plot_curves([run.curve(5000, f"lr {run.config['lr']:g}") for run in sweep], r.fig("lr_sweep"),
                       [plots.PANELS[0], *plots.PANELS[2:]], references=r.reference,
-                      y_limits={f"train/{metrics.LOGGED_L1}": (0.01, 0.3)})
+                      y_limits={f"train/{metrics.LOGGED_L1}": (0.01, 0.3)}, legend_loc="lower left")
     r.tables["sweep"] = sweep_table(sweep)
     last = {("lr_1e-4" if run is baseline else run.name).replace("-", "_"): run.last(max_step=5000) for run in sweep}
     r.v.update({f"{name}_level": pm(values) for name, values in last.items()},
                **{f"{name}_range": spread(last[name]) for name in ("lr_1e_3", "lr_1e_5")})
     r.v.update(lr_gap=f"{mean_sd(last['lr_1e_4'])[0] - mean_sd(last['lr_1e_3'])[0]:.2f}",
-               lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(f'train/{metrics.LOGGED_L1}')[1]):.0f}")
-    panels = [(f"lr {run.config['lr']:g}", "bilinear", r.method[run.name].upscale) for run in sweep
-              if run is not baseline and run.name in r.method]
-    crops_figure(r, "comic", panels + [("bicubic", "bilinear", BICUBIC.upscale), ("HR", "bilinear", None)], columns=3)
+               lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(f'train/{metrics.LOGGED_L1}')[1]):.0f}",
+               lr_1e_4_rerun_level=pm(rerun.last(max_step=5000)), rerun_hardware=rerun.hardware(), baseline_hardware=baseline.hardware())
+    shown = [rerun if run is baseline else run for run in sweep]
+    panels = [(f"lr {run.config['lr']:g}", "bilinear", r.method[run.name].upscale) for run in shown if run.name in r.method]
+    crops_figure(r, "comic", panels + [("bicubic", "bilinear", BICUBIC.upscale), ("LR", "bilinear", "lr"),
+                                       ("HR", "bilinear", None)], columns=4)
 
 
 def downscaling(r):
@@ -367,16 +366,18 @@ def adversarial(r):
     start = checkpoint_method(start_path, f"residual, step {start_step:,} (GAN's start)", r.device)
     start_level = {t: mean_sd(residual.last(t, max_step=start_step))[0] for t in ("val/psnr", "val/ssim", "val/sharpness")}
     plots.plot_curves([gan.curve()], r.fig("gan_curves"), [p for p in plots.GAN_PANELS if "train/d_real" not in p[0]], rows=2,
-                      references={t: [("start", value)] for t, value in start_level.items()}, reference_legend=False)
+                      references={**{t: [("start", v)] for t, v in start_level.items()}, "train/d_loss": [("ln 2", math.log(2))]})
     methods, keys = [BICUBIC, start, r.method["gan"]], ("psnr", "ssim", "sharpness", "gmsd")
     r.tables["gan"] = table(["method", "Set14 PSNR / SSIM / sharpness / GMSD", "B100 PSNR / SSIM / sharpness / GMSD"],
                             [[m.label] + [cell(r.scores.rgb(m, s), keys) for s in SETS[1:]] for m in methods])
     before, after = ({s: r.scores.rgb(m, s) for s in SETS[1:]} for m in methods[1:])
-    d_loss = gan.series("train/d_loss")[1]
+    ends = lambda tag: " to ".join(f"{statistics.fmean(v for t, v in zip(*gan.series(tag)) if keep(t)):.3g}"
+                                   for keep in (lambda t: t <= 500, lambda t: t > gan.step - 500))  # first, last 500
     r.v.update(gan_steps=f"{gan.step:,}", gan_start_step=f"{start_step:,}", adv_weight=f"{gan.config['adv_weight']:g}",
                discriminator_parameters=f"{count_parameters(Discriminator()):,}",
                gan_val=pm(gan.last()), gan_start_val=pm(residual.last(max_step=start_step)),
-               gan_d_loss=spread(d_loss[len(d_loss) // 2:]),
+               **{f"gan_{tag}_ends": ends(f"train/{tag}") for tag in (metrics.LOGGED_L1, "adv", "d_loss")},
+               gan_vs_level=signed(r.scores.rgb(r.method["gan"], "Set5")["psnr"] - mean_sd(gan.last())[0]),
                **{f"gan_cost_{s}": f"{before[s]['psnr'] - after[s]['psnr']:.2f}" for s in SETS[1:]},
                gan_sharp_Set14=f"{after['Set14']['sharpness']:.3f} against {before['Set14']['sharpness']:.3f}",
                gan_gmsd_Set14=f"{after['Set14']['gmsd']:.4f} against {before['Set14']['gmsd']:.4f}")
@@ -395,13 +396,12 @@ def final_model(r):
     r.tables["standard"] = standard_table(rows + [(x8, *rows[-1][1:])], r.scores)
     published = {name: values for name, _, _, values in PUBLISHED}
     for s in SETS:
-        r.v[f"final_{s}"] = f"{r.scores.standard_mean(final, s):.2f}"
         r.v.update({f"final_vs_{name.lower()}_{s}": signed(r.scores.standard_mean(final, s) - published[name][s][0])
-                    for name in ("FSRCNN", "VDSR")})
-        r.v.update({f"final_vs_t91_{s}": paired(per(final, s), per(t91, s)),
-                    f"final_vs_no_rescale_{s}": paired(per(final, s), per(no_rescale, s))})
-    r.v.update({f"final_x8_gain_{s}": paired(per(x8, s), per(final, s)) for s in SETS[:2]})  # B100: 8 x 100 images
-    r.v.update({f"t91_vs_matlab_{s}": paired(per(t91, s), per(method["residual_matlab"], s)) for s in SETS[1:]})
+                    for name in ("FSRCNN", "VDSR")}, **{f"final_{s}": f"{r.scores.standard_mean(final, s):.2f}"},
+                   **{f"final_vs_t91_{s}": paired(per(final, s), per(t91, s)),
+                      f"final_vs_no_rescale_{s}": paired(per(final, s), per(no_rescale, s))})
+    r.v.update({f"final_x8_gain_{s}": paired(per(x8, s), per(final, s)) for s in SETS[:2]},  # B100: 8 x 100 images
+               **{f"t91_vs_matlab_{s}": paired(per(t91, s), per(method["residual_matlab"], s)) for s in SETS[1:]})
     raw = checkpoint_method(os.path.join(os.path.dirname(runs["final_t91"].checkpoint), RAW_WEIGHTS), "raw", r.device)
     r.v["t91_ema_gain_Set14"] = paired(per(t91, "Set14"), per(raw, "Set14"))
     run, t91_run = runs["final"], runs["final_t91"]

@@ -3,7 +3,7 @@ differences over the images of a set, the trend test of a validation curve, and 
 import math
 import statistics
 
-PM = "\u00a0±\u00a0"  # "a ± b" kept on one line
+PM, MINUS = "\u00a0±\u00a0", "\u2212"  # "a ± b" kept on one line; a minus sign, not a hyphen
 TREND_FRACTION, TREND_DB = 0.2, 0.05  # the trend test: the last 20% of the steps against the 20% before
 
 
@@ -15,9 +15,9 @@ def mean_sd(values):
 
 
 def signed(value, digits=2):
-    """'+0.13', '-0.05', and '0.00' for what rounds to zero (no '-0.00')."""
+    """'+0.13', '−0.05', and '0.00' for what rounds to zero (no '−0.00')."""
     text = f"{value:+.{digits}f}"
-    return text[1:] if float(text) == 0 else text
+    return text[1:] if float(text) == 0 else text.replace("-", MINUS)
 
 
 def pm(values, digits=2):
@@ -31,9 +31,9 @@ def signed_pm(value, error):
 
 
 def spread(values, digits=2):
-    """'a–b' of a few numbers, or the one number when they agree to `digits`."""
-    low, high = (f"{f(values):.{digits}f}" for f in (min, max)) if values else ("—", "—")
-    return low if low == high else f"{low} to {high}" if "-" in low + high else f"{low}–{high}"
+    """'a–b' of a few numbers ('−a to b' with a negative one), or the one number when they agree to `digits`."""
+    low, high = (f"{f(values):.{digits}f}".replace("-", MINUS) for f in (min, max)) if values else ("—", "—")
+    return low if low == high else f"{low} to {high}" if MINUS in low + high else f"{low}–{high}"
 
 
 def trend(steps, values, fraction=TREND_FRACTION, tolerance=TREND_DB):

@@ -3,6 +3,7 @@ import math
 import os
 import re
 import shutil
+import types
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
             ("residual", [*tiny, "model=residual", "lr=1e-3", "max_steps=4"]),
             ("lr_1e-2", [*tiny, "model=basic", "lr=1e12", "max_steps=6"]),
             ("lr_1e-3", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
+            ("lr_1e-4", [*tiny, "model=basic", "lr=1e-3", "max_steps=2"]),
             *[(name, [*tiny, "model=basic", f"lr={name[3:]}", "max_steps=2"]) for name in ("lr_1e-5", "lr_1e-6")],
             ("gan", [*tiny, "model=residual", "gan=true", f"init={tiny_cfg['ckpt_dir']}/residual/model.pt", "lr=1e-3",
                      "max_steps=2"]),
@@ -105,13 +107,13 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert values["ablation_steps"] == "2" and values["recipe_lr"] == "5e-4"
     for name in ("final_vs_t91_B100", "final_vs_no_rescale_Set5", "final_x8_gain_Set14", "t91_ema_gain_Set14",
                  "ablation_total_B100", "gap_level"):
-        assert re.fullmatch(r"[+-]?\d+\.\d\d\xa0±\xa0\d+\.\d\d", values[name]), name
+        assert re.fullmatch(r"[+\u2212]?\d+\.\d\d\xa0±\xa0\d+\.\d\d", values[name]), name
     assert [row[:2] for row in tables["downscaling"]["rows"][:2]] == [["Set5", "bicubic upsampling"], ["Set5", "residual"]]
     assert tables["downscaling"]["header"][2:] == ["bilinear (training)", "bicubic", "nearest, top-left",
                                                    "nearest, bottom-right", "2×2 mean"]
     assert tables["gan"]["rows"][1][0] == "residual, step 4 (GAN's start)"
     assert re.fullmatch(r"img\d\d\.png", values["typical"]) and values["baseline_trend"] == "—"
-    assert math.isfinite(float(values["gan_cost_Set14"])) and math.isfinite(float(values["residual_loss_box"]))
+    assert all(math.isfinite(float(values[name].replace("\u2212", "-"))) for name in ("gan_cost_Set14", "residual_loss_box"))
 
 
 def test_scores_are_computed_once_and_kept_by_what_they_depend_on(tmp_path, monkeypatch, tiny_data):
@@ -253,3 +255,12 @@ def test_training_data_counts_the_standard_sets_where_this_machine_has_them(tmp_
     cfg = {"data_dir": "../elsewhere/T91,../elsewhere/BSD200", "scale_augment": "0.9,0.8"}
     assert report.training_data(cfg) == "T91 + BSD200 (5) at 3 scales"
     assert report.training_data({"data_dir": "/x/Set5", "scale_augment": ""}) == "Set5 (0)"
+
+
+def test_a_runs_hardware_is_shortened_to_the_processor_and_precision():
+    def hardware(summary, payload):
+        return report.Run.hardware(types.SimpleNamespace(summary=summary, payload=payload))
+
+    assert hardware({"hardware": "Intel(R) Xeon(R) Processor, 2 threads, bf16 autocast"}, {}) == "Xeon, bf16"
+    assert hardware({}, {"hardware": "AMD EPYC Processor, 2 threads, fp32"}) == "AMD EPYC, fp32"  # unfinished: its checkpoint's
+    assert hardware({}, {}) == "—"

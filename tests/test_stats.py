@@ -21,7 +21,7 @@ def test_trend_compares_the_last_fifth_with_the_fifth_before_and_says_noisy_wher
 
 
 def test_signed_numbers_never_print_minus_zero():
-    assert [stats.signed(v) for v in (0.126, -0.051, -0.004, 0.0)] == ["+0.13", "-0.05", "0.00", "0.00"]
+    assert [stats.signed(v) for v in (0.126, -0.051, -0.004, 0.0)] == ["+0.13", "\u22120.05", "0.00", "0.00"]
     assert stats.signed_pm(-0.001, 0.004) == "0.00\xa0±\xa00.00"
 
 
@@ -31,3 +31,4 @@ def test_a_paired_difference_is_the_mean_and_standard_error_over_the_images():
     assert stats.paired(after, before) == "+1.17\xa0±\xa00.17"
     assert stats.pm([1.0, 2.0, 3.0]) == "2.00\xa0±\xa01.00" and stats.pm([]) == "—"
     assert stats.spread([0.1234, 0.2]) == "0.12–0.20" and stats.spread([0.2, 0.2001]) == "0.20" and stats.spread([]) == "—"
+    assert stats.spread([-0.3, 0.2], 1) == "\u22120.3 to 0.2"  # a minus sign, and no '−0.3–0.2'
