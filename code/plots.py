@@ -64,8 +64,8 @@ def moving_mean(steps, values, window=SMOOTH_STEPS):
 def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None, legend_loc="upper right"):
     """On each axis one panel (tags, title, log) of every curve (label, {tag: (steps, values)}); a curve keeps its
     colour in every panel. train/* tags are drawn as moving means over SMOOTH_STEPS steps. `references`:
-    {tag: [(label, value)]}, dashed horizontal lines, left out of the legends (the captions say what they are);
-    `y_limits`: {tag: (low, high)}; the curves' legend, in the first panel, at `legend_loc`."""
+    {tag: value}, a dashed horizontal line each, not in the legends (the captions say what they are); `y_limits`:
+    {tag: (low, high)}; the curves' legend, in the first panel, at `legend_loc`."""
     for axis, (tags, title, log) in zip(axes, panels):
         for index, (label, scalars) in enumerate(curves):
             for tag in tags:
@@ -77,8 +77,8 @@ def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None
                     name = label if len(tags) == 1 else f"{label} {tag.split('/')[-1]}".strip()
                     axis.plot(*zip(*finite), label=name, linewidth=1, color=f"C{(index * len(tags) + tags.index(tag)) % 10}",
                               marker="." if len(finite) < 30 else None)
-        for (label, value), style in zip((references or {}).get(tags[0], []), ("--", ":", "-.")):
-            axis.axhline(value, color="gray", linestyle=style, linewidth=1)
+        if tags[0] in (references or {}):
+            axis.axhline(references[tags[0]], color="gray", linestyle="--", linewidth=1)
         axis.set(title=title, xlabel="step", yscale="log" if log else "linear", xlim=(0, x_max) if x_max else None)
         if y_limits and tags[0] in y_limits:
             axis.set_ylim(*y_limits[tags[0]])

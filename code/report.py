@@ -26,7 +26,7 @@ from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoin
 from dataset import SRDataset, check_batch, crop_to_multiple, decode_image, imresize_matlab, list_images, to_float
 from experiments import ABLATION, FINAL_RECIPE, RUNS
 from models import Discriminator, count_parameters, self_ensemble
-from stats import mean_sd, paired, pm, signed, signed_pm, spread, trend, trend_text
+from stats import mean_sd, number, paired, pm, signed, signed_pm, spread, trend, trend_text
 
 DATA_ROOT = config.DATA_ROOT  # the standard sets: `make data-standard` puts them there
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.typ")
@@ -95,7 +95,7 @@ class Run:
 
     def hardware(self):
         text = self.summary.get("hardware") or self.payload.get("hardware", "—")
-        return re.sub(r"Intel\(R\) |\(R\)| Processor|, 2 threads| autocast", "", text)  # 'Xeon, bf16'
+        return re.sub(r"Intel\(R\) |\(R\)| Processor|, \d+ threads| autocast", "", text)  # 'Xeon, bf16'
 
     def label(self):
         return NAMES.get(self.name, self.name) + (f" [{self.status()}]" if self.status() else "")
@@ -153,8 +153,7 @@ class Scores:
 
     def standard_mean(self, method, set_name, key="psnr"):
         """The set's metric: per-image values summed in order, as evaluate_standard does for a whole set."""
-        per_image = self.standard(method, set_name)
-        return sum(m[key] for m in per_image) / len(per_image)
+        return sum(m[key] for m in self.standard(method, set_name)) / len(self.standard(method, set_name))
 
     def gains(self, method, set_name):
         """Per image, the PSNR of `method` minus MATLAB bicubic's, papers' protocol."""
@@ -330,15 +329,16 @@ def learning_rates(r):
                       [plots.PANELS[0], *plots.PANELS[2:]], references=r.reference,
                       y_limits={f"train/{metrics.LOGGED_L1}": (0.01, 0.3)}, legend_loc="lower left")
     r.tables["sweep"] = sweep_table(sweep)
-    last = {("lr_1e-4" if run is baseline else run.name).replace("-", "_"): run.last(max_step=5000) for run in sweep}
+    last = {("baseline_5k" if run is baseline else run.name).replace("-", "_"): run.last(max_step=5000) for run in sweep}
     r.v.update({f"{name}_level": pm(values) for name, values in last.items()},
                **{f"{name}_range": spread(last[name]) for name in ("lr_1e_3", "lr_1e_5")})
-    r.v.update(lr_gap=f"{mean_sd(last['lr_1e_4'])[0] - mean_sd(last['lr_1e_3'])[0]:.2f}",
+    r.v.update(lr_gap=number(mean_sd(last['baseline_5k'])[0] - mean_sd(last['lr_1e_3'])[0]),
                lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(f'train/{metrics.LOGGED_L1}')[1]):.0f}",
                lr_1e_4_rerun_level=pm(rerun.last(max_step=5000)), rerun_hardware=rerun.hardware(), baseline_hardware=baseline.hardware())
     shown = [rerun if run is baseline else run for run in sweep]
-    panels = [(f"lr {run.config['lr']:g}", "bilinear", r.method[run.name].upscale) for run in shown if run.name in r.method]
-    crops_figure(r, "comic", panels + [("bicubic", "bilinear", BICUBIC.upscale), ("LR", "bilinear", "lr"),
+    panels = [(f"lr {run.config['lr']:g}" + (f" [{run.status()}]" if run.status() else ""), "bilinear",
+               r.method[run.name].upscale) for run in shown if run.name in r.method]
+    crops_figure(r, "comic", panels + [("bicubic", "bilinear", BICUBIC.upscale), ("LR input, pixels enlarged", "bilinear", "lr"),
                                        ("HR", "bilinear", None)], columns=4)
 
 
@@ -366,19 +366,19 @@ def adversarial(r):
     start = checkpoint_method(start_path, f"residual, step {start_step:,} (GAN's start)", r.device)
     start_level = {t: mean_sd(residual.last(t, max_step=start_step))[0] for t in ("val/psnr", "val/ssim", "val/sharpness")}
     plots.plot_curves([gan.curve()], r.fig("gan_curves"), [p for p in plots.GAN_PANELS if "train/d_real" not in p[0]], rows=2,
-                      references={**{t: [("start", v)] for t, v in start_level.items()}, "train/d_loss": [("ln 2", math.log(2))]})
+                      references={**start_level, "train/d_loss": math.log(2)})  # ln 2: D cannot tell
     methods, keys = [BICUBIC, start, r.method["gan"]], ("psnr", "ssim", "sharpness", "gmsd")
     r.tables["gan"] = table(["method", "Set14 PSNR / SSIM / sharpness / GMSD", "B100 PSNR / SSIM / sharpness / GMSD"],
                             [[m.label] + [cell(r.scores.rgb(m, s), keys) for s in SETS[1:]] for m in methods])
     before, after = ({s: r.scores.rgb(m, s) for s in SETS[1:]} for m in methods[1:])
-    ends = lambda tag: " to ".join(f"{statistics.fmean(v for t, v in zip(*gan.series(tag)) if keep(t)):.3g}"
-                                   for keep in (lambda t: t <= 500, lambda t: t > gan.step - 500))  # first, last 500
+    ends = lambda tag, digits=3: " to ".join(f"{statistics.fmean(v for t, v in zip(*gan.series(tag)) if keep(t)):.{digits}f}"
+        for keep in (lambda t: t <= 500, lambda t: t > gan.series(tag)[0][-1] - 500))  # the first and last 500 steps
     r.v.update(gan_steps=f"{gan.step:,}", gan_start_step=f"{start_step:,}", adv_weight=f"{gan.config['adv_weight']:g}",
                discriminator_parameters=f"{count_parameters(Discriminator()):,}",
                gan_val=pm(gan.last()), gan_start_val=pm(residual.last(max_step=start_step)),
-               **{f"gan_{tag}_ends": ends(f"train/{tag}") for tag in (metrics.LOGGED_L1, "adv", "d_loss")},
+               gan_l1_ends=ends(f"train/{metrics.LOGGED_L1}", 4), gan_adv_ends=ends("train/adv"), gan_d_loss_ends=ends("train/d_loss"),
                gan_vs_level=signed(r.scores.rgb(r.method["gan"], "Set5")["psnr"] - mean_sd(gan.last())[0]),
-               **{f"gan_cost_{s}": f"{before[s]['psnr'] - after[s]['psnr']:.2f}" for s in SETS[1:]},
+               **{f"gan_cost_{s}": number(before[s]['psnr'] - after[s]['psnr']) for s in SETS[1:]},
                gan_sharp_Set14=f"{after['Set14']['sharpness']:.3f} against {before['Set14']['sharpness']:.3f}",
                gan_gmsd_Set14=f"{after['Set14']['gmsd']:.4f} against {before['Set14']['gmsd']:.4f}")
     panels = [("HR", None), ("bicubic", BICUBIC.upscale), ("GAN's start", start.upscale), ("GAN", methods[2].upscale)]
@@ -416,7 +416,7 @@ def final_model(r):
                final_scale_factors=f"{', '.join(factors[:-1])} and {factors[-1]}")
     r.tables["ablation"], values = ablation_table(runs, method, r.scores)
     r.v.update(values, ablation_steps=f"{runs[ABLATION[0][0]].planned:,}")
-    reference = {"val/psnr": [("bicubic upsampling", r.scores.rgb(BICUBIC, "Set5", "bicubic_matlab")["psnr"])]}
+    reference = {"val/psnr": r.scores.rgb(BICUBIC, "Set5", "bicubic_matlab")["psnr"]}
     ablation = [runs[n] for n, _ in ABLATION]
     plots.plot_curve_rows([([t91_run.curve()], t91_run.planned, reference),
                            ([runs[n].curve(label=n) for n in ("final_no_rescale", "final")], run.planned, None),
@@ -430,8 +430,8 @@ def final_model(r):
 def context(cfg, out, device):
     """What every section reads and writes: the runs, their models, the scores, the tables and values made so far."""
     runs = {run.name: run for run in (Run(n, settings, cfg) for n, settings in RUNS) if run.checkpoint or run.scalars}
-    missing = [n for n, _ in RUNS if not n.startswith("gan2_")  # the sweep's logs suffice
-               and (n not in runs or not (runs[n].checkpoint or n.startswith("lr_")))]
+    missing = [n for n, _ in RUNS if not n.startswith("gan2_")  # the other rates' logs suffice; lr_1e-4: its weights
+               and (n not in runs or not (runs[n].checkpoint or (n.startswith("lr_") and n != "lr_1e-4")))]
     if missing:
         raise SystemExit(f"error: the report needs run {missing[0]!r}, which has no checkpoint in {cfg['ckpt_dir']}: "
                          f"python code/experiments.py {missing[0]}")
@@ -439,7 +439,7 @@ def context(cfg, out, device):
     return types.SimpleNamespace(runs=runs, scores=scores, device=device, cfg=cfg, out=out, tables={}, v={},
         fig=lambda name: os.path.join(out, f"{name}.png"),
         method={n: checkpoint_method(run.checkpoint, run.label(), device) for n, run in runs.items() if run.checkpoint},
-        reference={"val/psnr": [("bicubic upsampling", scores.rgb(BICUBIC, "Set5")["psnr"])]})
+        reference={"val/psnr": scores.rgb(BICUBIC, "Set5")["psnr"]})  # bicubic upsampling's level
 
 
 def build(cfg, out, device):

@@ -14,16 +14,22 @@ def mean_sd(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def number(value, digits=2):
+    """'0.13', '−0.05' (a minus sign), and '0.00' for what rounds to zero (no '−0.00')."""
+    text = f"{value:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text.replace("-", MINUS)
+
+
 def signed(value, digits=2):
-    """'+0.13', '−0.05', and '0.00' for what rounds to zero (no '−0.00')."""
-    text = f"{value:+.{digits}f}"
-    return text[1:] if float(text) == 0 else text.replace("-", MINUS)
+    """'+0.13', '−0.05', and '0.00' for what rounds to zero."""
+    text = number(value, digits)
+    return text if text.startswith(MINUS) or not text.strip("0.") else f"+{text}"
 
 
 def pm(values, digits=2):
     """'mean ± sd' of a list, '—' for none (a run that diverged before its first validation)."""
     mean, sd = mean_sd(values)
-    return "—" if not values else f"{mean:.{digits}f}{PM}{sd:.{digits}f}"
+    return "—" if not values else f"{number(mean, digits)}{PM}{sd:.{digits}f}"
 
 
 def signed_pm(value, error):
@@ -32,7 +38,7 @@ def signed_pm(value, error):
 
 def spread(values, digits=2):
     """'a–b' of a few numbers ('−a to b' with a negative one), or the one number when they agree to `digits`."""
-    low, high = (f"{f(values):.{digits}f}".replace("-", MINUS) for f in (min, max)) if values else ("—", "—")
+    low, high = (number(f(values), digits) for f in (min, max)) if values else ("—", "—")
     return low if low == high else f"{low} to {high}" if MINUS in low + high else f"{low}–{high}"
 
 

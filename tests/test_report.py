@@ -39,7 +39,7 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
             ("residual", [*tiny, "model=residual", "lr=1e-3", "max_steps=4"]),
             ("lr_1e-2", [*tiny, "model=basic", "lr=1e12", "max_steps=6"]),
             ("lr_1e-3", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
-            ("lr_1e-4", [*tiny, "model=basic", "lr=1e-3", "max_steps=2"]),
+            ("lr_1e-4", [*tiny, "model=basic", "lr=1e-3", "max_steps=2"]),  # the tiny baseline's settings, rerun
             *[(name, [*tiny, "model=basic", f"lr={name[3:]}", "max_steps=2"]) for name in ("lr_1e-5", "lr_1e-6")],
             ("gan", [*tiny, "model=residual", "gan=true", f"init={tiny_cfg['ckpt_dir']}/residual/model.pt", "lr=1e-3",
                      "max_steps=2"]),
@@ -113,6 +113,8 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
                                                    "nearest, bottom-right", "2×2 mean"]
     assert tables["gan"]["rows"][1][0] == "residual, step 4 (GAN's start)"
     assert re.fullmatch(r"img\d\d\.png", values["typical"]) and values["baseline_trend"] == "—"
+    assert re.fullmatch(r"\d+\.\d\d\xa0±\xa0\d+\.\d\d", values["lr_1e_4_rerun_level"]) and values["rerun_hardware"] != "—"
+    assert re.fullmatch(r"\d\.\d{4} to \d\.\d{4}", values["gan_l1_ends"]) and re.fullmatch(r"[\d.]+ to [\d.]+", values["gan_d_loss_ends"])
     assert all(math.isfinite(float(values[name].replace("\u2212", "-"))) for name in ("gan_cost_Set14", "residual_loss_box"))
 
 

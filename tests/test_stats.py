@@ -32,3 +32,5 @@ def test_a_paired_difference_is_the_mean_and_standard_error_over_the_images():
     assert stats.pm([1.0, 2.0, 3.0]) == "2.00\xa0±\xa01.00" and stats.pm([]) == "—"
     assert stats.spread([0.1234, 0.2]) == "0.12–0.20" and stats.spread([0.2, 0.2001]) == "0.20" and stats.spread([]) == "—"
     assert stats.spread([-0.3, 0.2], 1) == "\u22120.3 to 0.2"  # a minus sign, and no '−0.3–0.2'
+    assert [stats.number(v) for v in (-0.05, -0.001, 1.234)] == ["\u22120.05", "0.00", "1.23"]
+    assert stats.spread([-0.001, 0.2]) == "0.00–0.20" and stats.pm([-1.0, -3.0]) == "\u22122.00\xa0±\xa01.41"
