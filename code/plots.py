@@ -114,12 +114,12 @@ def plot_curve_rows(groups, out_path, panels):
     return save_figure(figure, out_path)
 
 
-def plot_image_grid(cells, out_path, columns, cell_inches=None, title_size=8):
+def plot_image_grid(cells, out_path, columns, cell_inches=None, title_size=9):
     """Images in a grid, each (title, HxWx3 uint8 array or None for an empty cell, text under it), drawn
     pixel for pixel enlarged without smoothing (nearest), so that what the models differ in is visible."""
     rows = -(-len(cells) // columns)
     side = cell_inches or FIGURE_WIDTH / columns
-    figure, axes = plt.subplots(rows, columns, figsize=(side * columns, (side + 0.42) * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(side * columns, (side + 0.48) * rows), squeeze=False)
     for axis in axes.flat:
         axis.set_axis_off()
     for axis, (title, pixels, under) in zip(axes.flat, cells):
