@@ -9,7 +9,9 @@ def test_runs_share_settings_and_names_are_unique():
     names = [name for name, _ in experiments.RUNS]
     assert len(names) == len(set(names)) and {"baseline", "residual"} <= set(names)
     lrs = sorted(float(dict(a.split("=") for a in s)["lr"]) for n, s in experiments.RUNS if n.startswith("lr_"))
-    assert lrs == [1e-6, 1e-5, 1e-3, 1e-2]
+    assert lrs == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+    settings = dict(experiments.RUNS)  # lr_1e-4: the baseline's settings, stopped at step 5,000
+    assert [a for a in settings["lr_1e-4"] if a != "max_steps=5000"] == [a for a in settings["baseline"] if "max_steps" not in a]
     steps = {n: dict(a.split("=") for a in s)["max_steps"] for n, s in experiments.RUNS}
     assert steps["baseline"] == steps["residual"]
 
