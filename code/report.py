@@ -97,8 +97,8 @@ class Run:
         text = self.summary.get("hardware") or self.payload.get("hardware", "—")
         return re.sub(r"Intel\(R\) |\(R\)| Processor|, \d+ threads| autocast", "", text)  # 'Xeon, bf16'
 
-    def label(self):
-        return NAMES.get(self.name, self.name) + (f" [{self.status()}]" if self.status() else "")
+    def label(self, text=None):  # `text` (default: the run's name in the report) + " [its status]" if unfinished
+        return (text or NAMES.get(self.name, self.name)) + (f" [{self.status()}]" if self.status() else "")
 
     def curve(self, max_step=None, label=None):
         return label or NAMES.get(self.name, self.name), {tag: self.series(tag, max_step) for tag in self.scalars}
@@ -153,7 +153,8 @@ class Scores:
 
     def standard_mean(self, method, set_name, key="psnr"):
         """The set's metric: per-image values summed in order, as evaluate_standard does for a whole set."""
-        return sum(m[key] for m in self.standard(method, set_name)) / len(self.standard(method, set_name))
+        per_image = self.standard(method, set_name)
+        return sum(m[key] for m in per_image) / len(per_image)
 
     def gains(self, method, set_name):
         """Per image, the PSNR of `method` minus MATLAB bicubic's, papers' protocol."""
@@ -222,7 +223,7 @@ def runs_table(runs):
         cfg, (steps, psnrs) = run.config, run.series("val/psnr")
         gain, se, verdict = trend(steps, psnrs) if steps and not run.init and run.planned > 5000 else (0, 0, "—")
         elapsed = run.summary.get("wall_time_s", run.payload.get("elapsed"))
-        rows.append([run.name + (f" [{run.status()}]" if run.status() else ""),
+        rows.append([run.label(run.name),
                      cfg["model"] + (f" from {run.init}" if run.init else ""), training_data(cfg),
                      f"{cfg['batch_size']}×{cfg['patch_size']}²", f"{cfg['lr']:g}",
                      *(["—", "—"] if run.step is None else [f"{run.step:,}", f"{run.step * cfg['batch_size'] / 1000:,.0f}k"]),
@@ -336,8 +337,7 @@ def learning_rates(r):
                lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(f'train/{metrics.LOGGED_L1}')[1]):.0f}",
                lr_1e_4_rerun_level=pm(rerun.last(max_step=5000)), rerun_hardware=rerun.hardware(), baseline_hardware=baseline.hardware())
     shown = [rerun if run is baseline else run for run in sweep]
-    panels = [(f"lr {run.config['lr']:g}" + (f" [{run.status()}]" if run.status() else ""), "bilinear",
-               r.method[run.name].upscale) for run in shown if run.name in r.method]
+    panels = [(run.label(f"lr {run.config['lr']:g}"), "bilinear", r.method[run.name].upscale) for run in shown if run.name in r.method]
     crops_figure(r, "comic", panels + [("bicubic", "bilinear", BICUBIC.upscale), ("LR input, pixels enlarged", "bilinear", "lr"),
                                        ("HR", "bilinear", None)], columns=4)
 
