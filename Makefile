@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-requirements.txt
 # the handout's learning rate, so that the demo stays within a few minutes on CPUs without bf16 instructions too.
 DEMO_ARGS ?= run=demo model=residual max_steps=300 batch_size=8 patch_size=32 lr=2e-4 val_every=100 ckpt_every=100
 
-.PHONY: demo test test-slow test-manual test-slurm experiments report bench onnx gpu-check venv data data-standard train evaluate tensorboard clean
+.PHONY: demo test test-slow test-manual test-slurm experiments sweep-30k report bench onnx gpu-check venv data data-standard train evaluate tensorboard clean
 
 demo: venv
 	$(PY) code/prepare_data.py
@@ -61,6 +61,13 @@ evaluate: venv
 # missing, continues what stopped. On a GPU: make experiments ARGS=device=cuda
 experiments: venv
 	$(PY) code/experiments.py $(ARGS)
+
+# Task 5's sweep continued (in progress, resumable across machines, its newest step<N>.pt committed as it goes):
+# lr 1e-3 and 1e-5 trained from scratch to the baseline's 30,000 steps, keeping the step-5,000 weights, in their
+# own folders so that the committed 5,000-step runs and the report stay as they are until both finish.
+sweep-30k: venv
+	$(PY) code/experiments.py lr_1e-3 lr_1e-5 max_steps=30000 save_model_at=5000 \
+	  ckpt_dir=checkpoints/sweep30k runs_dir=runs/sweep30k $(ARGS)
 
 # The report: runs/report/, README.pdf and README.md's key results, from the committed checkpoints and logs
 # (code/report.py evaluates and plots, code/report.typ is the text, set by Typst), and the comparison page of Set14.

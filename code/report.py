@@ -26,7 +26,7 @@ from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoin
 from dataset import SRDataset, check_batch, crop_to_multiple, decode_image, imresize_matlab, list_images, to_float
 from experiments import ABLATION, FINAL_RECIPE, RUNS
 from models import Discriminator, count_parameters, self_ensemble
-from stats import mean_sd, number, paired, pm, signed, signed_pm, spread, trend, trend_text
+from stats import ends, mean_sd, number, paired, pm, signed, signed_pm, spread, trend, trend_text
 
 DATA_ROOT = config.DATA_ROOT  # the standard sets: `make data-standard` puts them there
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.typ")
@@ -228,9 +228,9 @@ def runs_table(runs):
                      f"{cfg['batch_size']}×{cfg['patch_size']}²", f"{cfg['lr']:g}",
                      *(["—", "—"] if run.step is None else [f"{run.step:,}", f"{run.step * cfg['batch_size'] / 1000:,.0f}k"]),
                      "—" if elapsed is None else f"{elapsed / 3600:.2f}\u00a0h", run.hardware(), pm(psnrs[-LAST:]),
-                     "—" if verdict == "—" else f"{signed_pm(gain, se)}, {verdict}"])
+                     "—" if verdict == "—" else f"{signed_pm(gain, se)}, {verdict.split()[-1].strip('()')}"])  # rising/flat/noisy
     return table(["run", "model", "data", "batch × crop", "lr", "steps", "samples", "wall time", "hardware",
-                  "val PSNR, last 5 (dB)", "trend, last 20% (dB)"], rows)
+                  "Set5 level (dB)", "trend, last 20% (dB)"], rows)
 
 
 # ---- image figures ------------------------------------------------------------------------------------------
@@ -371,12 +371,12 @@ def adversarial(r):
     r.tables["gan"] = table(["method", "Set14 PSNR / SSIM / sharpness / GMSD", "B100 PSNR / SSIM / sharpness / GMSD"],
                             [[m.label] + [cell(r.scores.rgb(m, s), keys) for s in SETS[1:]] for m in methods])
     before, after = ({s: r.scores.rgb(m, s) for s in SETS[1:]} for m in methods[1:])
-    ends = lambda tag, digits=3: " to ".join(f"{statistics.fmean(v for t, v in zip(*gan.series(tag)) if keep(t)):.{digits}f}"
-        for keep in (lambda t: t <= 500, lambda t: t > gan.series(tag)[0][-1] - 500))  # the first and last 500 steps
+    loss_ends = lambda tag, digits=3: " to ".join(f"{mean:.{digits}f}" for mean in ends(*gan.series(tag)))  # 500 steps each
     r.v.update(gan_steps=f"{gan.step:,}", gan_start_step=f"{start_step:,}", adv_weight=f"{gan.config['adv_weight']:g}",
                discriminator_parameters=f"{count_parameters(Discriminator()):,}",
                gan_val=pm(gan.last()), gan_start_val=pm(residual.last(max_step=start_step)),
-               gan_l1_ends=ends(f"train/{metrics.LOGGED_L1}", 4), gan_adv_ends=ends("train/adv"), gan_d_loss_ends=ends("train/d_loss"),
+               gan_l1_ends=loss_ends(f"train/{metrics.LOGGED_L1}", 4), gan_adv_ends=loss_ends("train/adv"),
+               gan_d_loss_ends=loss_ends("train/d_loss"),
                gan_vs_level=signed(r.scores.rgb(r.method["gan"], "Set5")["psnr"] - mean_sd(gan.last())[0]),
                **{f"gan_cost_{s}": number(before[s]['psnr'] - after[s]['psnr']) for s in SETS[1:]},
                gan_sharp_Set14=f"{after['Set14']['sharpness']:.3f} against {before['Set14']['sharpness']:.3f}",
@@ -396,10 +396,10 @@ def final_model(r):
     r.tables["standard"] = standard_table(rows + [(x8, *rows[-1][1:])], r.scores)
     published = {name: values for name, _, _, values in PUBLISHED}
     for s in SETS:
-        r.v.update({f"final_vs_{name.lower()}_{s}": signed(r.scores.standard_mean(final, s) - published[name][s][0])
-                    for name in ("FSRCNN", "VDSR")}, **{f"final_{s}": f"{r.scores.standard_mean(final, s):.2f}"},
-                   **{f"final_vs_t91_{s}": paired(per(final, s), per(t91, s)),
-                      f"final_vs_no_rescale_{s}": paired(per(final, s), per(no_rescale, s))})
+        mean = r.scores.standard_mean(final, s)
+        r.v.update({f"final_vs_{name.lower()}_{s}": signed(mean - published[name][s][0]) for name in ("FSRCNN", "VDSR")})
+        r.v.update({f"final_{s}": f"{mean:.2f}", f"final_vs_t91_{s}": paired(per(final, s), per(t91, s)),
+                    f"final_vs_no_rescale_{s}": paired(per(final, s), per(no_rescale, s))})
     r.v.update({f"final_x8_gain_{s}": paired(per(x8, s), per(final, s)) for s in SETS[:2]},  # B100: 8 x 100 images
                **{f"t91_vs_matlab_{s}": paired(per(t91, s), per(method["residual_matlab"], s)) for s in SETS[1:]})
     raw = checkpoint_method(os.path.join(os.path.dirname(runs["final_t91"].checkpoint), RAW_WEIGHTS), "raw", r.device)

@@ -64,6 +64,13 @@ def trend_text(steps, values):
     return "—" if math.isnan(gain) else f"{signed_pm(gain, se)} dB, {verdict}"
 
 
+def ends(steps, values, window=500):
+    """(mean over the first `window` steps, mean over the last `window`): where a logged loss started and ended,
+    its step-to-step noise averaged out."""
+    first = [v for s, v in zip(steps, values) if s < steps[0] + window]
+    return statistics.fmean(first), statistics.fmean(v for s, v in zip(steps, values) if s > steps[-1] - window)
+
+
 def paired(after, before):
     """Mean ± standard error over the images of per-image PSNR differences (one training run each: the ± covers the
     images, not the training noise)."""

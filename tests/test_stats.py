@@ -34,3 +34,10 @@ def test_a_paired_difference_is_the_mean_and_standard_error_over_the_images():
     assert stats.spread([-0.3, 0.2], 1) == "\u22120.3 to 0.2"  # a minus sign, and no '−0.3–0.2'
     assert [stats.number(v) for v in (-0.05, -0.001, 1.234)] == ["\u22120.05", "0.00", "1.23"]
     assert stats.spread([-0.001, 0.2]) == "0.00–0.20" and stats.pm([-1.0, -3.0]) == "\u22122.00\xa0±\xa01.41"
+
+
+def test_ends_average_the_first_and_the_last_window_of_steps():
+    steps = list(range(10, 5001, 10))
+    first, last = stats.ends(steps, [1.0 if s < 510 else 3.0 if s > 4500 else 100.0 for s in steps])
+    assert (first, last) == (1.0, 3.0)
+    assert stats.ends([1, 2, 3], [2.0, 4.0, 6.0], window=2) == (3.0, 5.0)
