@@ -1,6 +1,6 @@
 """One small config dict shared by every script, overridden with `key=value` arguments.
 
-    python code/train.py run=residual model=residual lr=1e-3 max_steps=5000
+    python code/train.py run=my_residual model=residual lr=1e-3 max_steps=5000
 
 Each value is parsed with the type of its default, so a typo or a wrong type is caught
 before any work starts, with a one-line message that lists the valid keys.

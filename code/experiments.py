@@ -1,7 +1,7 @@
 """Task 5's and Task 6's training runs, the final model and its ablation, as a plain list: train what is missing,
 continue what stopped, skip what is done.
 
-    python code/experiments.py                      # every run below (make experiments)
+    python code/experiments.py                      # every run of RUNS (make experiments); TRIALS only by name
     python code/experiments.py baseline residual    # only these
     python code/experiments.py final_t91 final_no_rescale final ablate_handout ablate_no_jitter ablate_dihedral ablate_cosine ablate_ema
     python code/experiments.py device=cuda num_workers=8   # key=value goes to every run
@@ -75,13 +75,13 @@ RUNS = [
     # What each ingredient buys: short runs at equal steps, adding them one at a time to the handout's recipe.
     *[(name, [*ABLATION_BASE, *settings, "max_steps=2000", "val_every=250", "ckpt_every=250"])
       for name, settings in ABLATION],
-    # Task 6 v2's short trials, to choose the adversarial weight and the discriminator before one long run (not
-    # run yet: meant for a GPU, device=cuda): the handout's discriminator, and a wider one with spectral
-    # normalisation and feature matching (pix2pixHD's stand-in for a perceptual loss, whose VGG weights would be a
-    # download), each at the adversarial weights around ESRGAN's 0.005 and Real-ESRGAN's 0.1.
-    *[(f"gan2_{name}_a{weight}", [*GAN2, f"adv_weight={weight}", *discriminator])
-      for name, discriminator in GAN2_DISCRIMINATORS for weight in ("0.005", "0.02", "0.1")],
 ]
+# Run only when named, not by `make experiments`: Task 6 v2's short trials, to choose the adversarial weight and the
+# discriminator before one long run (meant for a GPU, device=cuda): the handout's discriminator, and a wider one
+# with spectral normalisation and feature matching (pix2pixHD's stand-in for a perceptual loss, whose VGG weights
+# would be a download), each at the adversarial weights around ESRGAN's 0.005 and Real-ESRGAN's 0.1.
+TRIALS = [(f"gan2_{name}_a{weight}", [*GAN2, f"adv_weight={weight}", *discriminator])
+          for name, discriminator in GAN2_DISCRIMINATORS for weight in ("0.005", "0.02", "0.1")]
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
@@ -97,20 +97,21 @@ def finished_step(name, settings, overrides):
 
 
 def main(argv):
+    every = ", ".join(n for n, _ in RUNS) + "; only when named: " + ", ".join(n for n, _ in TRIALS)
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\nruns: " + ", ".join(name for name, _ in RUNS))
+        print(__doc__.strip() + "\n\nruns: " + every)
         raise SystemExit(0)
     names = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
-    unknown = set(names) - {name for name, _ in RUNS}
+    unknown = set(names) - {name for name, _ in RUNS + TRIALS}
     if unknown:
-        raise SystemExit(f"error: unknown run {sorted(unknown)[0]!r}; runs: {', '.join(n for n, _ in RUNS)}")
+        raise SystemExit(f"error: unknown run {sorted(unknown)[0]!r}; runs: {every}")
     try:
         config.parse_overrides(overrides)
     except config.ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
     outcomes = []
-    for name, settings in RUNS:
+    for name, settings in (RUNS + TRIALS if names else RUNS):
         if names and name not in names:
             continue
         if finished_step(name, settings, overrides) is not None:

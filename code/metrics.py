@@ -105,13 +105,13 @@ def interpolate(low_res, scale, mode):
 
 @torch.inference_mode()
 def evaluate(upscale, dataset, device, batch_pixels=512 * 512):
-    """Mean L1, PSNR, SSIM and sharpness of `upscale(lr)` against HR over every image of `dataset`.
+    """Mean L1, PSNR, SSIM, sharpness and GMSD of `upscale(lr)` against HR over every image of `dataset`.
 
     Images of the same size go through together, up to `batch_pixels` HR pixels a batch: about one tile of
     `models.tiled_upscaler` at x2, so that a set of small images needs no more memory than one large image (the
     model's 64-channel activations are at HR size; larger batches were no faster on a CPU: README, Performance).
     Every metric is still taken per image, then averaged over the images. L1 is taken on
-    the raw output (as the training loss is); PSNR, SSIM and sharpness on the output clamped to [0, 1].
+    the raw output (as the training loss is); the others on the output clamped to [0, 1].
     """
     by_shape = {}  # image indices by HR shape, in order; pairs are made a batch at a time (bounded memory)
     for index, size in enumerate(dataset.sizes):

@@ -26,7 +26,7 @@ from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoin
 from dataset import SRDataset, check_batch, crop_to_multiple, decode_image, imresize_matlab, list_images, to_float
 from experiments import ABLATION, FINAL_RECIPE, RUNS
 from models import Discriminator, count_parameters, self_ensemble
-from stats import ends, mean_sd, number, paired, pm, signed, signed_pm, spread, trend, trend_text
+from stats import ends, mean_sd, number, paired, pm, rate, signed, signed_pm, spread, trend, trend_text
 
 DATA_ROOT = config.DATA_ROOT  # the standard sets: `make data-standard` puts them there
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.typ")
@@ -186,7 +186,7 @@ def sweep_table(sweep):
     for run in sweep:
         psnrs, (steps, losses) = run.last(max_step=5000), run.series(f"train/{metrics.LOGGED_L1}", 5000)
         loss = [v for s, v in zip(steps, losses) if s > 4500]
-        rows.append([f"{run.config['lr']:g}", pm(psnrs), spread(psnrs),
+        rows.append([rate(run.config["lr"]), pm(psnrs), spread(psnrs),
                      f"{statistics.fmean(loss):.4f}" if loss and all(map(math.isfinite, loss)) else "not finite",
                      "the baseline's first 5,000 steps" if run.name == "baseline" else run.status() or "—"])
     return table(["lr", "val PSNR, mean ± sd of steps 3,000–5,000 (dB)", "range", "train L1, steps 4,501–5,000", "note"], rows)
@@ -225,7 +225,7 @@ def runs_table(runs):
         elapsed = run.summary.get("wall_time_s", run.payload.get("elapsed"))
         rows.append([run.label(run.name),
                      cfg["model"] + (f" from {run.init}" if run.init else ""), training_data(cfg),
-                     f"{cfg['batch_size']}×{cfg['patch_size']}²", f"{cfg['lr']:g}",
+                     f"{cfg['batch_size']}×{cfg['patch_size']}²", rate(cfg["lr"]),
                      *(["—", "—"] if run.step is None else [f"{run.step:,}", f"{run.step * cfg['batch_size'] / 1000:,.0f}k"]),
                      "—" if elapsed is None else f"{elapsed / 3600:.2f}\u00a0h", run.hardware(), pm(psnrs[-LAST:]),
                      "—" if verdict == "—" else f"{signed_pm(gain, se)}, {verdict.split()[-1].strip('()')}"])  # rising/flat/noisy
@@ -315,8 +315,7 @@ def baseline_and_residual(r):
     r.v.update(baseline_vs_level=signed(tested[0][0] - mean_sd(levels[0])[0]),
                residual_vs_level=signed(tested[1][0] - mean_sd(levels[1])[0]),
                gap_level=rows[0][-1], gap_tests=spread([b - a for a, b in zip(tested[0][1:], tested[1][1:])]),
-               baseline_trend=trend_text(*baseline.series("val/psnr")),
-               residual_trend=trend_text(*residual.series("val/psnr")),
+               baseline_trend=trend_text(*baseline.series("val/psnr")), residual_trend=trend_text(*residual.series("val/psnr")),
                baseline_start_val=f"{baseline.series('val/psnr')[1][0]:.2f}", residual_start_val=f"{residual.series('val/psnr')[1][0]:.2f}",
                bilinear_Set5=f"{r.scores.rgb(BILINEAR, 'Set5')['psnr']:.2f}")
 
@@ -326,18 +325,19 @@ def learning_rates(r):
     baseline, rerun = r.runs["baseline"], r.runs["lr_1e-4"]
     sweep = sorted([r.runs[n] for n, _ in RUNS if n.startswith("lr_") and n in r.runs and n != rerun.name] + [baseline],
                    key=lambda run: -run.config["lr"])
-    plots.plot_curves([run.curve(5000, f"lr {run.config['lr']:g}") for run in sweep], r.fig("lr_sweep"),
-                      [plots.PANELS[0], *plots.PANELS[2:]], references=r.reference,
+    plots.plot_curves([run.curve(5000, f"lr {rate(run.config['lr'])}") for run in sweep], r.fig("lr_sweep"),
+                      plots.PANELS[:1] + plots.PANELS[2:], references=r.reference,
                       y_limits={f"train/{metrics.LOGGED_L1}": (0.01, 0.3)}, legend_loc="lower left")
     r.tables["sweep"] = sweep_table(sweep)
     last = {("baseline_5k" if run is baseline else run.name).replace("-", "_"): run.last(max_step=5000) for run in sweep}
     r.v.update({f"{name}_level": pm(values) for name, values in last.items()},
                **{f"{name}_range": spread(last[name]) for name in ("lr_1e_3", "lr_1e_5")})
-    r.v.update(lr_gap=number(mean_sd(last['baseline_5k'])[0] - mean_sd(last['lr_1e_3'])[0]),
+    r.v.update(lr_ranking=", ".join(rate(run.config["lr"]) for run in sorted(sweep, key=lambda run: -mean_sd(run.last(max_step=5000))[0])),
+               lr_gap=number(mean_sd(last['baseline_5k'])[0] - mean_sd(last['lr_1e_3'])[0]),
                lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(f'train/{metrics.LOGGED_L1}')[1]):.0f}",
                lr_1e_4_rerun_level=pm(rerun.last(max_step=5000)), rerun_hardware=rerun.hardware(), baseline_hardware=baseline.hardware())
     shown = [rerun if run is baseline else run for run in sweep]
-    panels = [(run.label(f"lr {run.config['lr']:g}"), "bilinear", r.method[run.name].upscale) for run in shown if run.name in r.method]
+    panels = [(run.label(f"lr {rate(run.config['lr'])}"), "bilinear", r.method[run.name].upscale) for run in shown if run.name in r.method]
     crops_figure(r, "comic", panels + [("bicubic", "bilinear", BICUBIC.upscale), ("LR input, pixels enlarged", "bilinear", "lr"),
                                        ("HR", "bilinear", None)], columns=4)
 
@@ -412,7 +412,7 @@ def final_model(r):
                final_t91_trend=trend_text(*t91_run.series("val/psnr")),
                no_rescale_val_level=pm(runs["final_no_rescale"].last()), matlab_steps=f"{runs['residual_matlab'].step:,}",
                **{f"final_{k}": f"{run.config[k]:g}" for k in ("warmup_steps", "loss_border", "batch_size", "patch_size")},
-               final_lr=f"{run.config['lr']:.0e}".replace("e-0", "e-"),
+               final_lr=rate(run.config["lr"]),
                final_scale_factors=f"{', '.join(factors[:-1])} and {factors[-1]}")
     r.tables["ablation"], values = ablation_table(runs, method, r.scores)
     r.v.update(values, ablation_steps=f"{runs[ABLATION[0][0]].planned:,}")
@@ -430,8 +430,8 @@ def final_model(r):
 def context(cfg, out, device):
     """What every section reads and writes: the runs, their models, the scores, the tables and values made so far."""
     runs = {run.name: run for run in (Run(n, settings, cfg) for n, settings in RUNS) if run.checkpoint or run.scalars}
-    missing = [n for n, _ in RUNS if not n.startswith("gan2_")  # the other rates' logs suffice; lr_1e-4: its weights
-               and (n not in runs or not (runs[n].checkpoint or (n.startswith("lr_") and n != "lr_1e-4")))]
+    missing = [n for n, _ in RUNS  # the other rates' logs suffice; lr_1e-4: its weights
+               if n not in runs or not (runs[n].checkpoint or (n.startswith("lr_") and n != "lr_1e-4"))]
     if missing:
         raise SystemExit(f"error: the report needs run {missing[0]!r}, which has no checkpoint in {cfg['ckpt_dir']}: "
                          f"python code/experiments.py {missing[0]}")

@@ -20,6 +20,11 @@ def number(value, digits=2):
     return text.lstrip("-") if float(text) == 0 else text.replace("-", MINUS)
 
 
+def rate(lr):
+    """A learning rate as the text writes it: '1e-3', '5e-4'."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
 def signed(value, digits=2):
     """'+0.13', '−0.05', and '0.00' for what rounds to zero."""
     text = number(value, digits)

@@ -1,8 +1,8 @@
 """Task 3 (+ validation from Task 4): train a super-resolution model, step by step.
 
-    python code/train.py                                   # defaults of code/config.py
-    python code/train.py run=residual model=residual       # any key=value override
-    python code/train.py run=residual resume=auto          # continue where it stopped
+    python code/train.py                                      # defaults of code/config.py
+    python code/train.py run=my_residual model=residual       # any key=value override
+    python code/train.py run=my_residual resume=auto          # continue where it stopped
 
 Writes TensorBoard logs to runs/<run>/ and checkpoints to checkpoints/<run>/: step<N>.pt every
 `ckpt_every` steps (model + optimiser + step, the newest 3 kept; resume=auto continues from the

@@ -43,9 +43,9 @@ def read_extras(path, scale, max_pixels):
     return torch.from_numpy(alpha.copy())[None].float() / 255, options
 
 
-# The bytes upscale.py may hold per pixel of a max_pixels input at x2 (7.5 GB at the default max_pixels): the
-# 8-bit input and its float copy, a float output and its 8-bit copy (3 + 12 + 48 + 12). Holding its output in 8
-# bits, it needs about 31 bytes an input pixel, so images up to ~2.4x max_pixels fit the budget.
+# The memory one upscaling may hold, in bytes per pixel of max_pixels (7.5 GB at the default): an image is refused
+# from its header when held_bytes exceeds it. At x2 held_bytes is 34 bytes an input pixel (54 with alpha), so
+# inputs up to ~2.2x max_pixels (1.4x with alpha) fit.
 BUDGET_BYTES_PER_MAX_PIXEL = 75
 
 

@@ -28,6 +28,13 @@ def test_runner_trains_missing_runs_skips_finished_ones_and_goes_on_after_a_dive
     assert experiments.main([*where, "ok"]) == [("ok", "done before")]
 
 
+def test_the_gan_trials_run_only_when_named(monkeypatch):
+    monkeypatch.setattr(experiments, "finished_step", lambda *args: 1)  # every run done: nothing trains
+    assert [name for name, _ in experiments.main([])] == [name for name, _ in experiments.RUNS]
+    assert not any(name.startswith("gan2_") for name, _ in experiments.RUNS) and len(experiments.TRIALS) == 6
+    assert experiments.main(["gan2_sn_a0.1", "baseline"]) == [("baseline", "done before"), ("gan2_sn_a0.1", "done before")]
+
+
 def test_unknown_run_names_and_keys_stop_before_work():
     with pytest.raises(SystemExit, match="unknown run 'baseline2'"):
         experiments.main(["baseline2"])
@@ -39,7 +46,7 @@ def test_every_file_a_run_starts_from_is_written_by_a_run_before_it():
     """`make experiments` in an empty checkpoints folder must be able to rebuild every run: each init= names the
     model.pt of an earlier run, or the model_<N>.pt that an earlier run keeps with save_model_at=N."""
     written = set()
-    for name, settings in experiments.RUNS:
+    for name, settings in experiments.RUNS + experiments.TRIALS:
         cfg = experiments.config.parse_overrides([*experiments.COMMON, *settings])
         if cfg["init"]:
             assert os.path.normpath(cfg["init"]) in written, f"{name} starts from {cfg['init']}, which no run before writes"

@@ -88,7 +88,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     rows = {row[0]: row for row in tables["runs"]["rows"]}
-    assert rows["baseline [in progress: step 4 of 6]"][1:7] == ["basic", "T91 (4)", "4×32²", "0.001", "4", "0k"]
+    assert rows["baseline [in progress: step 4 of 6]"][1:7] == ["basic", "T91 (4)", "4×32²", "1e-3", "4", "0k"]
     assert rows["residual"][-1] == "—"  # no trend verdict: too short
     assert any(re.fullmatch(r"lr_1e-2 \[diverged at step \d; last finite checkpoint: none\]", name) for name in rows)
     assert rows["lr_1e-3 [in progress: no checkpoint yet]"][5] == "—"
