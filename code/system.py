@@ -206,12 +206,8 @@ def set_rng_states(states, device):
     numpy = states["numpy"]
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
                          numpy["has_gauss"], numpy["gauss"]))
-    if device.type == "cuda":
-        if "cuda_device" in states:
-            torch.cuda.set_rng_state(states["cuda_device"], device)
-        elif states.get("cuda"):  # older checkpoints: one state per visible GPU; the run used its own index
-            all_states = states["cuda"]
-            torch.cuda.set_rng_state(all_states[min(device.index or 0, len(all_states) - 1)], device)
+    if device.type == "cuda" and "cuda_device" in states:
+        torch.cuda.set_rng_state(states["cuda_device"], device)
 
 
 def ignore_stop_signals(worker_id=None):

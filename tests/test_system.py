@@ -151,13 +151,6 @@ def test_a_run_from_four_gpus_resumes_on_one(monkeypatch):
     assert torch.equal(one.states[0], four.states[3])
 
 
-def test_old_checkpoints_with_every_gpus_state_resume_on_fewer_gpus(monkeypatch):
-    old = {**system.rng_states(torch.device("cpu")), "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]}
-    one = FakeCudaGenerators(monkeypatch, 1)
-    system.set_rng_states(old, torch.device("cuda", 0))
-    assert torch.equal(one.states[0], old["cuda"][0])
-
-
 def test_instructions_capped_by_aten_or_onednn_count_as_missing(monkeypatch):
     """An AVX-512 CPU run as an AVX2 one (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA) must choose as an AVX2 CPU does:
     bf16 there is emulated, 10x slower than fp32."""
