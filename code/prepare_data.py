@@ -3,7 +3,7 @@
     python code/prepare_data.py                               # data/train, data/eval from skimage.data (the demo's)
     python code/prepare_data.py standard                      # T91, BSD200, Set5, Set14, B100 into data/ (~100 MB)
     python code/prepare_data.py standard source=/my/copy      # the same files from a local copy (<copy>/<set>/*.png)
-    python code/prepare_data.py standard sets=Set5,Set14 data_root=/scratch/sr
+    SR_DATA_ROOT=/scratch/sr python code/prepare_data.py standard sets=Set5,Set14   # where experiments/report look
 
 The standard sets come from two public GitHub repositories at pinned commits; code/standard_sets.tsv lists each
 file's address, the SHA-256 of its bytes and the SHA-256 of its pixels. A download is kept only when its bytes
