@@ -16,7 +16,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dataset import degrade
-from metrics import LOGGED_L1, psnr, ssim
+from metrics import LOGGED_L1, high_frequency_gap, psnr, radial_power_spectrum, ssim
+from stats import number
 
 logging.getLogger("tensorboard").addFilter(
     lambda record: not str(record.msg).startswith("Detected out of order event.step"))
@@ -191,6 +192,26 @@ def crop_cells(hr, box, panels, scale, device, errors=False):
         cells += [(f"|{label} − HR| ×{ERROR_GAIN}", error_map(crop, reference), "") if upscale not in (None, "lr")
                   else ("LR input, enlarged", to_pixels(low_res), "") for (label, _, upscale), crop in zip(panels, images)]
     return cells
+
+
+def plot_spectra(hr, panels, scale, device, out_path, bins=32):
+    """Each panel's (label, degradation, upscale) output power over HR's, in dB per ring of spatial frequency
+    (metrics.radial_power_spectrum of the whole image; 0 dB = HR's), the upper half of the frequencies shaded;
+    returns each output's metrics.high_frequency_gap, the mean over that half (below 0: smoother than HR)."""
+    figure, axis = plt.subplots(figsize=(FIGURE_WIDTH * 0.5, 2.2))
+    frequencies, reference, gaps = (torch.arange(bins) + 0.5) * 0.5 / bins, radial_power_spectrum(hr, bins), []
+    for label, degradation, upscale in panels:
+        output = upscaled(upscale, hr, degradation, scale, device)
+        gaps.append(high_frequency_gap(output, hr, bins).item())
+        ratio = 10 * torch.log10(radial_power_spectrum(output, bins) / reference.clamp(min=1e-20)).clamp(min=-60)
+        axis.plot(frequencies, ratio, label=f"{label} ({number(gaps[-1], 1)} dB)")
+    axis.axhline(0, color="gray", linestyle="--", linewidth=0.8)
+    axis.axvspan(0.25, 0.5, color="gray", alpha=0.12, linewidth=0)
+    axis.set(xlim=(0, 0.5), xlabel="spatial frequency (cycles per pixel)", ylabel="power / HR's (dB)")
+    axis.legend(loc="lower left")
+    axis.grid(alpha=0.3)
+    save_figure(figure, out_path)
+    return gaps
 
 
 def plot_training_curves(run_dir, out_path):

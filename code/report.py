@@ -287,8 +287,7 @@ def headline(r):
     hr = high_res("B100", typical)
     top, left = pages.detail_window(hr, TYPICAL_SIDE)
     r.v.update(typical=typical, typical_gain=f"{gains[index]:.2f}", typical_box=f"({left}, {top})",
-               typical_side=str(TYPICAL_SIDE), best_side=str(BEST_SIDE),
-               parameters=f"{count_parameters(r.method['residual'].upscale):,}")
+               typical_side=str(TYPICAL_SIDE), best_side=str(BEST_SIDE), parameters=f"{count_parameters(r.method['residual'].upscale):,}")
     panels = [("HR", "bicubic_matlab", None), ("final", "bicubic_matlab", r.method["final"].upscale),
               ("bicubic", "bicubic_matlab", MATLAB.upscale)]
     where = ("B100", typical, top, left, TYPICAL_SIDE)
@@ -373,16 +372,17 @@ def adversarial(r):
     before, after = ({s: r.scores.rgb(m, s) for s in SETS[1:]} for m in methods[1:])
     loss_ends = lambda tag, digits=3: " to ".join(f"{mean:.{digits}f}" for mean in ends(*gan.series(tag)))  # 500 steps each
     r.v.update(gan_steps=f"{gan.step:,}", gan_start_step=f"{start_step:,}", adv_weight=f"{gan.config['adv_weight']:g}",
-               discriminator_parameters=f"{count_parameters(Discriminator()):,}",
-               gan_val=pm(gan.last()), gan_start_val=pm(residual.last(max_step=start_step)),
+               discriminator_parameters=f"{count_parameters(Discriminator()):,}", gan_val=pm(gan.last()),
+               gan_start_val=pm(residual.last(max_step=start_step)), gan_d_loss_ends=loss_ends("train/d_loss"),
                gan_l1_ends=loss_ends(f"train/{metrics.LOGGED_L1}", 4), gan_adv_ends=loss_ends("train/adv"),
-               gan_d_loss_ends=loss_ends("train/d_loss"),
                gan_vs_level=signed(r.scores.rgb(r.method["gan"], "Set5")["psnr"] - mean_sd(gan.last())[0]),
                **{f"gan_cost_{s}": number(before[s]['psnr'] - after[s]['psnr']) for s in SETS[1:]},
                gan_sharp_Set14=f"{after['Set14']['sharpness']:.3f} against {before['Set14']['sharpness']:.3f}",
                gan_gmsd_Set14=f"{after['Set14']['gmsd']:.4f} against {before['Set14']['gmsd']:.4f}")
     panels = [("HR", None), ("bicubic", BICUBIC.upscale), ("GAN's start", start.upscale), ("GAN", methods[2].upscale)]
     crops_figure(r, "zebra", [(label, "bilinear", upscale) for label, upscale in panels], 4, errors=True)
+    hf = plots.plot_spectra(high_res("Set14", "baboon.png"), [(n, "bilinear", m) for n, m in panels[1:]], SCALE, r.device, r.fig("spectra"))
+    r.v.update({f"hf_gap_{name}": number(gap, 1) for name, gap in zip(("bicubic", "start", "gan"), hf)})  # Set14's baboon
 
 
 def final_model(r):

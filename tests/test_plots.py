@@ -45,3 +45,11 @@ def test_the_split_view_shows_the_left_half_of_one_image_and_the_right_half_of_t
     rows = pixels[pixels.shape[0] // 2]  # a row through the image: black, the white line, white
     dark = np.flatnonzero(rows < 30)
     assert len(dark) > 0 and rows[dark[-1] + 5:].min() > 225 and dark[0] < len(rows) // 2 < dark[-1] + 10
+
+
+def test_spectra_measure_each_output_against_hr_and_a_blur_loses_the_high_frequencies(tmp_path):
+    hr = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    blurred = lambda low_res: torch.nn.functional.interpolate(low_res, scale_factor=2, mode="bilinear")
+    gaps = plots.plot_spectra(hr, [("HR", "bilinear", None), ("blurred", "bilinear", blurred)], 2, torch.device("cpu"),
+                              str(tmp_path / "spectra.png"))
+    assert gaps[0] == 0.0 and gaps[1] < -5 and os.path.isfile(tmp_path / "spectra.png")
