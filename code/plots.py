@@ -62,11 +62,11 @@ def moving_mean(steps, values, window=SMOOTH_STEPS):
     return smoothed
 
 
-def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None, legend_loc="upper right"):
+def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None, legend=(0, "upper right", 1)):
     """On each axis one panel (tags, title, log) of every curve (label, {tag: (steps, values)}); a curve keeps its
     colour in every panel. train/* tags are drawn as moving means over SMOOTH_STEPS steps. `references`:
     {tag: value}, a dashed horizontal line each, not in the legends (the captions say what they are); `y_limits`:
-    {tag: (low, high)}; the curves' legend, in the first panel, at `legend_loc`."""
+    {tag: (low, high)}; the curves' legend `legend` = (panel index, location, columns), off the curves."""
     for axis, (tags, title, log) in zip(axes, panels):
         for index, (label, scalars) in enumerate(curves):
             for tag in tags:
@@ -84,8 +84,10 @@ def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None
         if y_limits and tags[0] in y_limits:
             axis.set_ylim(*y_limits[tags[0]])
         axis.grid(alpha=0.3)
-        if (axis is axes[0] and len(curves) > 1) or len(tags) > 1:  # the curves' legend once; a panel's own tags
-            axis.legend(loc=legend_loc if axis is axes[0] else "best", framealpha=0.8)
+        if axis is axes[legend[0]] and len(curves) > 1:  # the curves' legend once
+            axis.legend(loc=legend[1], ncol=legend[2], framealpha=0.8)
+        elif len(tags) > 1:  # a panel of several tags: their legend
+            axis.legend(loc="best", framealpha=0.8)
 
 
 def save_figure(figure, out_path, **layout):

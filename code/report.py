@@ -326,7 +326,7 @@ def learning_rates(r):
                    key=lambda run: -run.config["lr"])
     plots.plot_curves([run.curve(5000, f"lr {rate(run.config['lr'])}") for run in sweep], r.fig("lr_sweep"),
                       plots.PANELS[:1] + plots.PANELS[2:], references=r.reference,
-                      y_limits={f"train/{metrics.LOGGED_L1}": (0.01, 0.3)}, legend_loc="lower left")
+                      y_limits={f"train/{metrics.LOGGED_L1}": (0.01, 0.3)}, legend=(2, "lower right", 2))
     r.tables["sweep"] = sweep_table(sweep)
     last = {("baseline_5k" if run is baseline else run.name).replace("-", "_"): run.last(max_step=5000) for run in sweep}
     r.v.update({f"{name}_level": pm(values) for name, values in last.items()},
