@@ -43,6 +43,7 @@ PUBLISHED = (("SRCNN", "57k", "ImageNet (395k)", {"Set5": (36.66, .9542), "Set14
 CROPS = {"comic": ("Set14", "comic.png", 20, 20, 128), "zebra": ("Set14", "zebra.png", 60, 260, 128),
          "butterfly": ("Set5", "butterfly.png", 64, 64, 128), "barbara": ("Set14", "barbara.png", 160, 360, 128)}
 TYPICAL_SIDE, BEST_SIDE = 160, 96  # HR pixels of the typical-image crops and of the best-case ones
+TEXTURED = ("Set14", "baboon.png")  # the whole image whose power spectra Task 6 compares
 NAMES = {"gan": "GAN", "final_t91": "final, T91 only", "final_no_rescale": "final, no downscaled copies"}
 Method = namedtuple("Method", "label key upscale")  # key: what its scores are memoised under
 plots.use_report_style()
@@ -322,8 +323,7 @@ def baseline_and_residual(r):
 def learning_rates(r):
     """Task 5: the sweep's curves, table and outputs at 5,000 steps (lr 1e-4: the baseline's logs; its outputs: lr_1e-4)."""
     baseline, rerun = r.runs["baseline"], r.runs["lr_1e-4"]
-    sweep = sorted([r.runs[n] for n, _ in RUNS if n.startswith("lr_") and n in r.runs and n != rerun.name] + [baseline],
-                   key=lambda run: -run.config["lr"])
+    sweep = sorted([x for n, x in r.runs.items() if n.startswith("lr_") and n != rerun.name] + [baseline], key=lambda x: -x.config["lr"])
     plots.plot_curves([run.curve(5000, f"lr {rate(run.config['lr'])}") for run in sweep], r.fig("lr_sweep"),
                       plots.PANELS[:1] + plots.PANELS[2:], references=r.reference,
                       y_limits={f"train/{metrics.LOGGED_L1}": (0.01, 0.3)}, legend=(2, "lower right", 2))
@@ -381,8 +381,8 @@ def adversarial(r):
                gan_gmsd_Set14=f"{after['Set14']['gmsd']:.4f} against {before['Set14']['gmsd']:.4f}")
     panels = [("HR", None), ("bicubic", BICUBIC.upscale), ("GAN's start", start.upscale), ("GAN", methods[2].upscale)]
     crops_figure(r, "zebra", [(label, "bilinear", upscale) for label, upscale in panels], 4, errors=True)
-    hf = plots.plot_spectra(high_res("Set14", "baboon.png"), [(n, "bilinear", m) for n, m in panels[1:]], SCALE, r.device, r.fig("spectra"))
-    r.v.update({f"hf_gap_{name}": number(gap, 1) for name, gap in zip(("bicubic", "start", "gan"), hf)})  # Set14's baboon
+    hf = plots.plot_spectra(high_res(*TEXTURED), [(n, "bilinear", m) for n, m in panels[1:]], SCALE, r.device, r.fig("spectra"))
+    r.v.update({f"hf_gap_{name}": number(gap, 1) for name, gap in zip(("bicubic", "start", "gan"), hf)})
 
 
 def final_model(r):

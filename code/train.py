@@ -169,7 +169,7 @@ def prepare_folders(cfg, run_dir, ckpt_dir):
         if not cfg["overwrite"]:
             hint = "no checkpoint to resume from; " if cfg["resume"] == "auto" else "pass resume=auto to continue it, "
             raise SystemExit(f"error: run '{cfg['run']}' already has {existing[0]}; {hint}"
-                             f"overwrite=true starts it over, or choose another run=name")
+                             f"choose another run=name, or overwrite=true deletes its folders and starts over")
         for folder in existing:
             shutil.rmtree(folder)
     system.check_writable(run_dir)  # a read-only or forbidden folder: one line now, not a traceback at the first log

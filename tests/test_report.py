@@ -54,6 +54,7 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "ABLATION", ablation)
     monkeypatch.setattr(report, "DATA_ROOT", str(root))
     monkeypatch.setattr(report, "CROPS", {name: ("Set5", "img00.png", 4, 4, 24) for name in report.CROPS})
+    monkeypatch.setattr(report, "TEXTURED", ("Set14", "img00.png"))
     monkeypatch.setattr(report, "TYPICAL_SIDE", 24)
     monkeypatch.setattr(report, "BEST_SIDE", 16)
     where = [f"data_dir={root / 'T91'}", f"eval_dir={root / 'Set5'}", f"runs_dir={tiny_cfg['runs_dir']}",

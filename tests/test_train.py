@@ -200,7 +200,7 @@ def test_resume_auto_without_a_checkpoint_starts_fresh_but_never_over_leftovers(
     assert summary["steps"] == 3
     for path in checkpoints.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny")):
         os.remove(path)
-    with pytest.raises(SystemExit, match="no checkpoint to resume from; overwrite=true starts it over"):
+    with pytest.raises(SystemExit, match="no checkpoint to resume from; choose another run=name, or overwrite=true deletes"):
         train.train(dict(tiny_cfg, max_steps=3, resume="auto"))
 
 
