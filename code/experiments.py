@@ -117,7 +117,7 @@ def main(argv):
         if finished_step(name, settings, overrides) is not None:
             outcomes.append((name, "done before"))
             continue
-        print(f"=== {name}: {' '.join(settings)}", flush=True)
+        print(f"=== {name}: {' '.join([*settings, *overrides])}", flush=True)  # the overrides win
         command = [sys.executable, TRAIN_SCRIPT, f"run={name}", *COMMON, *settings, "resume=auto", *overrides]
         status = subprocess.run(command).returncode
         outcomes.append((name, {0: "trained", EXIT_DIVERGED: "diverged (exit 3)"}.get(status, f"exit {status}")))
