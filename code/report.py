@@ -259,7 +259,7 @@ def best_case_figure(path, final, scores, device):
         hr = high_res(set_name, file_name)
         ours, bicubic = (plots.upscaled(m.upscale, hr, "bicubic_matlab", SCALE, device) for m in (final, MATLAB))
         window = pages.focus_window(((bicubic - hr) ** 2 - (ours - hr) ** 2).mean(0), BEST_SIDE)
-        panels = [(f"LR, {set_name}/{file_name}", "lr"), ("bicubic", MATLAB.upscale), ("final", final.upscale), ("HR", None)]
+        panels = [(f"HR, {set_name}/{file_name}", None), ("bicubic", MATLAB.upscale), ("final", final.upscale), ("LR input", "lr")]
         cells += plots.crop_cells(hr, (window["y"], window["x"], BEST_SIDE),
                                   [(label, "bicubic_matlab", upscale) for label, upscale in panels], SCALE, device)
     plots.plot_image_grid(cells, path, columns=4)
