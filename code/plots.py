@@ -1,4 +1,4 @@
-"""Figures: training curves read back from TensorBoard logs (the handout's Figure 3), and grids of image crops.
+"""Figures: training curves read back from TensorBoard logs (the handout's Figure 3), grids of image crops and power spectra.
 train.py draws each run's curves.png with them, report.py every figure of README.pdf.
 
     python code/plots.py run=demo    # writes runs/demo/curves.png
