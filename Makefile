@@ -62,9 +62,8 @@ evaluate: venv
 experiments: venv
 	$(PY) code/experiments.py $(ARGS)
 
-# Task 5's sweep continued (in progress, resumable across machines, its newest step<N>.pt committed as it goes):
-# lr 1e-3 and 1e-5 trained from scratch to the baseline's 30,000 steps, keeping the step-5,000 weights, in their
-# own folders so that the committed 5,000-step runs and the report stay as they are until both finish.
+# Task 5's sweep continued (README: Task 5 experiments): lr 1e-3 and 1e-5 from scratch to the baseline's 30,000
+# steps, keeping the step-5,000 weights, in folders of their own beside the committed 5,000-step runs; resumable.
 sweep-30k: venv
 	$(PY) code/experiments.py lr_1e-3 lr_1e-5 max_steps=30000 save_model_at=5000 \
 	  ckpt_dir=checkpoints/sweep30k runs_dir=runs/sweep30k $(ARGS)

@@ -66,7 +66,7 @@ def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None
     """On each axis one panel (tags, title, log) of every curve (label, {tag: (steps, values)}); a curve keeps its
     colour in every panel. train/* tags are drawn as moving means over SMOOTH_STEPS steps. `references`:
     {tag: value}, a dashed horizontal line each, not in the legends (the captions say what they are); `y_limits`:
-    {tag: (low, high)}; the curves' legend `legend` = (panel index, location, columns), off the curves."""
+    {tag: (low, high)}; the curves' legend at `legend` = (panel index, location, columns)."""
     for axis, (tags, title, log) in zip(axes, panels):
         for index, (label, scalars) in enumerate(curves):
             for tag in tags:

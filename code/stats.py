@@ -21,8 +21,9 @@ def number(value, digits=2):
 
 
 def rate(lr):
-    """A learning rate as the text writes it: '1e-3', '5e-4'."""
-    return f"{lr:.0e}".replace("e-0", "e-")
+    """A learning rate as the text writes it: '1e-3', '5e-4'; '0.00015' where one digit would round it."""
+    text = f"{lr:.0e}".replace("e-0", "e-")
+    return text if float(text) == lr else f"{lr:g}"
 
 
 def signed(value, digits=2):

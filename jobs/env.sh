@@ -6,8 +6,8 @@ cd "${SLURM_SUBMIT_DIR:-${LS_SUBCWD:-$(pwd)}}" || exit 1
 [ -f code/train.py ] || { echo "error: run or submit job scripts from the repository root" >&2; exit 1; }
 
 # Modules of the cluster's software stack, where there is one. Adapt the names to your site:
-# SR_MODULES="stack/2024-06 python_cuda/3.11.6" is Euler's Slurm stack today (the default below), for the
-# LSF scripts too: the handout's 2022 stack has Python 3.8, too old for the pinned torch.
+# SR_MODULES="stack/2024-06 python_cuda/3.11.6" is Euler's Slurm stack today (the default below). An LSF site
+# sets its own: the handout's 2022 stack has Python 3.8, too old for the pinned torch.
 if [ -n "${SR_MODULES-stack/2024-06 python_cuda/3.11.6}" ] && command -v module >/dev/null 2>&1; then
     module load ${SR_MODULES-stack/2024-06 python_cuda/3.11.6}
 fi

@@ -45,3 +45,4 @@ def test_ends_average_the_first_and_the_last_window_of_steps():
 
 def test_learning_rates_are_written_as_the_text_writes_them():
     assert [stats.rate(lr) for lr in (1e-2, 1e-3, 5e-4, 1e-4, 2e-4, 1e-6)] == ["1e-2", "1e-3", "5e-4", "1e-4", "2e-4", "1e-6"]
+    assert stats.rate(1.5e-4) == "0.00015" and stats.rate(2.5e-4) == "0.00025"
