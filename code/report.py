@@ -26,7 +26,7 @@ from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoin
 from dataset import SRDataset, check_batch, crop_to_multiple, decode_image, imresize_matlab, list_images, to_float
 from experiments import ABLATION, FINAL_RECIPE, RUNS
 from models import Discriminator, count_parameters, self_ensemble
-from stats import ends, mean_sd, number, paired, pm, rate, signed, signed_pm, spread, trend, trend_text
+from stats import ends, level_order, mean_sd, number, paired, pm, rate, signed, signed_pm, spread, trend, trend_text
 
 DATA_ROOT = config.DATA_ROOT  # the standard sets: `make data-standard` puts them there
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.typ")
@@ -186,9 +186,8 @@ def sweep_table(sweep):
     rows = []
     for run in sweep:
         psnrs, (steps, losses) = run.last(max_step=5000), run.series(f"train/{metrics.LOGGED_L1}", 5000)
-        loss = [v for s, v in zip(steps, losses) if s > 4500]
-        rows.append([rate(run.config["lr"]), pm(psnrs), spread(psnrs),
-                     f"{statistics.fmean(loss):.4f}" if loss and all(map(math.isfinite, loss)) else "not finite",
+        loss = ends(steps, losses)[1] if steps else math.nan  # steps 4,501-5,000
+        rows.append([rate(run.config["lr"]), pm(psnrs), spread(psnrs), f"{loss:.4f}" if math.isfinite(loss) else "not finite",
                      "the baseline's first 5,000 steps" if run.name == "baseline" else run.status() or "—"])
     return table(["lr", "val PSNR, mean ± sd of steps 3,000–5,000 (dB)", "range", "train L1, steps 4,501–5,000", "note"], rows)
 
@@ -229,7 +228,7 @@ def runs_table(runs):
                      f"{cfg['batch_size']}×{cfg['patch_size']}²", rate(cfg["lr"]),
                      *(["—", "—"] if run.step is None else [f"{run.step:,}", f"{run.step * cfg['batch_size'] / 1000:,.0f}k"]),
                      "—" if elapsed is None else f"{elapsed / 3600:.2f}\u00a0h", run.hardware(), pm(psnrs[-LAST:]),
-                     "—" if verdict == "—" else f"{signed_pm(gain, se)}, {verdict.split()[-1].strip('()')}"])  # rising/flat/noisy
+                     "—" if verdict == "—" else f"{signed_pm(gain, se)}, {verdict}"])
     return table(["run", "model", "data", "batch × crop", "lr", "steps", "samples", "wall time", "hardware",
                   "Set5 level (dB)", "trend, last 20% (dB)"], rows)
 
@@ -331,7 +330,7 @@ def learning_rates(r):
     last = {("baseline_5k" if run is baseline else run.name).replace("-", "_"): run.last(max_step=5000) for run in sweep}
     r.v.update({f"{name}_level": pm(values) for name, values in last.items()},
                **{f"{name}_range": spread(last[name]) for name in ("lr_1e_3", "lr_1e_5")})
-    r.v.update(lr_ranking=", ".join(rate(run.config["lr"]) for run in sorted(sweep, key=lambda run: -mean_sd(run.last(max_step=5000))[0])),
+    r.v.update(lr_ranking=", ".join(rate(run.config["lr"]) for run in sorted(sweep, key=lambda run: level_order(run.last(max_step=5000)))),
                lr_gap=number(mean_sd(last['baseline_5k'])[0] - mean_sd(last['lr_1e_3'])[0]),
                lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(f'train/{metrics.LOGGED_L1}')[1]):.0f}",
                lr_1e_4_rerun_level=pm(rerun.last(max_step=5000)), rerun_hardware=rerun.hardware(), baseline_hardware=baseline.hardware())

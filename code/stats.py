@@ -14,6 +14,12 @@ def mean_sd(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def level_order(values):
+    """A sort key for runs by their level (the mean of `values`): highest first, a run without values last."""
+    mean = mean_sd(values)[0]
+    return -mean if math.isfinite(mean) else math.inf
+
+
 def number(value, digits=2):
     """'0.13', '−0.05' (a minus sign), and '0.00' for what rounds to zero (no '−0.00')."""
     text = f"{value:.{digits}f}"
@@ -51,7 +57,7 @@ def spread(values, digits=2):
 def trend(steps, values, fraction=TREND_FRACTION, tolerance=TREND_DB):
     """(gain, se, verdict): the mean validation PSNR of the last `fraction` of the steps minus that of the `fraction`
     before, its standard error, and "rising" (gain above `tolerance` and 2 se), "flat" (gain and 2 se within
-    `tolerance`: a test that can tell) or "no detectable trend (noisy)". Under a learning rate annealed to ~0 the end
+    `tolerance`: a test that can tell) or "noisy" (no detectable trend). Under a learning rate annealed to ~0 the end
     of a run is flat by construction: flat says the run has settled, not that longer training cannot help."""
     last = steps[-1]
     recent = [v for s, v in zip(steps, values) if s > last * (1 - fraction)]
@@ -62,12 +68,13 @@ def trend(steps, values, fraction=TREND_FRACTION, tolerance=TREND_DB):
     se = math.sqrt(statistics.variance(recent) / len(recent) + statistics.variance(before) / len(before))
     if gain > tolerance and gain > 2 * se:
         return gain, se, "rising"
-    return gain, se, "flat" if abs(gain) < tolerance and 2 * se < tolerance else "no detectable trend (noisy)"
+    return gain, se, "flat" if abs(gain) < tolerance and 2 * se < tolerance else "noisy"
 
 
 def trend_text(steps, values):
     gain, se, verdict = trend(steps, values)
-    return "—" if math.isnan(gain) else f"{signed_pm(gain, se)} dB, {verdict}"
+    wording = {"noisy": "no detectable trend (noisy)"}.get(verdict, verdict)
+    return "—" if math.isnan(gain) else f"{signed_pm(gain, se)} dB, {wording}"
 
 
 def ends(steps, values, window=500):

@@ -13,10 +13,11 @@ def test_trend_compares_the_last_fifth_with_the_fifth_before_and_says_noisy_wher
     assert verdict == "rising"
     assert stats.trend(steps, [30.0 + 0.001 * (i % 2) for i in range(len(steps))])[2] == "flat"
     noisy_but_flat = [30.0 + (0.5 if i % 2 else 0.0) for i in range(len(steps))]
-    assert stats.trend(steps, noisy_but_flat)[::2] == (0.0, "no detectable trend (noisy)")  # no power: not "flat"
+    assert stats.trend(steps, noisy_but_flat)[::2] == (0.0, "noisy")  # no power: not "flat"
+    assert stats.trend_text(steps, noisy_but_flat).endswith(" dB, no detectable trend (noisy)")  # the text's wording
     noisy_and_rising_a_little = [v + 0.02 * i for i, v in enumerate(noisy_but_flat)]  # 0.08 dB within 2 se
     gain, se, verdict = stats.trend(steps, noisy_and_rising_a_little)
-    assert gain == pytest.approx(0.08) and gain < 2 * se and verdict == "no detectable trend (noisy)"
+    assert gain == pytest.approx(0.08) and gain < 2 * se and verdict == "noisy"
     assert math.isnan(stats.trend([500], [30.0])[0])
 
 
@@ -46,3 +47,9 @@ def test_ends_average_the_first_and_the_last_window_of_steps():
 def test_learning_rates_are_written_as_the_text_writes_them():
     assert [stats.rate(lr) for lr in (1e-2, 1e-3, 5e-4, 1e-4, 2e-4, 1e-6)] == ["1e-2", "1e-3", "5e-4", "1e-4", "2e-4", "1e-6"]
     assert stats.rate(1.5e-4) == "0.00015" and stats.rate(2.5e-4) == "0.00025"
+
+
+def test_level_order_puts_the_highest_level_first_and_a_run_without_validations_last():
+    levels = {"diverged": [], "low": [20.0, 21.0], "high": [31.0, 30.0], "middle": [25.0]}
+    assert sorted(levels, key=lambda name: stats.level_order(levels[name])) == ["high", "middle", "low", "diverged"]
+    assert sorted(["diverged", "low"], key=lambda name: stats.level_order(levels[name])) == ["low", "diverged"]
