@@ -90,12 +90,17 @@ def radial_power_spectrum(image, bins=32):
     return totals / counts.clamp(min=1)
 
 
-def high_frequency_gap(prediction, target, bins=32):
-    """The mean over the upper half of the frequencies (0.25 to 0.5 cycles/pixel) of 10 log10 of the prediction's
-    power over HR's (radial_power_spectrum), in dB: 0 = HR's texture energy, negative = smoother than HR, positive
-    = more high-frequency energy than HR (right or wrong). Needs no downloaded network."""
+def power_ratio_db(prediction, target, bins=32):
+    """10 log10 of the prediction's power over HR's in each ring of radial_power_spectrum, in dB (0 = HR's)."""
     ratio = radial_power_spectrum(prediction, bins) / radial_power_spectrum(target, bins).clamp(min=1e-20)
-    return 10 * torch.log10(ratio[bins // 2:].clamp(min=1e-20)).mean()
+    return 10 * torch.log10(ratio.clamp(min=1e-20))
+
+
+def high_frequency_gap(prediction, target, bins=32):
+    """The mean of power_ratio_db over the upper half of the frequencies (0.25 to 0.5 cycles/pixel), in dB: 0 = HR's
+    texture energy, negative = smoother than HR, positive = more high-frequency energy than HR (right or wrong).
+    Needs no downloaded network."""
+    return power_ratio_db(prediction, target, bins)[bins // 2:].mean()
 
 
 def interpolate(low_res, scale, mode):

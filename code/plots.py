@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dataset import degrade
-from metrics import LOGGED_L1, high_frequency_gap, psnr, radial_power_spectrum, ssim
+from metrics import LOGGED_L1, high_frequency_gap, power_ratio_db, psnr, ssim
 from stats import number
 
 logging.getLogger("tensorboard").addFilter(
@@ -198,15 +198,14 @@ def crop_cells(hr, box, panels, scale, device, errors=False):
 
 def plot_spectra(hr, panels, scale, device, out_path, bins=32):
     """Each panel's (label, degradation, upscale) output power over HR's, in dB per ring of spatial frequency
-    (metrics.radial_power_spectrum of the whole image; 0 dB = HR's), the upper half of the frequencies shaded;
+    (metrics.power_ratio_db of the whole image; 0 dB = HR's), the upper half of the frequencies shaded;
     returns each output's metrics.high_frequency_gap, the mean over that half (below 0: smoother than HR)."""
     figure, axis = plt.subplots(figsize=(FIGURE_WIDTH * 0.5, 2.2))
-    frequencies, reference, gaps = (torch.arange(bins) + 0.5) * 0.5 / bins, radial_power_spectrum(hr, bins), []
+    frequencies, gaps = (torch.arange(bins) + 0.5) * 0.5 / bins, []
     for label, degradation, upscale in panels:
         output = upscaled(upscale, hr, degradation, scale, device)
         gaps.append(high_frequency_gap(output, hr, bins).item())
-        ratio = 10 * torch.log10(radial_power_spectrum(output, bins) / reference.clamp(min=1e-20)).clamp(min=-60)
-        axis.plot(frequencies, ratio, label=f"{label} ({number(gaps[-1], 1)} dB)")
+        axis.plot(frequencies, power_ratio_db(output, hr, bins).clamp(min=-60), label=f"{label} ({number(gaps[-1], 1)} dB)")
     axis.axhline(0, color="gray", linestyle="--", linewidth=0.8)
     axis.axvspan(0.25, 0.5, color="gray", alpha=0.12, linewidth=0)
     axis.set(xlim=(0, 0.5), xlabel="spatial frequency (cycles per pixel)", ylabel="power / HR's (dB)")

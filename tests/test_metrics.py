@@ -134,3 +134,5 @@ def test_the_high_frequency_gap_is_zero_for_hr_negative_when_smoother_and_rises_
     assert metrics.high_frequency_gap(hr, hr).item() == 0
     assert metrics.high_frequency_gap(blurred, hr).item() < -3
     assert metrics.high_frequency_gap(noisy, hr).item() > metrics.high_frequency_gap(blurred, hr).item() + 3
+    per_ring = metrics.power_ratio_db(blurred, hr)  # what the spectrum figure draws: near 0 dB low, far below high
+    assert per_ring.shape == (32,) and per_ring[:4].abs().max() < 1 and per_ring[-4:].max() < -6
