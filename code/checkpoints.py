@@ -195,8 +195,14 @@ def checkpoint_paths(cfg):
 
 
 def load_models(cfg, device):
-    """[(path, model, checkpoint dict)] of the checkpoints `cfg` names, each refused unless trained for cfg's scale."""
+    """[(path, model, checkpoint dict)] of the checkpoints `cfg` names, each refused unless trained for cfg's scale;
+    of those found under ckpt_dir (none named), the ones trained for another scale are left out with a note."""
     models = [(path, *load_model(path, device)) for path in checkpoint_paths(cfg)]
+    other_scale = [path for path, _, payload in models if payload["config"]["scale"] != cfg["scale"]]
+    if other_scale and not cfg["checkpoint"]:
+        print(f"note: {len(other_scale)} of the checkpoints under {cfg['ckpt_dir']}/*/model.pt were trained for another "
+              f"scale than {cfg['scale']}; left out", file=sys.stderr)
+        models = [model for model in models if model[0] not in other_scale]
     for path, _, payload in models:
         if payload["config"]["scale"] != cfg["scale"]:
             raise CheckpointError(f"{path}: trained for scale {payload['config']['scale']}, "
@@ -207,6 +213,13 @@ def load_models(cfg, device):
 def method_name(payload):
     """A checkpoint's name in tables and on the comparison page: run, architecture and step."""
     return f"{payload['run']} ({payload['config']['model']}, step {payload['step']})"
+
+
+def method_names(models):
+    """method_name of each loaded (path, model, checkpoint dict), with the path added where two would read the same
+    (a run's model.pt and model_raw.pt, or a run folder renamed after training)."""
+    names = [method_name(payload) for _, _, payload in models]
+    return [name if names.count(name) == 1 else f"{name}, {path}" for name, (path, _, _) in zip(names, models)]
 
 
 def load_weights(model, state_dict, path):

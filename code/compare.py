@@ -16,7 +16,7 @@ import sys
 
 import config
 import system
-from checkpoints import CheckpointError, load_models, method_name
+from checkpoints import CheckpointError, load_models, method_names
 from dataset import DataError, SRDataset
 from pages import PageError, check_out, method_images, write_page
 
@@ -31,9 +31,7 @@ def main(argv):
     try:
         check_out(out)
         loaded = load_models(cfg, device)
-        names = [method_name(payload) for _, _, payload in loaded]  # model.pt and model_raw.pt share one
-        models = [(name if names.count(name) == 1 else f"{name}, {path}", model)
-                  for name, (path, model, _) in zip(names, loaded)]
+        models = [(name, model) for name, (_, model, _) in zip(method_names(loaded), loaded)]
         dataset = SRDataset.from_config(cfg, train=False)
         page = write_page(out, title, method_images(dataset, models, device, cfg["crop"]))
     except (CheckpointError, DataError, PageError) as err:

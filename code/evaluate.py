@@ -14,7 +14,7 @@ import sys
 
 import config
 import system
-from checkpoints import CheckpointError, load_models, method_name
+from checkpoints import CheckpointError, load_models, method_names
 from models import tiled_upscaler
 from dataset import DataError, SRDataset, imresize_matlab
 from metrics import LOGGED_L1, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
@@ -70,8 +70,8 @@ def main(argv):
     else:
         rows = [(f"{mode} upsampling", score(lambda lr, m=mode: interpolate(lr, cfg["scale"], m)))
                 for mode in ("bilinear", "bicubic")]
-    for path, model, payload in models:
-        rows.append((method_name(payload), score(tiled_upscaler(model))))
+    for name, (_, model, _) in zip(method_names(models), models):
+        rows.append((name, score(tiled_upscaler(model))))
 
     if standard:
         title = (f"x{cfg['scale']} on {eval_name} ({count} images), standard protocol: LR by MATLAB bicubic "

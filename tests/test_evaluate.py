@@ -60,6 +60,14 @@ def test_bad_checkpoint_or_folder_stop_with_one_line(tiny_cfg, tmp_path):
         evaluate.main([f"checkpoint={path}", f"eval_dir={tiny_cfg['eval_dir']}", "scale=4"])
 
 
+def test_checkpoints_found_for_another_scale_are_left_out_with_a_note(tiny_cfg, tmp_path, capsys):
+    checkpoint(tiny_cfg, tmp_path)  # x2, found under ckpt_dir: an x4 table has the baselines only
+    rows = evaluate.main([f"ckpt_dir={tmp_path / 'checkpoints'}", f"eval_dir={tiny_cfg['eval_dir']}", "scale=4",
+                          f"out={tmp_path / 'x4'}", "protocol=standard"])
+    assert [name for name, _ in rows] == ["bicubic (MATLAB imresize)"]
+    assert "1 of the checkpoints under" in capsys.readouterr().err
+
+
 def test_standard_protocol_table_rows(tiny_cfg, tmp_path):
     path = checkpoint(tiny_cfg, tmp_path)
     rows = evaluate.main([f"checkpoint={path}", f"eval_dir={tiny_cfg['eval_dir']}", "protocol=standard",
@@ -191,3 +199,9 @@ def test_streamed_evaluation_memory_does_not_grow_with_the_number_of_photos(tmp_
                                                       f"out={tmp_path / 'table'}", f"ckpt_dir={tmp_path / 'none'}"])
     assert status == 0, err[-2000:]
     assert peak_mb < 1200, peak_mb
+
+
+def test_two_checkpoints_that_would_read_the_same_are_told_apart_by_their_paths(tiny_cfg, tmp_path):
+    first, renamed = checkpoint(tiny_cfg, tmp_path, "a"), checkpoint(tiny_cfg, tmp_path / "old", "a")  # same run name
+    rows = evaluate.main([f"checkpoint={first},{renamed}", f"eval_dir={tiny_cfg['eval_dir']}", f"out={tmp_path / 't'}"])
+    assert [name for name, _ in rows[2:]] == [f"a (basic, step 3), {first}", f"a (basic, step 3), {renamed}"]
