@@ -84,10 +84,17 @@ def test_training_is_bit_identical_on_rerun(tiny_cfg, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_resumed_training_matches_an_uninterrupted_one(tiny_cfg):
+def resumed_at(capsys, run, step):
+    """Whether the last train() said it resumed `run` at `step` (a run started over would end alike)."""
+    return f"Resuming run '{run}' at step {step} from " in "".join(capsys.readouterr())
+
+
+def test_resumed_training_matches_an_uninterrupted_one(tiny_cfg, capsys):
     train.train(dict(tiny_cfg, run="straight", max_steps=12))
     train.train(dict(tiny_cfg, run="resumed", max_steps=6, ckpt_every=3, num_workers=2))
+    capsys.readouterr()
     train.train(dict(tiny_cfg, run="resumed", max_steps=12, resume="auto"))
+    assert resumed_at(capsys, "resumed", 6)
     straight = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "straight", "model.pt"))
     resumed = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "resumed", "model.pt"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -101,11 +108,13 @@ def test_resume_with_other_settings_is_refused(tiny_cfg):
         train.train(dict(tiny_cfg, max_steps=4, lr=1e-2, resume="auto"))
 
 
-def test_a_run_resumes_after_its_data_folder_moved_but_not_with_other_data(tiny_cfg, tmp_path):
+def test_a_run_resumes_after_its_data_folder_moved_but_not_with_other_data(tiny_cfg, tmp_path, capsys):
     """data_dir is compared by its folders' names: ../shared/data/T91 -> data/T91 continues, T91 -> Set5 does not."""
     train.train(dict(tiny_cfg, max_steps=2, ckpt_every=2))
     moved = shutil.copytree(tiny_cfg["data_dir"], tmp_path / "elsewhere" / os.path.basename(tiny_cfg["data_dir"]))
+    capsys.readouterr()
     train.train(dict(tiny_cfg, data_dir=str(moved), max_steps=4, resume="auto"))
+    assert resumed_at(capsys, "tiny", 2)
     assert torch.load(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt"), weights_only=True)["step"] == 4
     other = shutil.copytree(tiny_cfg["data_dir"], tmp_path / "other_set")
     with pytest.raises(SystemExit, match=r"other settings: data_dir=.*train \(now .*other_set\)"):
@@ -347,13 +356,14 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_and_resume_auto_continues(tin
 
 def test_a_too_high_learning_rate_diverges_cleanly(tiny_cfg, capsys):
     with pytest.raises(SystemExit) as exit_:
-        train.train(dict(tiny_cfg, lr=1e12, max_steps=200, ckpt_every=2))
+        train.train(dict(tiny_cfg, lr=1e12, max_steps=200, ckpt_every=1))  # step 1 finite, then not
     assert exit_.value.code == checkpoints.EXIT_DIVERGED
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "(diverged); lower lr=1000000000000.0. Last good checkpoint:" in message
+    saved = checkpoints.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny"))
+    assert saved and "(diverged); lower lr=1000000000000.0. Last good checkpoint:" in message and saved[0] in message
     steps, values = read_scalars(os.path.join(tiny_cfg["runs_dir"], "tiny"))["train/l1"]
     assert not math.isfinite(values[-1]) and all(math.isfinite(v) for v in values[:-1])
-    for path in checkpoints.step_checkpoints(os.path.join(tiny_cfg["ckpt_dir"], "tiny")):
+    for path in saved:
         weights = state_dict_of(path)
         assert all(torch.isfinite(w).all() for w in weights.values()), path
 
@@ -426,10 +436,12 @@ def test_gan_steps_update_generator_and_discriminator_and_log_their_losses(gan_c
     assert os.path.getsize(os.path.join(gan_cfg["runs_dir"], "gan", "curves.png")) > 10_000
 
 
-def test_gan_training_resumes_bit_identically(gan_cfg):
+def test_gan_training_resumes_bit_identically(gan_cfg, capsys):
     train.train(dict(gan_cfg, run="straight"))
     train.train(dict(gan_cfg, run="resumed", max_steps=3))
+    capsys.readouterr()
     train.train(dict(gan_cfg, run="resumed", resume="auto"))
+    assert resumed_at(capsys, "resumed", 3)
     for name in ("model", "discriminator"):
         straight, resumed = (torch.load(os.path.join(gan_cfg["ckpt_dir"], run, "step000006.pt"), weights_only=True)[name]
                              for run in ("straight", "resumed"))
@@ -483,14 +495,23 @@ def recipe_cfg(cfg):
                 max_steps=12, ckpt_every=3, val_every=6)
 
 
-def test_recipe_resumes_bit_identically_and_saves_the_average(tiny_cfg):
+def test_recipe_resumes_bit_identically_and_saves_the_average(tiny_cfg, capsys, monkeypatch):
     cfg = recipe_cfg(tiny_cfg)
+    used_rates, step = [], train.training_step
+    monkeypatch.setattr(train, "training_step", lambda model, networks, *args, **kwargs: (
+        used_rates.append(networks.optimizer.param_groups[0]["lr"]), step(model, networks, *args, **kwargs))[1])
     train.train(dict(cfg, run="straight"))
+    lr, lr_min = cfg["lr"], cfg["lr_min"]  # warm-up over 3 steps, then half a cosine over the other 9 to lr_min
+    assert used_rates[:4] == pytest.approx([lr / 3, 2 * lr / 3, lr, lr])  # what Adam was given, step by step
+    assert used_rates[11] == pytest.approx(lr_min + (lr - lr_min) * (1 + math.cos(math.pi * 8 / 9)) / 2)
+    assert all(a > b for a, b in zip(used_rates[3:12], used_rates[4:12]))
     train.train(dict(cfg, run="resumed"))
     ckpt_dir = os.path.join(cfg["ckpt_dir"], "resumed")
     for name in ("step000012.pt", "step000009.pt", "model.pt"):  # as if killed after step 6
         os.remove(os.path.join(ckpt_dir, name))
+    capsys.readouterr()
     train.train(dict(cfg, run="resumed", resume="auto"))
+    assert resumed_at(capsys, "resumed", 6)
     straight = torch.load(os.path.join(cfg["ckpt_dir"], "straight", "step000012.pt"), weights_only=True)
     resumed = torch.load(os.path.join(ckpt_dir, "step000012.pt"), weights_only=True)
     for part in ("model", "ema"):
