@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.io import ImageReadMode
 
+import system
 from config import DEFAULTS, scale_factors
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
@@ -337,7 +338,8 @@ def save_first_pair(lr_image, hr_image, out):
     paths = []
     for name, image in (("lr_image.png", lr_image), ("hr_image.png", hr_image)):
         paths.append(os.path.join(out, name))
-        torchvision.io.write_png(image[0].mul(255).round().byte(), paths[-1])
+        with system.replaced_whole(paths[-1]) as temporary:  # clamped: a bicubic LR overshoots [0, 1]
+            torchvision.io.write_png(image[0].clamp(0, 1).mul(255).round().byte(), temporary)
     return paths
 
 

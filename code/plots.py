@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import system
 from dataset import degrade
 from metrics import LOGGED_L1, high_frequency_gap, power_ratio_db, psnr, ssim
 from stats import number
@@ -93,7 +94,8 @@ def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None
 def save_figure(figure, out_path, **layout):
     """tight_layout(**layout), then a PNG without the matplotlib version in it (the same bytes on rerun)."""
     figure.tight_layout(**layout)
-    figure.savefig(out_path, metadata={"Software": None})
+    with system.replaced_whole(out_path) as temporary:
+        figure.savefig(temporary, format="png", metadata={"Software": None})
     plt.close(figure)
     return out_path
 

@@ -56,7 +56,8 @@ def write_demo_set(names, folder):
         path = os.path.join(folder, f"{name}.png")
         pixels = np.ascontiguousarray(load_photo(name))
         if not _same_pixels(path, pixels):
-            Image.fromarray(pixels).save(path)
+            with system.failed_writes_exit(path), system.replaced_whole(path) as temporary:
+                Image.fromarray(pixels).save(temporary, format="PNG")
         paths.append(path)
     return paths
 

@@ -97,16 +97,24 @@ def upscale_file(model, path, out_path, scale, tile, margin, ensemble, device, m
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     array = pixels.numpy()
-    Image.fromarray(array[..., 0] if mode == "L" else np.ascontiguousarray(array), mode=mode).save(out_path, **options)
+    with system.replaced_whole(out_path) as temporary:  # a full disk or Ctrl-C meanwhile leaves no partial PNG
+        Image.fromarray(array[..., 0] if mode == "L" else np.ascontiguousarray(array), mode=mode).save(
+            temporary, format="PNG", **options)
     return out_path
 
 
 def plan(input_path, output):
-    """[(input file, output PNG)] for a file or every image of a folder."""
+    """[(input file, output PNG)] for a file or every image of a folder; two inputs that would write one output
+    (a.jpg and a.png) are refused before any work."""
     if os.path.isdir(input_path):
         out_dir = output or input_path.rstrip("/") + "_x2"
-        return [(p, os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png"))
-                for p in list_images(input_path)]
+        jobs = [(p, os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png")) for p in list_images(input_path)]
+        sources = {}
+        for source, out in jobs:
+            if out in sources:
+                raise DataError(f"{sources[out]} and {source} would both be written to {out}; rename one of them")
+            sources[out] = source
+        return jobs
     if not os.path.isfile(input_path):
         raise DataError(f"{input_path}: no such file or folder")
     if not input_path.lower().endswith(IMAGE_EXTENSIONS):

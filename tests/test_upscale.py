@@ -1,4 +1,5 @@
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -220,8 +221,23 @@ def test_a_disk_that_fills_while_the_png_is_written_is_one_line(model_path, tmp_
 
     Image.fromarray(photo_crops(20, 1)[0]).save(tmp_path / "small.png")
 
-    def full(self, path, **options):
+    (tmp_path / "out.png").write_bytes(b"the previous output")
+
+    def full(self, path, **options):  # half a PNG written, then the disk is full
+        pathlib.Path(path).write_bytes(b"\x89PNG half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(Image.Image, "save", full)
     with pytest.raises(SystemExit, match=rf"^error: cannot write {tmp_path / 'out.png'}: No space left on device \("):
         upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'small.png'}", f"output={tmp_path / 'out.png'}"])
+    assert (tmp_path / "out.png").read_bytes() == b"the previous output"  # whole, and no partial file beside it
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+
+
+def test_two_inputs_that_would_write_one_output_are_refused_before_any_work(model_path, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "a.jpg"):
+        Image.fromarray(photo_crops(20, 1)[0]).save(folder / name)
+    with pytest.raises(SystemExit, match=r"^error: .*a\.(jpg|png) and .*a\.(jpg|png) would both be written to .*a\.png; rename"):
+        upscale.main([f"checkpoint={model_path}", f"input={folder}", f"output={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
