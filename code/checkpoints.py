@@ -161,8 +161,8 @@ def load_checkpoint(path):
         reason = (unpickler.group(1) if unpickler else "unpickling failed" if isinstance(err, pickle.UnpicklingError)
                   else text.splitlines()[0] if text else type(err).__name__)
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
-    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
-        raise CheckpointError(f"{path}: not a checkpoint of this repo (expected keys 'model' and 'config')")
+    if not isinstance(payload, dict) or any(key not in payload for key in ("model", "config", "step", "run")):
+        raise CheckpointError(f"{path}: not a checkpoint of this repo (expected keys 'model', 'config', 'step' and 'run')")
     return payload
 
 

@@ -32,7 +32,7 @@ def main(argv):
         check_out(out)
         loaded = load_models(cfg, device)
         models = [(name, model) for name, (_, model, _) in zip(method_names(loaded), loaded)]
-        dataset = SRDataset.from_config(cfg, train=False)
+        dataset = SRDataset.from_config(cfg, train=False, stream=True)  # decoded image by image, as the page is written
         page = write_page(out, title, method_images(dataset, models, device, cfg["crop"]))
     except (CheckpointError, DataError, PageError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -35,10 +35,11 @@ class BasicSRModel(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def receptive_margin(self):
-        """LR pixels around a pixel that affect its output: each 3x3 convolution reaches one HR pixel
-        further and the bilinear upsampling one more. Tiled inference overlaps tiles by this much."""
+        """LR pixels around a pixel that affect its output: each 3x3 convolution reaches one HR pixel further, and
+        the bilinear upsampling (align_corners=False) scale // 2 more, the HR pixels it places outside the outermost
+        LR pixel centres. Tiled inference overlaps tiles by this much."""
         convolutions = sum(isinstance(layer, nn.Conv2d) for layer in self.body)
-        return math.ceil((convolutions + 1) / self.scale)
+        return math.ceil((convolutions + self.scale // 2) / self.scale)
 
     def forward(self, low_res):
         upsampled = self.upsample(low_res)

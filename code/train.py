@@ -431,12 +431,13 @@ def means_across_ranks(running, running_steps, stop_request, world_size, names):
 
 @torch.inference_mode()
 def preview(model, val_set, device):
-    """Centre crops of the first validation images: bilinear upsampling | prediction | HR."""
+    """Centre crops of the first validation images: bilinear upsampling | prediction | HR (the prediction tiled, as
+    validation's, so that a large validation photo needs no more memory than a tile)."""
     images = []
     for index in range(min(PREVIEW_IMAGES, len(val_set))):
         low_res, high_res = (t.unsqueeze(0).to(device) for t in val_set[index])
         upsampled = interpolate(low_res, val_set.scale, "bilinear")
-        prediction = model(low_res).clamp(0, 1)
+        prediction = tiled_upscaler(model)(low_res).clamp(0, 1)
         height, width = high_res.shape[-2:]
         top, left = max(0, (height - PREVIEW_SIZE) // 2), max(0, (width - PREVIEW_SIZE) // 2)
         crops = [t[0, :, top:top + PREVIEW_SIZE, left:left + PREVIEW_SIZE] for t in (upsampled, prediction, high_res)]

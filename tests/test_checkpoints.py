@@ -46,6 +46,10 @@ def test_foreign_files_are_refused_in_one_line(tmp_path):
     torch.save({"weight": torch.zeros(1)}, plain)
     with pytest.raises(CheckpointError, match="not a checkpoint of this repo"):
         load_model(str(plain))
+    without_run = tmp_path / "without_run.pt"  # what evaluate's table and the pages name a model by: refused here, once
+    torch.save({"model": {}, "config": {"model": "basic"}, "step": 1}, without_run)
+    with pytest.raises(CheckpointError, match=r"not a checkpoint of this repo \(expected keys 'model', 'config', 'step' and 'run'\)"):
+        load_model(str(without_run))
     text = tmp_path / "text.pt"
     text.write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="not a checkpoint but a text file starting 'not a checkpoint'"):

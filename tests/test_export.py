@@ -86,12 +86,15 @@ def test_a_file_that_differs_from_pytorch_is_refused_in_one_line_and_not_written
     assert "wrote" not in capsys.readouterr().out
 
 
-def test_missing_foreign_and_broken_checkpoints_are_one_line_errors(tmp_path):
+def test_missing_foreign_and_broken_checkpoints_are_one_line_errors(checkpoint, tmp_path):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     out = tmp_path / "x.onnx"
     (tmp_path / "run_without_model").mkdir()
-    for name, message in (("missing.pt", "no such file"), ("foreign.pt", "not a"), ("text.pt", "not a"),
+    (tmp_path / "broken.pt").write_bytes(open(checkpoint, "rb").read()[:3000])  # truncated
+    for name, message in (("missing.pt", "no such file"), ("foreign.pt", "not a checkpoint of this repo \\(expected keys"),
+                          ("text.pt", "not a checkpoint but a text file starting 'not a checkpoint'"),
+                          ("broken.pt", "not a readable checkpoint \\("),
                           ("run_without_model", "is a folder without a model.pt")):
         with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(tmp_path / name))}: {message}") as refused:
             export.main([f"checkpoint={tmp_path / name}", f"out={out}"])

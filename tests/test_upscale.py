@@ -35,6 +35,19 @@ def test_tiled_output_equals_whole_image_output_when_the_overlap_covers_the_rece
     assert (too_small - whole).abs().max() > 1e-3  # the check can fail: without context the seams differ
 
 
+def test_at_x4_the_margin_covers_the_two_hr_pixels_the_upsampling_places_outside_the_lr_centres(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_model(dict(tiny_cfg, model="residual", num_blocks=1, scale=4)).eval()  # 3 convolutions
+    for param in model.parameters():
+        param.data.add_(torch.randn_like(param) * 0.05)
+    low_res = torch.rand(1, 3, 37, 29)
+    with torch.no_grad():
+        whole = model(low_res)
+        assert model.receptive_margin() == 2  # (3 + 4 // 2) / 4, rounded up; (3 + 1) / 4 = 1 is too little
+        assert (upscale_tiled(model, low_res, 4, tile=12, margin=2) - whole).abs().max() < 1e-5
+        assert (upscale_tiled(model, low_res, 4, tile=12, margin=1) - whole).abs().max() > 1e-3
+
+
 def test_onnxruntime_tiles_equal_the_whole_image_bit_for_bit(model_path):
     """The model run by onnxruntime computes each output pixel in the same order wherever it lies in the image, so
     the tiles that upscale.py computes are the whole image's bit for bit (PyTorch's differ by float rounding)."""
