@@ -108,6 +108,20 @@ def test_identical_images_are_counted_not_averaged_as_infinity():
     assert "| copy | 100.00* | 1.0000 |" in table and "counted as 100 dB: copy 2" in table
 
 
+def test_flat_images_that_upsampling_reproduces_exactly_are_counted_as_identical(tmp_path):
+    from PIL import Image
+
+    from dataset import SRDataset
+    for index, colour in enumerate(((200, 30, 90), (12, 240, 128))):
+        Image.new("RGB", (40, 32), colour).save(tmp_path / f"flat{index}.png")
+    flat_lr_upsampled = lambda low_res: metrics.interpolate(low_res, 2, "bilinear")  # noqa: E731
+    result = metrics.evaluate(flat_lr_upsampled, SRDataset(str(tmp_path), scale=2, train=False), torch.device("cpu"))
+    assert result["identical"] == 2 and result["psnr"] == pytest.approx(metrics.PSNR_CAP, abs=1e-3)
+    images = metrics.standard_set(str(tmp_path), 2)
+    standard = metrics.evaluate_standard(lambda low_res: metrics.interpolate(low_res, 2, "bicubic"), images, 2, "cpu")
+    assert standard["identical"] == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["rgb", "standard"])
 def test_evaluation_memory_is_bounded_whatever_the_image_size(tiny_cfg, tmp_path, protocol):

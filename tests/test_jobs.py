@@ -51,12 +51,12 @@ def test_job_scripts_parse_and_carry_their_scheduler_settings(path):
 @pytest.mark.parametrize("path", JOBS, ids=os.path.basename)
 def test_job_scripts_ask_for_the_gpu_and_let_arguments_override_it(path):
     """Every training command gets device=cuda (SR_DEVICE) before the user's arguments, which come last and win."""
-    commands = [line for line in open(path) if "code/train.py" in line and not line.startswith("#")]
+    script = open(path).read().replace("\\\n", " ")  # a command continued on the next line is one line
+    commands = [line for line in script.splitlines() if "code/train.py" in line and not line.lstrip().startswith("#")]
     assert commands
     for line in commands:
-        assert '"$DEVICE_ARG"' in line, line
-        if '"$@"' in line:
-            assert line.index('"$DEVICE_ARG"') < line.index('"$@"'), line
+        assert '"$DEVICE_ARG"' in line and line.rstrip().endswith('"$@"'), line
+        assert line.index('"$DEVICE_ARG"') < line.index('"$@"'), line
 
 
 def test_a_gpu_job_without_a_usable_gpu_stops_at_once_with_one_line(tiny_cfg):
