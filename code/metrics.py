@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataset import MAX_PIXELS, MIN_EVAL_SIZE, crop_to_multiple, degrade, read_folder
+from dataset import MAX_PIXELS, MIN_EVAL_SIZE, crop_to_multiple, degrade, read_folder, to_float
 
 # The tag of the RGB L1 that every run logs whatever its loss (train/l1, val/l1), so that all curves compare.
 LOGGED_L1 = "l1"
@@ -161,8 +161,8 @@ def standard_scores(sr, hr, scale):
 
 
 def standard_set(folder, scale, bad_files="error", max_pixels=MAX_PIXELS, stream=False):
-    """The HR images of `folder` for `evaluate_standard`: 8-bit (or 16-bit), gray kept gray, read once (with
-    stream=True checked once and decoded again at each use: `dataset.FolderImages`)."""
+    """The HR images of `folder` for `evaluate_standard`: as stored (8-bit, 16-bit, float), gray kept gray, read
+    once (with stream=True checked once and decoded again at each use: `dataset.FolderImages`)."""
     return read_folder(folder, MIN_EVAL_SIZE * scale, "evaluation", scale, bad_files, max_pixels, keep_gray=True,
                        stream=stream)[1]
 
@@ -175,7 +175,8 @@ def evaluate_standard(upscale, images, scale, device):
     equal channels, and the mean of the output channels is compared with it."""
     totals, identical = {LOGGED_L1: 0.0, "psnr": 0.0, "ssim": 0.0}, 0
     for image in images:
-        hr = crop_to_multiple(image, scale).double()
+        hr = crop_to_multiple(image, scale)  # 8 bits, as the protocol scores them (16-bit and float images rounded)
+        hr = (hr if hr.dtype == torch.uint8 else to_float(hr).mul(255).round()).double()
         low_res = degrade(hr / 255, scale, "bicubic_matlab").expand(3, -1, -1)
         sr = upscale(low_res[None].float().to(device))[0].double().cpu().clamp(0, 1).mul(255).round()
         if hr.shape[0] == 1:

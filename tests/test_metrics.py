@@ -136,3 +136,17 @@ def test_the_high_frequency_gap_is_zero_for_hr_negative_when_smoother_and_rises_
     assert metrics.high_frequency_gap(noisy, hr).item() > metrics.high_frequency_gap(blurred, hr).item() + 3
     per_ring = metrics.power_ratio_db(blurred, hr)  # what the spectrum figure draws: near 0 dB low, far below high
     assert per_ring.shape == (32,) and per_ring[:4].abs().max() < 1 and per_ring[-4:].max() < -6
+
+
+def test_the_standard_protocol_scores_a_16_bit_image_as_the_8_bit_one_it_rounds_to(tmp_path):
+    from PIL import Image
+
+    from conftest import photo_crops
+    pixels = photo_crops(48, 1)[0][..., 1]  # gray: Pillow writes 16-bit gray PNGs
+    Image.fromarray(pixels).save(tmp_path / "a8.png")
+    (tmp_path / "deep").mkdir()
+    Image.fromarray(pixels.astype("uint16") * 257).save(tmp_path / "deep" / "a16.png")
+    bicubic = lambda low_res: metrics.interpolate(low_res, 2, "bicubic")  # noqa: E731
+    scores = [metrics.evaluate_standard(bicubic, metrics.standard_set(str(folder), 2), 2, "cpu")
+              for folder in (tmp_path, tmp_path / "deep")]
+    assert scores[0] == scores[1] and 20 < scores[0]["psnr"] < 60
