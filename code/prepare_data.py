@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import shutil
+import tempfile
 import sys
 from collections import namedtuple
 
@@ -145,6 +146,8 @@ def from_network(downloads, file):
                          "run again to retry") from None
     except ValueError as err:  # pooch: the bytes' SHA-256 is not the pinned one (the file is not kept)
         raise FetchError(f"{url}: {' '.join(str(err).split())}") from None
+    except OSError as err:  # writing the download: a full disk or quota (requests' errors, OSErrors too, are above)
+        raise SystemExit(system.write_failure(err.filename or downloads.abspath, err)) from None
     with open(path, "rb") as f:
         content = f.read()
     os.remove(path)  # the PNG in data_root/<set>/ is what is kept
@@ -176,7 +179,9 @@ def fetch_standard(cfg):
         import pooch  # only for a download
 
         logging.getLogger("pooch").setLevel(logging.WARNING)  # one progress bar, not a line per file
-        downloads = pooch.create(path=os.path.join(cfg["data_root"], ".downloads"), base_url=f"{cfg['data_url']}/",
+        with system.failed_writes_exit(cfg["data_root"]):  # this process's own folder: a second one has another
+            folder = tempfile.mkdtemp(prefix=".downloads", dir=cfg["data_root"])
+        downloads = pooch.create(path=folder, base_url=f"{cfg['data_url']}/",
                                  registry={file.url_path: f"sha256:{file.sha256}" for file in files},
                                  retry_if_failed=RETRIES)
     counts, fetched = {}, 0

@@ -281,3 +281,18 @@ def test_the_standard_sets_through_http_as_their_pinned_urls_serve_them(tmp_path
     assert counts == SETS and len(server.requests) == 410
     for file in files:
         assert prepare_data.pixels_sha256(str(tmp_path / file.set / file.file))[1] == file.pixels_sha256
+
+
+def test_a_disk_that_fills_during_a_download_is_one_line_and_a_second_process_has_its_own_folder(pinned, monkeypatch):
+    import errno
+
+    import pooch
+    folders = []
+
+    def full(self, name, *args, **kwargs):
+        folders.append(str(self.abspath))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(self.abspath, name))
+    monkeypatch.setattr(pooch.Pooch, "fetch", full)
+    assert refusal(pinned).startswith(f"error: cannot write {folders[0]}")
+    assert "No space left on device" in refusal(pinned)
+    assert folders[0] != folders[1] and not os.path.exists(folders[0])  # each run's own downloads, removed after
