@@ -41,6 +41,12 @@ class DataError(ValueError):
     """A missing folder or an unreadable image; the message names it in one line."""
 
 
+def set_names(folders):
+    """The sets' names of a folder setting ("../shared/data/T91,data/BSD200" -> ["T91", "BSD200"]): what tables,
+    file names and a resumed run's check call them, wherever the folders are."""
+    return [os.path.basename(os.path.normpath(folder)) for folder in folders.split(",") if folder]
+
+
 def list_images(folder):
     """Sorted image files of `folder`; hidden files, folders and non-images (README, Thumbs.db) are ignored.
     A broken link named like an image stays in the list, so that reading it says what is wrong.

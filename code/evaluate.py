@@ -16,7 +16,7 @@ import config
 import system
 from checkpoints import CheckpointError, load_models, method_names
 from models import tiled_upscaler
-from dataset import DataError, SRDataset, imresize_matlab
+from dataset import DataError, SRDataset, imresize_matlab, set_names
 from metrics import LOGGED_L1, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
 
 
@@ -39,7 +39,7 @@ def main(argv):
     system.bound_kernel_cache()
     device = system.pick_device(cfg["device"])
     standard = cfg["protocol"] == "standard"
-    eval_name = os.path.basename(os.path.normpath(cfg["eval_dir"]))
+    eval_name = "+".join(set_names(cfg["eval_dir"]))  # Set5+Set14 for eval_dir=data/Set5,data/Set14
     default_out = f"eval_{eval_name}_standard_x{cfg['scale']}" if standard else f"eval_{eval_name}_{cfg['degradation']}"
     out = cfg["out"] or os.path.join(cfg["runs_dir"], default_out)
     system.check_writable(os.path.dirname(out) or ".")  # before the work, not after it

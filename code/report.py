@@ -23,7 +23,7 @@ import pages
 import plots
 import system
 from checkpoints import RAW_WEIGHTS, load_checkpoint, load_model, step_checkpoints
-from dataset import SRDataset, check_batch, crop_to_multiple, decode_image, imresize_matlab, list_images, to_float
+from dataset import SRDataset, check_batch, crop_to_multiple, decode_image, imresize_matlab, list_images, set_names, to_float
 from experiments import ABLATION, FINAL_RECIPE, RUNS
 from models import Discriminator, count_parameters, self_ensemble
 from stats import ends, level_order, mean_sd, number, paired, pm, rate, signed, signed_pm, spread, trend, trend_text
@@ -164,7 +164,7 @@ class Scores:
 
 def training_data(cfg):
     """'T91 + BSD200 (291)', ' at 5 scales' with downscaled copies; counted in DATA_ROOT's sets of those names."""
-    names = [os.path.basename(os.path.normpath(f)) for f in cfg["data_dir"].split(",")]
+    names = set_names(cfg["data_dir"])
     count = sum(len(list_images(os.path.join(DATA_ROOT, n))) for n in names if os.path.isdir(os.path.join(DATA_ROOT, n)))
     scales = f" at {len(config.scale_factors(cfg['scale_augment'])) + 1} scales" if cfg.get("scale_augment") else ""
     return f"{' + '.join(names)} ({count}){scales}"

@@ -49,7 +49,7 @@ import system
 from batches import DeviceBatches, TrainSampler
 from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, RAW_WEIGHTS, CheckpointError, load_model, load_weights, \
     newest_good_state, save_checkpoint, step_checkpoints
-from dataset import DataError, SRDataset
+from dataset import DataError, SRDataset, set_names
 from metrics import LOGGED_L1, evaluate, interpolate, loss_function
 from models import MODEL_KEYS, Discriminator, tiled_upscaler, build_model
 from plots import plot_training_curves
@@ -261,7 +261,7 @@ def same_setting(key, made_with, now):
     """Whether a resumed run's setting is unchanged; data folders by their names, so that a run continues where
     its sets moved (../shared/data/T91 -> data/T91)."""
     if key == "data_dir":
-        made_with, now = ([os.path.basename(os.path.normpath(p)) for p in dirs.split(",")] for dirs in (made_with, now))
+        made_with, now = set_names(made_with), set_names(now)
     return made_with == now
 
 
@@ -509,7 +509,8 @@ def save_final(cfg, networks, progress, run_dir, ckpt_dir, world_size, seconds, 
     if networks.ema is not None:
         save_checkpoint(os.path.join(ckpt_dir, RAW_WEIGHTS), networks.model, cfg, progress.step)
     summary = {"run": cfg["run"], "steps": progress.step, "samples": progress.samples, "processes": world_size,
-               "wall_time_s": round(progress.elapsed + seconds, 1), "hardware": hardware, "torch": torch.__version__, "best_val_psnr": progress.best_psnr, "final_val": progress.val}
+               "wall_time_s": round(progress.elapsed + seconds, 1), "hardware": hardware, "torch": torch.__version__,
+               "best_val_psnr": progress.best_psnr, "final_val": progress.val}
     system.write_file(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
     curves = plot_training_curves(run_dir, os.path.join(run_dir, "curves.png"))
     print(f" * final model: {final_path}\n * curves: {curves}\n * TensorBoard: tensorboard --logdir {cfg['runs_dir']}")

@@ -2,6 +2,7 @@ import csv
 import io
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -219,3 +220,10 @@ def test_two_checkpoints_that_would_read_the_same_are_told_apart_by_their_paths(
     first, renamed = checkpoint(tiny_cfg, tmp_path, "a"), checkpoint(tiny_cfg, tmp_path / "old", "a")  # same run name
     rows = evaluate.main([f"checkpoint={first},{renamed}", f"eval_dir={tiny_cfg['eval_dir']}", f"out={tmp_path / 't'}"])
     assert [name for name, _ in rows[2:]] == [f"a (basic, step 3), {first}", f"a (basic, step 3), {renamed}"]
+
+
+def test_a_table_of_several_sets_is_named_after_all_of_them(tiny_cfg, tmp_path):
+    other = shutil.copytree(tiny_cfg["eval_dir"], tmp_path / "Other")
+    evaluate.main([f"eval_dir={tiny_cfg['eval_dir']},{other}", f"ckpt_dir={tmp_path / 'none'}", f"runs_dir={tmp_path}"])
+    name = f"eval_{os.path.basename(tiny_cfg['eval_dir'])}+Other_bilinear.md"
+    assert os.listdir(tmp_path).count(name) == 1  # not eval_Other_bilinear.md, a table of Other alone
