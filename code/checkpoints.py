@@ -236,9 +236,15 @@ def load_weights(model, state_dict, path):
     model.load_state_dict(state_dict)
 
 
+def step_path(ckpt_dir, step):
+    """The periodic checkpoint of `step`: step000500.pt."""
+    return os.path.join(ckpt_dir, f"step{step:06d}.pt")
+
+
 def step_checkpoints(ckpt_dir):
-    """Periodic checkpoints of a run, newest first."""
-    return sorted(glob.glob(os.path.join(ckpt_dir, "step*.pt")), reverse=True)
+    """Periodic checkpoints of a run, newest first (by step number: step1000000.pt after step999500.pt)."""
+    paths = [p for p in glob.glob(os.path.join(ckpt_dir, "step*.pt")) if re.fullmatch(r"step\d+\.pt", os.path.basename(p))]
+    return sorted(paths, key=lambda path: int(os.path.basename(path)[4:-3]), reverse=True)
 
 
 def newest_good_state(ckpt_dir):

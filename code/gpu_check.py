@@ -26,6 +26,7 @@ from PIL import Image
 import config
 import system
 from batches import DeviceBatches, TrainSampler
+from checkpoints import step_path
 from dataset import SRDataset
 from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, run_measured, short_training, \
     training_command, training_flops
@@ -63,7 +64,7 @@ def killed_then_resumed(cfg, folder, steps):
     kill came before the run ended, the resumed run's checkpoint)."""
     args = training_command(cfg, folder, "killed", steps, amp=cfg["amp"])
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = os.path.join(folder, "killed", f"step{2 * max(1, steps // 4):06d}.pt")
+    marker = step_path(os.path.join(folder, "killed"), 2 * max(1, steps // 4))
     while not os.path.exists(marker) and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)  # nothing, where the run has ended already

@@ -48,7 +48,7 @@ import config
 import system
 from batches import DeviceBatches, TrainSampler
 from checkpoints import EXIT_DIVERGED, EXIT_INTERRUPTED, RAW_WEIGHTS, CheckpointError, load_model, load_weights, \
-    newest_good_state, save_checkpoint, step_checkpoints
+    newest_good_state, save_checkpoint, step_checkpoints, step_path
 from dataset import DataError, SRDataset, set_names
 from metrics import LOGGED_L1, evaluate, interpolate, loss_function
 from models import MODEL_KEYS, Discriminator, tiled_upscaler, build_model
@@ -491,7 +491,7 @@ def save_state(writer, ckpt_dir, cfg, networks, progress, elapsed, device, hardw
     """A periodic checkpoint to resume from (the newest KEEP_STEP_CHECKPOINTS are kept); returns its path. The logs
     up to this step are flushed first, so they are on disk before the checkpoint that follows them."""
     writer.flush()
-    path = os.path.join(ckpt_dir, f"step{progress.step:06d}.pt")
+    path = step_path(ckpt_dir, progress.step)
     save_checkpoint(path, networks.model, cfg, progress.step, train_config=cfg, samples=progress.samples,
                     elapsed=elapsed, best_psnr=progress.best_psnr, val=progress.val, rng=system.rng_states(device),
                     hardware=hardware, **networks.state())

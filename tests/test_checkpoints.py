@@ -176,3 +176,12 @@ def test_a_ctrl_c_inside_torch_save_stops_as_itself_and_keeps_the_previous_check
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, model, cfg, 10)
     assert open(path, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["step000010.pt"]
+
+
+def test_step_checkpoints_are_ordered_by_step_number_and_other_files_left_out(tmp_path):
+    for step in (999_500, 1_000_000, 500):
+        with open(checkpoints.step_path(str(tmp_path), step), "wb"):
+            pass
+    (tmp_path / "step_old.pt").write_bytes(b"")
+    assert [os.path.basename(p) for p in checkpoints.step_checkpoints(str(tmp_path))] == [
+        "step1000000.pt", "step999500.pt", "step000500.pt"]  # as strings, step999500.pt would come first
