@@ -363,7 +363,7 @@ def main(argv):
     """The handout's check, on the configured training folder: python code/dataset.py data_dir=..."""
     import config
 
-    cfg = config.from_argv(argv, ("data", "reading", "run", "seed"))
+    cfg = config.from_argv(argv, ("data", "reading", "runs_dir", "seed"))
     try:
         train_dataset = SRDataset.from_config(cfg)
     except DataError as err:

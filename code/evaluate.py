@@ -34,7 +34,8 @@ def write_tables(out, title, rows):
 
 
 def main(argv):
-    cfg = config.from_argv(argv, ("checkpoint", "evaluate", "data", "reading", "run", "system"))
+    cfg = config.from_argv(argv, ("checkpoint", "evaluate", "eval_dir", "scale", "degradation", "reading", "runs_dir",
+                                  "ckpt_dir", "system"))
     system.tune_malloc(cfg)  # whole images: large activations, allocated and freed per batch
     system.bound_kernel_cache()
     device = system.pick_device(cfg["device"])

@@ -483,7 +483,7 @@ def publish(out, tables, values, pdf_path="README.pdf", readme="README.md"):
 
 
 def main(argv):
-    cfg = config.from_argv(argv, ("report", "run", "system"))
+    cfg = config.from_argv(argv, ("report", "runs_dir", "ckpt_dir", "system"))
     out = cfg["report_dir"] or os.path.join(cfg["runs_dir"], "report")
     for set_name in ("T91", *SETS):
         if not os.path.isdir(os.path.join(DATA_ROOT, set_name)):

@@ -227,3 +227,9 @@ def test_a_table_of_several_sets_is_named_after_all_of_them(tiny_cfg, tmp_path):
     evaluate.main([f"eval_dir={tiny_cfg['eval_dir']},{other}", f"ckpt_dir={tmp_path / 'none'}", f"runs_dir={tmp_path}"])
     name = f"eval_{os.path.basename(tiny_cfg['eval_dir'])}+Other_bilinear.md"
     assert os.listdir(tmp_path).count(name) == 1  # not eval_Other_bilinear.md, a table of Other alone
+
+
+@pytest.mark.parametrize("key", ["run=mine", "patch_size=32", "data_dir=data/T91"])
+def test_training_keys_are_refused_by_evaluate(key):
+    with pytest.raises(SystemExit, match=rf"^config error: {key.split('=')[0]}= is not a setting of this script"):
+        evaluate.main([key])
