@@ -75,7 +75,7 @@ SECTIONS = {
         # (export.py: the ONNX file; empty = <the checkpoint's folder name>.onnx, e.g. final.onnx)
     },
     "upscale": {
-        "input": "", "output": "",  # an image or a folder; output empty = beside the input, *_x2.png
+        "input": "", "output": "",  # an image or a folder; output empty = beside the input, *_x2.png (x<scale>)
         "tile": 256,  # LR pixels per tile side
         "overlap": 0,  # LR pixels of context around each tile; 0 = the model's receptive field
         "ensemble": False,  # x8 geometric self-ensemble (flips and rotations)

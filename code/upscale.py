@@ -1,4 +1,5 @@
-"""Upscale your own images x2 with a trained checkpoint; by default the final model (checkpoints.FINAL_MODEL).
+"""Upscale your own images x2 (a checkpoint's scale) with a trained checkpoint; by default the final model
+(checkpoints.FINAL_MODEL).
 
     python code/upscale.py input=photo.jpg                  # photo_x2.png, with checkpoints/final/model.pt
     python code/upscale.py checkpoint=checkpoints/residual/model.pt input=photo.jpg output=photo_x2.png
@@ -103,12 +104,13 @@ def upscale_file(model, path, out_path, scale, tile, margin, ensemble, device, m
     return out_path
 
 
-def plan(input_path, output):
-    """[(input file, output PNG)] for a file or every image of a folder; two inputs that would write one output
-    (a.jpg and a.png) are refused before any work."""
+def plan(input_path, output, scale):
+    """[(input file, output PNG)] for a file or every image of a folder (named _x<scale>); two inputs that would
+    write one output (a.jpg and a.png) are refused before any work."""
     if os.path.isdir(input_path):
-        out_dir = output or input_path.rstrip("/") + "_x2"
-        jobs = [(p, os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png")) for p in list_images(input_path)]
+        out_dir = output or input_path.rstrip("/") + f"_x{scale}"
+        jobs = [(p, os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png"))
+                for p in list_images(input_path)]
         sources = {}
         for source, out in jobs:
             if out in sources:
@@ -119,7 +121,7 @@ def plan(input_path, output):
         raise DataError(f"{input_path}: no such file or folder")
     if not input_path.lower().endswith(IMAGE_EXTENSIONS):
         raise DataError(f"{input_path}: not an image file ({', '.join(IMAGE_EXTENSIONS)})")
-    return [(input_path, output or os.path.splitext(input_path)[0] + "_x2.png")]
+    return [(input_path, output or os.path.splitext(input_path)[0] + f"_x{scale}.png")]
 
 
 def main(argv):
@@ -136,7 +138,7 @@ def main(argv):
             model = OnnxModel(model, torch.get_num_threads())
         elif system.channels_last_helps(cfg["channels_last"], device):
             model = model.to(memory_format=torch.channels_last)
-        jobs = plan(cfg["input"], cfg["output"])
+        jobs = plan(cfg["input"], cfg["output"], payload["config"]["scale"])
         if cfg["page"]:
             pages.check_out(cfg["page"])  # before the work
     except (CheckpointError, DataError, pages.PageError) as err:

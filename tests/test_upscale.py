@@ -268,3 +268,11 @@ def test_two_inputs_that_would_write_one_output_are_refused_before_any_work(mode
     with pytest.raises(SystemExit, match=r"^error: .*a\.(jpg|png) and .*a\.(jpg|png) would both be written to .*a\.png; rename"):
         upscale.main([f"checkpoint={model_path}", f"input={folder}", f"output={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
+
+
+def test_an_x4_checkpoint_writes_an_x4_image_named_so(tiny_cfg, tmp_path):
+    cfg = dict(tiny_cfg, model="residual", num_blocks=1, scale=4)
+    path = save_checkpoint(str(tmp_path / "x4.pt"), build_model(cfg), cfg, step=1)
+    Image.fromarray(photo_crops(20, 1)[0]).save(tmp_path / "small.png")
+    [written] = upscale.main([f"checkpoint={path}", f"input={tmp_path / 'small.png'}"])
+    assert written == str(tmp_path / "small_x4.png") and Image.open(written).size == (80, 80)
