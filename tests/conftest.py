@@ -117,8 +117,9 @@ def unmount(folder):
 
 @pytest.fixture
 def read_only_dir(tmp_path, monkeypatch):
-    """A folder on a read-only file system: a tmpfs mounted ro, or where mounting is not allowed, folder creation
-    and file creation under it mocked to fail with EROFS (in this process only: `mounted` says which)."""
+    """A folder on a read-only file system: a tmpfs mounted ro, or where mounting is not allowed (not root) only
+    system.check_writable's probe, tempfile.TemporaryFile in it, mocked to fail with EROFS (in this process only:
+    `mounted` says which). Mocked, a test shows that the script stops at that probe, before any work."""
     import errno
     import tempfile
     import types

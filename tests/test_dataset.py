@@ -278,6 +278,8 @@ def test_16_bit_and_cmyk_convert_to_the_right_values(tmp_path):
     good = to_float(decode_image(str(tmp_path / "good.png")))
     deep = to_float(decode_image(str(tmp_path / "deep16.png")))
     torch.testing.assert_close(deep, good[0].expand(3, -1, -1))  # v*257/65535 == v/255
+    deep_tiff = to_float(decode_image(str(tmp_path / "deep16.tiff")))  # through Pillow's integer path
+    torch.testing.assert_close(deep_tiff, good[2].expand(3, -1, -1))
     cmyk = to_float(decode_image(str(tmp_path / "cmyk.jpg")))
     assert (cmyk - good).abs().mean() < 0.05  # JPEG is lossy, but the colours survive the CMYK round trip
 

@@ -662,3 +662,13 @@ def test_feature_matching_pulls_the_prediction_features_towards_hrs_and_not_back
     assert matching.item() == pytest.approx(sum(F.l1_loss(f, r).item() for r, f in zip(real, fake)) / 2)
     assert all(r.grad is None for r in real) and all(f.grad is not None and f.grad.abs().sum() > 0 for f in fake)
     assert train.feature_matching([t.detach() for t in real], [t.detach() for t in real]).item() == 0
+
+
+def test_the_moving_average_follows_its_decay_and_only_the_newest_step_checkpoints_are_kept(tiny_cfg):
+    cfg = dict(recipe_cfg(tiny_cfg), ckpt_every=1, max_steps=5, val_every=5)  # ema=0.9
+    train.train(cfg)
+    saved = checkpoints.step_checkpoints(os.path.join(cfg["ckpt_dir"], cfg["run"]))
+    assert [os.path.basename(p) for p in saved] == ["step000005.pt", "step000004.pt", "step000003.pt"]  # 3 kept
+    before, after = (torch.load(path, weights_only=True) for path in saved[1::-1])
+    for key, weights in after["model"].items():  # average_5 = 0.9 average_4 + 0.1 weights_5
+        torch.testing.assert_close(after["ema"][f"module.{key}"], 0.9 * before["ema"][f"module.{key}"] + 0.1 * weights)
