@@ -44,7 +44,7 @@ def test_short_training_writes_checkpoints_logs_and_lowers_the_loss(tiny_cfg):
     assert summary["final_val"]["psnr"] == pytest.approx(scalars["val/psnr"][1][-1], abs=1e-4)
 
 
-def test_an_l2_loss_without_the_border_trains_other_weights_and_logs_the_l1_of_its_pixels(tiny_cfg):
+def test_an_l2_loss_without_the_border_trains_other_weights_and_logs_every_step(tiny_cfg):  # what: the next test
     train.train(dict(tiny_cfg, run="l1", max_steps=4))
     train.train(dict(tiny_cfg, run="l2", max_steps=4, loss="l2", loss_border=4))
     l1, l2 = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("l1", "l2"))
@@ -621,10 +621,9 @@ def test_a_disk_that_fills_up_stops_in_one_line_and_resume_continues_after_freei
             unmount(disk)
 
 
-@pytest.mark.parametrize("fm_weight", [0.0, 1.0])
-def test_a_gan_step_sends_the_generator_losses_to_the_generator_only(fm_weight):
-    """The generator's step leaves no gradient in the discriminator (frozen), D's step none in the generator
-    (predictions detached); with fm_weight the feature matching is logged and moves the generator."""
+def gan_step_gradients(fm_weight):
+    """One GAN step of a tiny generator and discriminator (seeded): (the gradients it left in the generator and
+    in D between its two steps, the generator's gradients when D steps, the logged values)."""
     import contextlib
 
     from models import BasicSRModel, Discriminator
@@ -649,9 +648,22 @@ def test_a_gan_step_sends_the_generator_losses_to_the_generator_only(fm_weight):
     low_res, high_res = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 32, 32)
     values = train.gan_step(model, networks, low_res, high_res, contextlib.nullcontext(), "relativistic", 0.1,
                             fm_weight=fm_weight)
+    return seen, values
+
+
+@pytest.mark.parametrize("fm_weight", [0.0, 1.0])
+def test_a_gan_step_sends_the_generator_losses_to_the_generator_only(fm_weight):
+    """The generator's step leaves no gradient in the discriminator (frozen), D's step none in the generator
+    (predictions detached); with fm_weight the feature matching is logged."""
+    seen, values = gan_step_gradients(fm_weight)
     assert all(grad is None for grad in seen["d_after_generator_step"])
     assert all(torch.equal(a, b) for a, b in zip(seen["generator_grads"], seen["generator_grads_after_d"]))
     assert ("fm" in values) == bool(fm_weight) and all(torch.isfinite(v) for v in values.values())
+
+
+def test_feature_matching_moves_the_generator():
+    without, with_fm = (gan_step_gradients(fm_weight)[0]["generator_grads"] for fm_weight in (0.0, 1.0))
+    assert not all(torch.equal(a, b) for a, b in zip(without, with_fm))
 
 
 def test_feature_matching_pulls_the_prediction_features_towards_hrs_and_not_back():
