@@ -464,3 +464,11 @@ def test_a_decompression_bomb_is_refused_from_its_header_without_decoding(tmp_pa
         decode_image(path)
     with pytest.raises(DataError, match="above max_pixels=1000"):
         decode_image(str(tmp_path / "bomb.png"), max_pixels=1000)
+
+
+def test_a_streamed_file_that_changed_since_the_folder_was_read_is_one_line_saying_so(tmp_path):
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(tmp_path / "a.png")
+    paths, images = dataset.read_folder(str(tmp_path), 22, "evaluation", stream=True)
+    (tmp_path / "a.png").write_text("no longer an image")
+    with pytest.raises(DataError, match=r"a\.png: cannot read image .*\(it was readable when the folder was read\)$"):
+        images[0]
