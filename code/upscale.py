@@ -141,6 +141,12 @@ def main(argv):
         jobs = plan(cfg["input"], cfg["output"], payload["config"]["scale"])
         if cfg["page"]:
             pages.check_out(cfg["page"])  # before the work
+            for path, _ in jobs:  # the page reads each input whole, which max_pixels bounds: from the header, now
+                try:
+                    with open_image(path, max_pixels=cfg["max_pixels"]):
+                        pass
+                except DataError as err:
+                    raise DataError(f"{err}; page= shows whole images: upscale it without page=") from None
     except (CheckpointError, DataError, pages.PageError) as err:
         raise SystemExit(f"error: {err}") from None
     for folder in sorted({os.path.dirname(out) or "." for _, out in jobs}):

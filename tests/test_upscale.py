@@ -176,6 +176,11 @@ def test_an_image_above_max_pixels_upscales_when_its_output_fits_the_budget(mode
     assert Image.open(written).size == (80, 80)
     with pytest.raises(SystemExit, match=r"p60.png: 60x60 px \(0 megapixels\) would hold 0.0 GB"):
         upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'p60.png'}", "max_pixels=1000"])
+    page_args = [f"checkpoint={model_path}", f"input={tmp_path / 'p40.png'}", "max_pixels=1000",
+                 f"output={tmp_path / 'paged.png'}", f"page={tmp_path / 'page'}"]
+    with pytest.raises(SystemExit, match=r"is above max_pixels=1000; .*; page= shows whole images: upscale it without page="):
+        upscale.main(page_args)  # the page reads the input whole: refused before the work, not after it
+    assert not (tmp_path / "paged.png").exists()
 
 
 def test_the_8_bit_tiled_output_equals_the_float_one_rounded(model_path):
