@@ -25,7 +25,7 @@ import system
 from batches import DeviceBatches, TrainSampler
 from dataset import SRDataset, list_images
 from models import build_model
-from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, short_training, training_flops
+from speed import cpu_peak_flops, gpu_bf16_peak, make_trainer, mean_step_seconds, short_training, training_flops
 
 BF16_CHECK_STEPS = 300
 
@@ -119,8 +119,7 @@ def pure_steps(cfg, device, steps, flops):
             print(f"  {name:<40} {seconds * 1000:7.1f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s  "
                   f"{flops / seconds / peak:6.1%} of fp32 peak  {naive / seconds:4.2f}x naive", flush=True)
     else:
-        card = torch.cuda.get_device_name(device)
-        peak = next((value for key, value in GPU_BF16_PEAK.items() if key in card), None)
+        card, peak = gpu_bf16_peak(device)
         print(f"{card}: dense bf16 peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}")
         for name, seconds in results.items():
             share = f"{flops / seconds / peak:6.1%} of bf16 peak" if peak else ""

@@ -28,7 +28,7 @@ import system
 from batches import DeviceBatches, TrainSampler
 from checkpoints import step_path
 from dataset import SRDataset
-from speed import GPU_BF16_PEAK, cpu_peak_flops, make_trainer, mean_step_seconds, run_measured, short_training, \
+from speed import cpu_peak_flops, gpu_bf16_peak, make_trainer, mean_step_seconds, run_measured, short_training, \
     training_command, training_flops
 
 CODE = os.path.dirname(os.path.abspath(__file__))
@@ -101,8 +101,7 @@ def main(argv):
 
     pure, full, flops = throughput(dict(cfg, model="residual"), device, timed_steps)
     if device.type == "cuda":
-        card = torch.cuda.get_device_name(device)
-        peak = next((value for key, value in GPU_BF16_PEAK.items() if key in card), None)
+        _, peak = gpu_bf16_peak(device)
         share = f"{flops / pure / peak:.1%} of the dense bf16 peak" if peak else "bf16 peak of this GPU unknown"
     else:
         peak, _ = cpu_peak_flops()

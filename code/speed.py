@@ -65,6 +65,12 @@ def mean_step_seconds(steps_by_name, steps, device):
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "V100": 125e12}
 
 
+def gpu_bf16_peak(device):
+    """(the GPU's name, its dense bf16 peak in flop/s or None where GPU_BF16_PEAK does not know it)."""
+    card = torch.cuda.get_device_name(device)
+    return card, next((value for key, value in GPU_BF16_PEAK.items() if key in card), None)
+
+
 def make_trainer(cfg, device, channels_last, fused, batches, bf16=False, compile_model=False):
     """A closure running train.training_step (the L1 step of every training) on the next (lr, hr) pair of
     `batches`, without the loop's logging, validation and checkpoints."""
