@@ -25,7 +25,7 @@ import system
 from batches import DeviceBatches, TrainSampler
 from dataset import SRDataset, list_images
 from models import build_model
-from speed import cpu_peak_flops, gpu_bf16_peak, make_trainer, mean_step_seconds, short_training, training_flops
+from speed import WARMUP, cpu_peak_flops, gpu_bf16_peak, make_trainer, mean_step_seconds, short_training, training_flops
 
 BF16_CHECK_STEPS = 300
 
@@ -174,7 +174,7 @@ def main(argv):
         next(stream)
     first = mean_step_seconds({"naive": make_trainer(cfg, device, False, False, synthetic(cfg))[1]}, 1, device)["naive"]
     print(f"first figure: a naive NCHW fp32 step takes {first * 1000:.0f} ms here; the full measurement takes about "
-          f"{first * (steps + 3) * 10 / 60:.0f} min", flush=True)
+          f"{first * (steps + WARMUP) * 10 / 60:.0f} min", flush=True)
     results, default = pure_steps(cfg, device, steps, flops)
     print(f"P2  default pure step ({default}) over the naive NCHW fp32 step: "
           f"{results['NCHW fp32 (naive reference)'] / results[default]:.2f}x (target >= 1.3x)", flush=True)
