@@ -20,13 +20,13 @@ from dataset import DataError, SRDataset, imresize_matlab, set_names
 from metrics import LOGGED_L1, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
 
 
-def write_tables(out, title, rows):
+def write_tables(out, title, rows, l1_column=LOGGED_L1):
     """Save the table as <out>.md and <out>.csv (fixed decimals, so reruns are byte-identical), each whole or not
-    at all (system.write_file)."""
+    at all (system.write_file). `l1_column`: the CSV's name for the L1 (the standard protocol's is of 8-bit Y)."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["method", "psnr_db", "ssim", LOGGED_L1])
+    writer.writerow(["method", "psnr_db", "ssim", l1_column])
     writer.writerows([name, f"{m['psnr']:.4f}", f"{m['ssim']:.5f}", f"{m[LOGGED_L1]:.5f}"] for name, m in rows)
     for path, text in ((out + ".md", markdown_table(title, rows)), (out + ".csv", table.getvalue())):
         system.write_file(path, text)
@@ -81,7 +81,7 @@ def main(argv):
         title = f"x{cfg['scale']} on {eval_name} ({count} images), LR made by {cfg['degradation']} downscaling"
     print(markdown_table(title, rows))
     with system.failed_writes_exit(out + ".md"):  # a folder removed meanwhile
-        for path in write_tables(out, title, rows):
+        for path in write_tables(out, title, rows, "l1_y_8bit" if standard else LOGGED_L1):
             print(f"wrote {path}")
     return rows
 
