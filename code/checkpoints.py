@@ -30,7 +30,7 @@ EXIT_INTERRUPTED = 75  # stopped by a signal (after saving a checkpoint, or at o
 #                        with resume=auto (EX_TEMPFAIL)
 # the end of the line that refuses a file of another kind
 WHAT_LOADS = ("only checkpoints that this project's train.py writes load here (torch.save of {'model': state_dict, "
-              "'config': ...}, e.g. checkpoints/RUN/model.pt)")
+              "'config': ..., 'step': ..., 'run': ...}, e.g. checkpoints/RUN/model.pt)")
 SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own limit on the size of its JSON header
 
 
@@ -39,7 +39,7 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path, model, cfg, step, **extra):
-    """Write {"model": state_dict, "config": architecture keys, "step": step, **extra} atomically.
+    """Write {"model": state_dict, "config": architecture keys, "step": step, "run": cfg["run"], **extra} atomically.
 
     Only tensors, numbers and strings go in, so `torch.load(..., weights_only=True)` can read it.
     Written through system.replaced_whole, so a crash mid-write never leaves a truncated checkpoint, and a full
@@ -162,7 +162,8 @@ def load_checkpoint(path):
                   else text.splitlines()[0] if text else type(err).__name__)
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
     if not isinstance(payload, dict) or any(key not in payload for key in ("model", "config", "step", "run")):
-        raise CheckpointError(f"{path}: not a checkpoint of this repo (expected keys 'model', 'config', 'step' and 'run')")
+        raise CheckpointError(f"{path}: not a checkpoint of this repo "
+                              "(expected keys 'model', 'config', 'step' and 'run')")
     return payload
 
 
@@ -200,9 +201,9 @@ def load_models(cfg, device):
     models = [(path, *load_model(path, device)) for path in checkpoint_paths(cfg)]
     other_scale = [path for path, _, payload in models if payload["config"]["scale"] != cfg["scale"]]
     if other_scale and not cfg["checkpoint"]:
-        print(f"note: {len(other_scale)} of the checkpoints under {cfg['ckpt_dir']}/*/model.pt were trained for another "
-              f"scale than {cfg['scale']}; left out", file=sys.stderr)
-        models = [model for model in models if model[0] not in other_scale]
+        print(f"note: {len(other_scale)} of the checkpoints under {cfg['ckpt_dir']}/*/model.pt were trained for "
+              f"another scale than {cfg['scale']}; left out", file=sys.stderr)
+        models = [entry for entry in models if entry[0] not in other_scale]
     for path, _, payload in models:
         if payload["config"]["scale"] != cfg["scale"]:
             raise CheckpointError(f"{path}: trained for scale {payload['config']['scale']}, "
@@ -242,9 +243,11 @@ def step_path(ckpt_dir, step):
 
 
 def step_checkpoints(ckpt_dir):
-    """Periodic checkpoints of a run, newest first (by step number: step1000000.pt after step999500.pt)."""
-    paths = [p for p in glob.glob(os.path.join(ckpt_dir, "step*.pt")) if re.fullmatch(r"step\d+\.pt", os.path.basename(p))]
-    return sorted(paths, key=lambda path: int(os.path.basename(path)[4:-3]), reverse=True)
+    """Periodic checkpoints of a run (step_path's names), newest first by step number: step1000000.pt before
+    step999500.pt, which sorts first as text."""
+    steps = {path: re.fullmatch(r"step(\d+)\.pt", os.path.basename(path))
+             for path in glob.glob(os.path.join(ckpt_dir, "step*.pt"))}
+    return sorted((path for path, match in steps.items() if match), key=lambda path: -int(steps[path][1]))
 
 
 def newest_good_state(ckpt_dir):

@@ -17,7 +17,7 @@ import sys
 import config
 import system
 from checkpoints import CheckpointError, load_models, method_names
-from dataset import DataError, SRDataset, set_names
+from dataset import DataError, SRDataset, set_label
 from pages import PageError, check_out, method_images, write_page
 
 
@@ -25,7 +25,7 @@ def main(argv):
     cfg = config.from_argv(argv, ("checkpoint", "ckpt_dir", "eval_dir", "scale", "degradation", "reading", "out",
                                   "runs_dir", "compare", "device"))
     device = system.pick_device(cfg["device"])
-    eval_name = "+".join(set_names(cfg["eval_dir"]))
+    eval_name = set_label(cfg["eval_dir"])
     out = cfg["out"] or os.path.join(cfg["runs_dir"], f"compare_{eval_name}_{cfg['degradation']}")
     title = f"x{cfg['scale']} on {eval_name}, LR made by {cfg['degradation']} downscaling"
     try:

@@ -47,6 +47,11 @@ def set_names(folders):
     return [os.path.basename(os.path.normpath(folder)) for folder in folders.split(",") if folder]
 
 
+def set_label(folders):
+    """What tables and pages of several sets are named: "Set5+Set14" for data/Set5,data/Set14."""
+    return "+".join(set_names(folders))
+
+
 def list_images(folder):
     """Sorted image files of `folder`; hidden files, folders and non-images (README, Thumbs.db) are ignored.
     A broken link named like an image stays in the list, so that reading it says what is wrong.
@@ -344,8 +349,9 @@ def save_first_pair(lr_image, hr_image, out):
     paths = []
     for name, image in (("lr_image.png", lr_image), ("hr_image.png", hr_image)):
         paths.append(os.path.join(out, name))
-        with system.replaced_whole(paths[-1]) as temporary:  # clamped: a bicubic LR overshoots [0, 1]
-            torchvision.io.write_png(image[0].clamp(0, 1).mul(255).round().byte(), temporary)
+        with system.replaced_whole(paths[-1]) as temporary:
+            pixels = image[0].clamp(0, 1).mul(255).round().byte()  # clamped: a bicubic LR overshoots [0, 1]
+            torchvision.io.write_png(pixels, temporary)
     return paths
 
 

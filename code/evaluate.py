@@ -16,13 +16,14 @@ import config
 import system
 from checkpoints import CheckpointError, load_models, method_names
 from models import tiled_upscaler
-from dataset import DataError, SRDataset, imresize_matlab, set_names
+from dataset import DataError, SRDataset, imresize_matlab, set_label
 from metrics import LOGGED_L1, evaluate, evaluate_standard, interpolate, markdown_table, standard_set
 
 
 def write_tables(out, title, rows, l1_column=LOGGED_L1):
     """Save the table as <out>.md and <out>.csv (fixed decimals, so reruns are byte-identical), each whole or not
-    at all (system.write_file). `l1_column`: the CSV's name for the L1 (the standard protocol's is of 8-bit Y)."""
+    at all (system.write_file). `l1_column`: the CSV's name for the L1 (the standard protocol's is of the 8-bit
+    outputs' Y, divided by 255)."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
@@ -40,7 +41,7 @@ def main(argv):
     system.bound_kernel_cache()
     device = system.pick_device(cfg["device"])
     standard = cfg["protocol"] == "standard"
-    eval_name = "+".join(set_names(cfg["eval_dir"]))  # Set5+Set14 for eval_dir=data/Set5,data/Set14
+    eval_name = set_label(cfg["eval_dir"])
     default_out = f"eval_{eval_name}_standard_x{cfg['scale']}" if standard else f"eval_{eval_name}_{cfg['degradation']}"
     out = cfg["out"] or os.path.join(cfg["runs_dir"], default_out)
     system.check_writable(os.path.dirname(out) or ".")  # before the work, not after it
@@ -56,7 +57,8 @@ def main(argv):
     except (CheckpointError, DataError) as err:
         raise SystemExit(f"error: {err}") from None
     if not models:
-        print(f"note: no checkpoints given or found under {cfg['ckpt_dir']}/*/model.pt; baselines only",
+        print(f"note: no checkpoint to evaluate (none given, none of this scale under {cfg['ckpt_dir']}/*/model.pt); "
+              "baselines only",
               file=sys.stderr)
 
     def score(upscale):
@@ -81,7 +83,7 @@ def main(argv):
         title = f"x{cfg['scale']} on {eval_name} ({count} images), LR made by {cfg['degradation']} downscaling"
     print(markdown_table(title, rows))
     with system.failed_writes_exit(out + ".md"):  # a folder removed meanwhile
-        for path in write_tables(out, title, rows, "l1_y_8bit" if standard else LOGGED_L1):
+        for path in write_tables(out, title, rows, "l1_y" if standard else LOGGED_L1):
             print(f"wrote {path}")
     return rows
 

@@ -64,8 +64,8 @@ RUNS = [
     # the 8 flips/rotations of each crop (EDSR), a short warm-up then cosine decay from a 5x higher peak,
     # and a moving average of the weights. Its last step's (averaged) weights are model.pt: no selection on Set5.
     ("final_t91", [*FINAL_RECIPE, "max_steps=30000"]),
-    # The 291 images of the VDSR-era papers (T91 + BSD200), fine-tuned from final_t91: 8 crops of 96x96 (about the pixels
-    # of 16 x 64x64: 73,728 against 65,536) with the 12 edge pixels out of the loss (the
+    # The 291 images of the VDSR-era papers (T91 + BSD200), fine-tuned from final_t91: 8 crops of 96x96 (about the
+    # pixels of 16 x 64x64: 73,728 against 65,536) with the 12 edge pixels out of the loss (the
     # receptive field's radius), so that the loss sees what a whole test image shows the model; T91's one image
     # under 96 px (t20, 78x78) is left out. A second cosine schedule from a lower peak.
     ("final_no_rescale", FINE_TUNE_291),
@@ -85,16 +85,17 @@ TRIALS = [(f"gan2_{name}_a{weight}", [*GAN2, f"adv_weight={weight}", *discrimina
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
-
 def run_to_its_end(command):
-    """Run `command` and return its exit status. A Ctrl-C reaches the training too, which saves a checkpoint and exits
-    75: this process waits for that instead of killing it (as subprocess.run does 0.25 s after a KeyboardInterrupt)."""
-    process = subprocess.Popen(command)
+    """(exit status of `command`, whether a Ctrl-C came meanwhile). A Ctrl-C reaches the training too, which saves a
+    checkpoint and exits 75: this process waits for that instead of killing it (as subprocess.run does 0.25 s after
+    a KeyboardInterrupt), and the list stops after it however the training ended."""
+    process, interrupted = subprocess.Popen(command), False
     while True:
         try:
-            return process.wait()
+            return process.wait(), interrupted
         except KeyboardInterrupt:
-            continue
+            interrupted = True
+
 
 def finished_step(name, settings, overrides):
     """The step of the run's final model.pt if it reached its max_steps, else None."""
@@ -130,9 +131,9 @@ def main(argv):
             continue
         print(f"=== {name}: {' '.join([*settings, *overrides])}", flush=True)  # the overrides win
         command = [sys.executable, TRAIN_SCRIPT, f"run={name}", *COMMON, *settings, "resume=auto", *overrides]
-        status = run_to_its_end(command)
+        status, interrupted = run_to_its_end(command)
         outcomes.append((name, {0: "trained", EXIT_DIVERGED: "diverged (exit 3)"}.get(status, f"exit {status}")))
-        if status == EXIT_INTERRUPTED:
+        if status == EXIT_INTERRUPTED or interrupted:
             break
     for name, outcome in outcomes:
         print(f"{name:<10} {outcome}")

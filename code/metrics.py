@@ -172,10 +172,11 @@ def evaluate_standard(upscale, images, scale, device):
     """The benchmark protocol of the SR literature (SRCNN, VDSR, EDSR tables) on `images` (`standard_set`):
     LR = MATLAB bicubic imresize of the HR image, rounded to 8 bits; outputs rounded to 8 bits; metrics
     on Y with the border shaved (`standard_scores`). A grayscale image goes through the model as three
-    equal channels, and the mean of the output channels is compared with it."""
+    equal channels, and the mean of the output channels is compared with it; a 16-bit or float HR image is
+    rounded to 8 bits first."""
     totals, identical = {LOGGED_L1: 0.0, "psnr": 0.0, "ssim": 0.0}, 0
     for image in images:
-        hr = crop_to_multiple(image, scale)  # 8 bits, as the protocol scores them (16-bit and float images rounded)
+        hr = crop_to_multiple(image, scale)
         hr = (hr if hr.dtype == torch.uint8 else to_float(hr).mul(255).round()).double()
         low_res = degrade(hr / 255, scale, "bicubic_matlab").expand(3, -1, -1)
         sr = upscale(low_res[None].float().to(device))[0].double().cpu().clamp(0, 1).mul(255).round()

@@ -17,8 +17,8 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 from collections import namedtuple
 
 import numpy as np
@@ -147,7 +147,8 @@ def from_network(downloads, file):
     except ValueError as err:  # pooch: the bytes' SHA-256 is not the pinned one (the file is not kept)
         raise FetchError(f"{url}: {' '.join(str(err).split())}") from None
     except OSError as err:  # writing the download: a full disk or quota (requests' errors, OSErrors too, are above)
-        raise SystemExit(system.write_failure(err.filename or downloads.abspath, err)) from None
+        data_root = os.path.dirname(str(downloads.abspath))  # where to free space: the download itself is removed
+        raise SystemExit(system.write_failure(data_root, err)) from None
     with open(path, "rb") as f:
         content = f.read()
     os.remove(path)  # the PNG in data_root/<set>/ is what is kept

@@ -138,20 +138,20 @@ def main(argv):
             model = OnnxModel(model, torch.get_num_threads())
         elif system.channels_last_helps(cfg["channels_last"], device):
             model = model.to(memory_format=torch.channels_last)
-        jobs = plan(cfg["input"], cfg["output"], payload["config"]["scale"])
+        scale = payload["config"]["scale"]
+        jobs = plan(cfg["input"], cfg["output"], scale)
         if cfg["page"]:
             pages.check_out(cfg["page"])  # before the work
-            for path, _ in jobs:  # the page reads each input whole, which max_pixels bounds: from the header, now
-                try:
-                    with open_image(path, max_pixels=cfg["max_pixels"]):
-                        pass
-                except DataError as err:
-                    raise DataError(f"{err}; page= shows whole images: upscale it without page=") from None
+            for path, _ in jobs:  # the page holds each input whole, which max_pixels bounds: from the header, now
+                with open_image(path, max_pixels=math.inf) as pil:
+                    (width, height), limit = pil.size, cfg["max_pixels"]
+                if width * height > limit:
+                    raise DataError(f"{path}: {width}x{height} px is above max_pixels={limit}, and page= shows whole "
+                                    "images: upscale it without page=")
     except (CheckpointError, DataError, pages.PageError) as err:
         raise SystemExit(f"error: {err}") from None
     for folder in sorted({os.path.dirname(out) or "." for _, out in jobs}):
         system.check_writable(folder)  # before the work, not after it
-    scale = payload["config"]["scale"]
     margin = cfg["overlap"] or model.receptive_margin()
     for path, out_path in tqdm(jobs, unit="image", disable=len(jobs) == 1):
         try:

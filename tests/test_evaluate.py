@@ -75,7 +75,7 @@ def test_standard_protocol_table_rows(tiny_cfg, tmp_path):
                           f"out={tmp_path / 'std'}"])
     assert [name for name, _ in rows] == ["bicubic (MATLAB imresize)", "m (basic, step 3)"]
     assert "standard protocol" in (tmp_path / "std.md").read_text()
-    assert (tmp_path / "std.csv").read_text().splitlines()[0] == "method,psnr_db,ssim,l1_y_8bit"  # not RGB's l1
+    assert (tmp_path / "std.csv").read_text().splitlines()[0] == "method,psnr_db,ssim,l1_y"  # not RGB's l1
 
 
 

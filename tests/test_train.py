@@ -44,7 +44,7 @@ def test_short_training_writes_checkpoints_logs_and_lowers_the_loss(tiny_cfg):
     assert summary["final_val"]["psnr"] == pytest.approx(scalars["val/psnr"][1][-1], abs=1e-4)
 
 
-def test_an_l2_loss_without_the_border_trains_other_weights_and_logs_every_step(tiny_cfg):  # what: the next test
+def test_an_l2_loss_without_the_border_trains_other_weights_and_logs_every_step(tiny_cfg):
     train.train(dict(tiny_cfg, run="l1", max_steps=4))
     train.train(dict(tiny_cfg, run="l2", max_steps=4, loss="l2", loss_border=4))
     l1, l2 = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("l1", "l2"))
@@ -495,16 +495,21 @@ def recipe_cfg(cfg):
                 max_steps=12, ckpt_every=3, val_every=6)
 
 
-def test_recipe_resumes_bit_identically_and_saves_the_average(tiny_cfg, capsys, monkeypatch):
+def test_adam_is_given_the_warm_up_then_the_cosine_learning_rates(tiny_cfg, monkeypatch):
     cfg = recipe_cfg(tiny_cfg)
     used_rates, step = [], train.training_step
     monkeypatch.setattr(train, "training_step", lambda model, networks, *args, **kwargs: (
         used_rates.append(networks.optimizer.param_groups[0]["lr"]), step(model, networks, *args, **kwargs))[1])
-    train.train(dict(cfg, run="straight"))
+    train.train(cfg)
     lr, lr_min = cfg["lr"], cfg["lr_min"]  # warm-up over 3 steps, then half a cosine over the other 9 to lr_min
     assert used_rates[:4] == pytest.approx([lr / 3, 2 * lr / 3, lr, lr])  # what Adam was given, step by step
     assert used_rates[11] == pytest.approx(lr_min + (lr - lr_min) * (1 + math.cos(math.pi * 8 / 9)) / 2)
-    assert all(a > b for a, b in zip(used_rates[3:12], used_rates[4:12]))
+    assert len(used_rates) == 12 and all(a > b for a, b in zip(used_rates[3:12], used_rates[4:12]))
+
+
+def test_recipe_resumes_bit_identically_and_saves_the_average(tiny_cfg, capsys):
+    cfg = recipe_cfg(tiny_cfg)
+    train.train(dict(cfg, run="straight"))
     train.train(dict(cfg, run="resumed"))
     ckpt_dir = os.path.join(cfg["ckpt_dir"], "resumed")
     for name in ("step000012.pt", "step000009.pt", "model.pt"):  # as if killed after step 6

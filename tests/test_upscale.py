@@ -80,10 +80,11 @@ def test_on_a_cpu_onnxruntime_upscales_by_default_within_one_level_of_pytorch(mo
     assert (onnx_pixels == torch_pixels).mean() > 0.999
 
 
-def test_self_ensemble_of_an_equivariant_function_is_the_function():
+def test_self_ensemble_averages_the_8_turns_and_flips_back_in_place():
     identity_x2 = lambda x: x.repeat_interleave(2, -1).repeat_interleave(2, -2)  # noqa: E731
     low_res = torch.rand(1, 3, 5, 7)
-    torch.testing.assert_close(self_ensemble(identity_x2)(low_res), identity_x2(low_res))
+    torch.testing.assert_close(self_ensemble(identity_x2)(low_res), identity_x2(low_res))  # equivariant: itself
+
     def with_a_spike(x):  # not equivariant: +1 at the top-left output pixel, wherever the image was turned
         out = identity_x2(x).clone()
         out[..., 0, 0] += 1
@@ -178,7 +179,7 @@ def test_an_image_above_max_pixels_upscales_when_its_output_fits_the_budget(mode
         upscale.main([f"checkpoint={model_path}", f"input={tmp_path / 'p60.png'}", "max_pixels=1000"])
     page_args = [f"checkpoint={model_path}", f"input={tmp_path / 'p40.png'}", "max_pixels=1000",
                  f"output={tmp_path / 'paged.png'}", f"page={tmp_path / 'page'}"]
-    with pytest.raises(SystemExit, match=r"is above max_pixels=1000; .*; page= shows whole images: upscale it without page="):
+    with pytest.raises(SystemExit, match=r"p40.png: 40x40 px is above max_pixels=1000, and page= shows whole images"):
         upscale.main(page_args)  # the page reads the input whole: refused before the work, not after it
     assert not (tmp_path / "paged.png").exists()
 
