@@ -199,11 +199,12 @@ def load_models(cfg, device):
     """[(path, model, checkpoint dict)] of the checkpoints `cfg` names, each refused unless trained for cfg's scale;
     of those found under ckpt_dir (none named), the ones trained for another scale are left out with a note."""
     models = [(path, *load_model(path, device)) for path in checkpoint_paths(cfg)]
-    other_scale = [path for path, _, payload in models if payload["config"]["scale"] != cfg["scale"]]
-    if other_scale and not cfg["checkpoint"]:
-        print(f"note: {len(other_scale)} of the checkpoints under {cfg['ckpt_dir']}/*/model.pt were trained for "
-              f"another scale than {cfg['scale']}; left out", file=sys.stderr)
-        models = [entry for entry in models if entry[0] not in other_scale]
+    if not cfg["checkpoint"]:  # found under ckpt_dir: those trained for another scale are left out, with a note
+        kept = [entry for entry in models if entry[2]["config"]["scale"] == cfg["scale"]]
+        if len(kept) < len(models):
+            print(f"note: {len(models) - len(kept)} of the checkpoints under {cfg['ckpt_dir']}/*/model.pt were trained "
+                  f"for another scale than {cfg['scale']}; left out", file=sys.stderr)
+        models = kept
     for path, _, payload in models:
         if payload["config"]["scale"] != cfg["scale"]:
             raise CheckpointError(f"{path}: trained for scale {payload['config']['scale']}, "
@@ -245,9 +246,9 @@ def step_path(ckpt_dir, step):
 def step_checkpoints(ckpt_dir):
     """Periodic checkpoints of a run (step_path's names), newest first by step number: step1000000.pt before
     step999500.pt, which sorts first as text."""
-    steps = {path: re.fullmatch(r"step(\d+)\.pt", os.path.basename(path))
-             for path in glob.glob(os.path.join(ckpt_dir, "step*.pt"))}
-    return sorted((path for path, match in steps.items() if match), key=lambda path: -int(steps[path][1]))
+    found = [(int(match[1]), path) for path in glob.glob(os.path.join(ckpt_dir, "step*.pt"))
+             if (match := re.fullmatch(r"step(\d+)\.pt", os.path.basename(path)))]
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def newest_good_state(ckpt_dir):

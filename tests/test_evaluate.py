@@ -78,8 +78,6 @@ def test_standard_protocol_table_rows(tiny_cfg, tmp_path):
     assert (tmp_path / "std.csv").read_text().splitlines()[0] == "method,psnr_db,ssim,l1_y"  # not RGB's l1
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["rgb", "standard"])
 def test_a_decompression_bomb_gives_one_line_and_little_memory_or_is_skipped(tiny_cfg, tmp_path, protocol):
