@@ -42,7 +42,7 @@ class DataError(ValueError):
 
 
 def set_names(folders):
-    """The sets' names of a folder setting ("../shared/data/T91,data/BSD200" -> ["T91", "BSD200"]): what tables,
+    """The sets' names of a folder setting ("/scratch/sets/T91,data/BSD200" -> ["T91", "BSD200"]): what tables,
     file names and a resumed run's check call them, wherever the folders are."""
     return [os.path.basename(os.path.normpath(folder)) for folder in folders.split(",") if folder]
 

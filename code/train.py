@@ -259,7 +259,7 @@ def resume(cfg, networks, state_path, state, device, hardware, main_process):
 
 def same_setting(key, made_with, now):
     """Whether a resumed run's setting is unchanged; data folders by their names, so that a run continues where
-    its sets moved (../shared/data/T91 -> data/T91)."""
+    its sets moved (/scratch/sets/T91 -> data/T91)."""
     if key == "data_dir":
         made_with, now = set_names(made_with), set_names(now)
     return made_with == now
