@@ -113,11 +113,12 @@ def pure_steps(cfg, device, steps, flops):
     if device.type == "cpu":
         peak, derivation = cpu_peak_flops()
         bf16_note = " (bf16 instructions have a higher peak of their own, so bf16 rows can exceed 100%)"
-        print(f"CPU fp32 FMA peak {peak / 1e9:.0f} GFLOP/s = {derivation}"
-              f"{bf16_note if bf16_fast else ''}")
+        print(f"CPU fp32 FMA peak {f'{peak / 1e9:.0f} GFLOP/s = ' if peak else ''}{derivation}"
+              f"{bf16_note if bf16_fast and peak else ''}")
         for name, seconds in results.items():
+            share = f"{flops / seconds / peak:6.1%} of fp32 peak" if peak else ""
             print(f"  {name:<40} {seconds * 1000:7.1f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s  "
-                  f"{flops / seconds / peak:6.1%} of fp32 peak  {naive / seconds:4.2f}x naive", flush=True)
+                  f"{share}  {naive / seconds:4.2f}x naive", flush=True)
     else:
         card, peak = gpu_bf16_peak(device)
         print(f"{card}: dense bf16 peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}")

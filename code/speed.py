@@ -30,14 +30,17 @@ def training_flops(model, batch_size, patch_size):
 
 
 def cpu_peak_flops():
-    """fp32 FMA peak: cores x clock x lanes x 2 (multiply-add) x FMA units; returns (flop/s, how it was derived)."""
+    """fp32 FMA peak: cores x clock x lanes x 2 (multiply-add) x FMA units; returns (flop/s, how it was derived), or
+    (None, why) where /proc/cpuinfo gives no clock (macOS, most Arm machines)."""
     lanes = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 4)
     fma_units = 2  # Xeon Gold/Platinum and most desktop cores; some Xeon Silver/Bronze parts have 1
-    mhz = 0.0
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("cpu MHz"):
-                mhz = max(mhz, float(line.split(":")[1]))
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = max([float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")], default=0.0)
+    except OSError:
+        mhz = 0.0
+    if not mhz:
+        return None, "unknown: /proc/cpuinfo gives no clock"
     cores = torch.get_num_threads()
     peak = cores * mhz * 1e6 * lanes * 2 * fma_units
     return peak, f"{cores} cores x {mhz:.0f} MHz x {lanes} fp32 lanes x 2 x {fma_units} FMA units"
