@@ -71,8 +71,9 @@ SECTIONS = {
     "checkpoint": {"checkpoint": ""},  # checkpoint file(s); evaluate.py: comma-separated, empty = checkpoints/*/model.pt
     "evaluate": {
         "protocol": "rgb",  # rgb (RGB in [0, 1], `degradation`) | standard (MATLAB bicubic, Y, shaved border)
-        "out": "",  # table path without extension; empty = runs/eval_<set>_<degradation>
-        # (export.py: the ONNX file; empty = <the checkpoint's folder name>.onnx, e.g. final.onnx)
+        "out": "",  # evaluate.py: the tables' path without extension, empty = runs/eval_<set>_<degradation>
+        # compare.py: the page's folder, empty = runs/compare_<set>_<degradation>; export.py: the ONNX file, empty =
+        # <the checkpoint's folder name>.onnx, e.g. final.onnx
     },
     "upscale": {
         "input": "", "output": "",  # an image or a folder; output empty = beside the input, *_x2.png (x<scale>)
