@@ -208,6 +208,8 @@ def make_bad_input_corpus(folder):
     Image.fromarray(rgb).convert("CMYK").save(path("cmyk.jpg"))
     Image.fromarray(rgb).save(path("picture.bmp"))
     Image.fromarray(rgb).save(path("picture.tiff"))
+    Image.fromarray(rgb).save(path("picture.ppm"))
+    Image.fromarray(rgb[..., 0]).save(path("gray.pgm"))
     Image.fromarray(rgb[:20, :20]).save(path("small.png"))
     open(path("empty.png"), "wb").close()
     with open(path("good.png"), "rb") as f:
@@ -230,16 +232,19 @@ def make_bad_input_corpus(folder):
     Image.fromarray(rgb[:2, :2]).save(path("tiny2x2.png"))
     os.mkdir(path("folder.png"))  # a directory with an image's name: not an image, ignored
     os.symlink("loop.png", path("loop.png"))  # a link to itself
+    os.symlink("missing.png", path("broken.png"))  # a link to nothing
     for name in ("with space.png", "größe.png", "-dash.png"):
         Image.fromarray(rgb).save(path(name))
     write_bomb_png(path("zz_bomb.png"))
     return {"good.png": "rgb", "gray.png": "rgb", "rgba.png": "rgb", "palette.png": "rgb", "deep16.png": "rgb",
-            "cmyk.jpg": "rgb", "picture.bmp": "rgb", "picture.tiff": "rgb", "small.png": "patch_size=32",
+            "cmyk.jpg": "rgb", "picture.bmp": "rgb", "picture.tiff": "rgb", "picture.ppm": "rgb", "gray.pgm": "rgb",
+            "small.png": "patch_size=32",
             "empty.png": "cannot read image", "truncated.png": "cannot read image",
             "text.png": "cannot read image", "picture.webp": "rgb", "animated.gif": "rgb", "phone.jpg": "rgb",
             "float.tiff": "rgb", "float_0_255.tiff": "expected [0, 1]", "deep16.tiff": "rgb",
             "tiny1x1.png": "1x1 px is too small", "tiny2x2.png": "2x2 px is too small",
-            "loop.png": "cannot read image", "with space.png": "rgb", "größe.png": "rgb", "-dash.png": "rgb",
+            "loop.png": "cannot read image ([Errno 40] Too many levels of symbolic links",
+            "broken.png": "cannot read image ([Errno 2] No such file or directory", "with space.png": "rgb", "größe.png": "rgb", "-dash.png": "rgb",
             "zz_bomb.png": "30000x30000 px (900 megapixels) is above max_pixels=100000000"}
 
 
@@ -257,12 +262,19 @@ def test_bad_input_corpus_every_file_is_converted_or_named(tmp_path, capsys):
         else:
             lines = [w for w in warnings if f"{name}:" in w]
             assert len(lines) == 1 and outcome in lines[0] and lines[0].startswith("warning: skipped "), name
-    assert len(warnings) == 9  # junk files and the folder named folder.png are not even looked at
+    assert len(warnings) == 10  # junk files and the folder named folder.png are not even looked at
+
+
+def test_an_image_too_small_for_evaluation_is_named_with_the_size_it_needs(tmp_path):
+    folder = write_folder(tmp_path / "eval", [photo_crops(40, 1)[0], photo_crops(20, 1)[0]])
+    with pytest.raises(DataError, match=r"20x20 px is too small: it needs at least 22x22 px for evaluation \(SSIM's "
+                                        r"11x11 window on the x2 LR image\)"):
+        SRDataset(str(folder), train=False)
 
 
 def test_bad_files_error_policy_stops_at_the_first_bad_file(tmp_path):
     make_bad_input_corpus(tmp_path / "corpus")
-    with pytest.raises(DataError, match=r"empty.png: cannot read image .*\(bad_files=skip leaves such files out\)$"):
+    with pytest.raises(DataError, match=r"broken.png: cannot read image .*\(bad_files=skip leaves such files out\)$"):
         SRDataset(str(tmp_path / "corpus"), patch_size=32)
 
 
