@@ -44,11 +44,12 @@ def test_short_training_writes_checkpoints_logs_and_lowers_the_loss(tiny_cfg):
     assert summary["final_val"]["psnr"] == pytest.approx(scalars["val/psnr"][1][-1], abs=1e-4)
 
 
-def test_an_l2_loss_without_the_border_trains_other_weights_and_logs_every_step(tiny_cfg):
+def test_an_l2_loss_and_a_loss_border_each_train_other_weights_and_log_every_step(tiny_cfg):
     train.train(dict(tiny_cfg, run="l1", max_steps=4))
+    train.train(dict(tiny_cfg, run="l2_whole", max_steps=4, loss="l2"))
     train.train(dict(tiny_cfg, run="l2", max_steps=4, loss="l2", loss_border=4))
-    l1, l2 = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("l1", "l2"))
-    assert not all(torch.equal(l1[k], l2[k]) for k in l1)
+    l1, whole, l2 = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("l1", "l2_whole", "l2"))
+    assert not all(torch.equal(l1[k], whole[k]) for k in l1) and not all(torch.equal(whole[k], l2[k]) for k in l1)
     assert read_scalars(os.path.join(tiny_cfg["runs_dir"], "l2"))["train/l1"][0] == [1, 2, 3, 4]
 
 
@@ -401,13 +402,22 @@ def test_resume_with_another_world_size_continues_the_sample_stream(tiny_cfg):
     assert summary["steps"] == 4 and summary["samples"] == 2 * 4 + 2 * 2 and summary["processes"] == 1
 
 
-def test_channels_last_changes_the_layout_not_the_result(tiny_cfg):
+def test_channels_last_changes_the_layout_not_the_result(tiny_cfg, monkeypatch):
+    build_networks, nhwc_weights = train.build_networks, []
+
+    def recording_layout(cfg, device, memory_format):
+        networks = build_networks(cfg, device, memory_format)
+        weight = networks.model.state_dict()["body.0.weight"]  # 3x3 from 3 channels: the layouts differ
+        nhwc_weights.append(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+        return networks
+    monkeypatch.setattr(train, "build_networks", recording_layout)
     train.train(dict(tiny_cfg, run="nhwc", max_steps=5, channels_last="on"))
     train.train(dict(tiny_cfg, run="nchw", max_steps=5, channels_last="off"))
     nhwc = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "nhwc", "model.pt"))
     nchw = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "nchw", "model.pt"))
     for key in nchw:
         torch.testing.assert_close(nhwc[key], nchw[key], atol=1e-5, rtol=1e-4)
+    assert nhwc_weights == [True, False]
 
 
 # ---- Task 6: adversarial training (gan=true) ----
@@ -470,10 +480,13 @@ def test_batches_made_on_the_device_train_the_same_weights(tiny_cfg):
     assert all(torch.allclose(loader[k], device[k], atol=1e-6) for k in loader)
 
 
-def test_bf16_autocast_trains_and_keeps_fp32_weights(tiny_cfg):
+def test_bf16_autocast_trains_and_keeps_fp32_weights(tiny_cfg, capsys):
     summary = train.train(dict(tiny_cfg, max_steps=4, amp="bf16"))
-    weights = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt"))
-    assert all(w.dtype == torch.float32 for w in weights.values()) and math.isfinite(summary["final_val"]["psnr"])
+    assert "Using cpu device, bf16 autocast" in capsys.readouterr().out
+    train.train(dict(tiny_cfg, run="fp32", max_steps=4, amp="off"))
+    bf16, fp32 = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("tiny", "fp32"))
+    assert all(w.dtype == torch.float32 for w in bf16.values()) and math.isfinite(summary["final_val"]["psnr"])
+    assert not all(torch.equal(bf16[k], fp32[k]) for k in bf16)  # the steps were computed in bf16
 
 
 # ---- the final model's recipe: dihedral augmentation, warm-up + cosine schedule, moving average of the weights ----
