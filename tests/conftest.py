@@ -140,6 +140,16 @@ def read_only_dir(tmp_path, monkeypatch):
             unmount(folder)
 
 
+def stopped_before(work, call):
+    """The SystemExit message of call() in this process, with `work` = (module, function name) made to fail the test
+    if it is reached: for a check that must stop a script before that work."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(*work, lambda *args, **kwargs: pytest.fail(f"{work[1]} ran before the script stopped"))
+        with pytest.raises(SystemExit) as stop:
+            call()
+    return str(stop.value.code)
+
+
 def run_or_call(script, args, call, real):
     """(exit status, stderr) of `python code/<script> args` where the situation is `real` (a mounted file system),
     else of call() in this process, where it is mocked: a SystemExit's message is what stderr would hold."""
