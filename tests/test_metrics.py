@@ -107,6 +107,30 @@ def test_gray_images_are_measured_on_their_own_values_not_on_y_of_replicated_rgb
         noisy.expand(3, -1, -1), rgb, 2)["psnr"]
 
 
+def test_ssim_agrees_with_scikit_image_and_luma_with_matlab_rgb2ycbcr():
+    from skimage.metrics import structural_similarity
+
+    torch.manual_seed(0)
+    target = torch.rand(1, 3, 40, 48, dtype=torch.float64)
+    prediction = (target + 0.1 * torch.randn_like(target)).clamp(0, 1)
+    expected = structural_similarity(prediction[0].numpy(), target[0].numpy(), gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False, data_range=1, channel_axis=0)  # Wang et al.'s SSIM
+    assert metrics.ssim(prediction.float(), target.float()).item() == pytest.approx(expected, abs=1e-6)
+    primaries = torch.tensor([[255, 0, 0, 255, 0], [0, 255, 0, 255, 0], [0, 0, 255, 255, 0]], dtype=torch.float64)
+    assert metrics.luma(primaries[:, None]).tolist() == [[81, 145, 41, 235, 16]]  # rgb2ycbcr of red, green, blue, white, black
+
+
+def test_the_standard_protocol_shaves_the_border_before_measuring():
+    """Gray images: errors in the 2-pixel border do not count; one interior pixel off by 10 over 26x36 pixels."""
+    hr = torch.linspace(0, 255, 30 * 40, dtype=torch.float64).reshape(1, 30, 40).round()
+    sr = hr.clone()
+    sr[:, :2], sr[:, -2:], sr[..., :2], sr[..., -2:] = 0, 0, 255, 255
+    sr[0, 10, 10] += 10
+    scores = metrics.standard_scores(sr, hr, 2)
+    assert scores["psnr"] == pytest.approx(10 * math.log10(255 ** 2 * 26 * 36 / 100))
+    assert scores[metrics.LOGGED_L1] == pytest.approx(10 / (26 * 36) / 255)
+
+
 def test_sharpness_is_one_for_hr_below_one_for_blur_and_above_for_noise():
     torch.manual_seed(0)
     high_res = torch.rand(2, 3, 32, 32)
