@@ -239,7 +239,7 @@ def write_failure(path, err):
     parent = os.path.abspath(path)
     if not os.path.isdir(parent):  # the space of the folder the file goes to
         parent = os.path.dirname(parent)
-    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
         parent = os.path.dirname(parent)
     try:
         free = f"{shutil.disk_usage(parent).free / 1e6:,.1f} MB free on {parent}"
@@ -299,7 +299,9 @@ def failed_writes_exit(path):
 
 def check_writable(folder):
     """Create `folder` if needed and create a file in it, so that an output that cannot be written (read-only file
-    system, no permission) stops the script with one line before its work instead of after it."""
+    system, no permission, a file of that name) stops the script with one line before its work instead of after it."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"error: cannot write in {folder}: it is a file, not a folder")
     with failed_writes_exit(folder):
         os.makedirs(folder, exist_ok=True)
     try:

@@ -62,7 +62,7 @@ def test_bad_input_is_one_line_and_no_page(case, tiny_cfg, tmp_path):
         expected = "exists and is not a comparison page"
     else:
         (tmp_path / "file").write_text("")
-        out, expected = tmp_path / "file" / "page", "cannot write"
+        out, expected = tmp_path / "file" / "page", f"cannot write in {tmp_path / 'file'}: it is a file, not a folder"
     status, stderr, _ = run_script("compare.py", [f"checkpoint={ckpt}", f"eval_dir={eval_dir}", f"out={out}",
                                                   "device=cpu"])
     assert status == 1 and len(stderr.strip().splitlines()) == 1, stderr

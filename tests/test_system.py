@@ -254,3 +254,14 @@ def test_a_file_and_a_folder_are_replaced_whole_and_a_failure_keeps_the_previous
 def test_an_error_without_errno_keeps_its_own_words():
     with pytest.raises(OSError, match="cannot write mode P as JPEG"), system.replaced_whole("/tmp/never"):
         raise OSError("cannot write mode P as JPEG")
+
+
+def test_an_output_folder_that_is_a_file_or_lies_under_one_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as refused:
+        system.check_writable(str(tmp_path / "file"))
+    assert refused.value.code == f"error: cannot write in {tmp_path / 'file'}: it is a file, not a folder"
+    with pytest.raises(SystemExit) as refused:
+        system.check_writable(str(tmp_path / "file" / "sub"))
+    assert refused.value.code.startswith(f"error: cannot write {tmp_path / 'file' / 'sub'}: Not a directory (")
+    assert refused.value.code.endswith(f" MB free on {tmp_path})")  # the space of the nearest folder, not of the file
