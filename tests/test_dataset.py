@@ -68,6 +68,7 @@ def test_eval_mode_returns_whole_images_cropped_to_the_scale(tmp_path):
     folder = write_folder(tmp_path / "eval", [photo_crops(41, 1)[0][:, :37]])
     low_res, high_res = SRDataset(folder, train=False)[0]
     assert high_res.shape == (3, 40, 36) and low_res.shape == (3, 20, 18)
+    assert torch.equal(high_res, to_float(decode_image(os.path.join(folder, "img00.png")))[:, :40, :36])  # top-left
     torch.testing.assert_close(low_res, degrade(high_res))
     assert torch.equal(SRDataset(folder, train=False)[0][0], low_res)
 
