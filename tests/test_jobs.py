@@ -25,7 +25,7 @@ def tiny_args(tiny_cfg, **changes):
 
 def job_env(**extra):
     """Use the venv running the tests; no module system here."""
-    return dict(os.environ, SR_VENV=sys.prefix, SR_MODULES="", OMP_NUM_THREADS="1", **extra)
+    return dict(os.environ, **{"SR_VENV": sys.prefix, "SR_MODULES": "", "OMP_NUM_THREADS": "1", **extra})
 
 
 def run_job(script, args, **env):
@@ -89,13 +89,22 @@ def test_lsf_reads_overrides_from_train_args_since_bsub_takes_none(tiny_cfg):
 
 
 @pytest.mark.parametrize("script", ["lr_sweep.sbatch", "lr_sweep.bsub"])
-def test_sweeps_run_every_learning_rate_locally_and_survive_a_divergence(script, tiny_cfg):
-    done = run_job(script, [*tiny_args(tiny_cfg, max_steps=2, val_every=2, ckpt_every=2)])
-    assert "sweep finished" in done.stdout, done.stderr[-2000:]
-    runs = sorted(os.listdir(tiny_cfg["runs_dir"]))
-    assert runs == ["lr_1e-2", "lr_1e-3", "lr_1e-4", "lr_1e-5", "lr_1e-6"]
-    for run in runs:
-        assert f"lr={run[3:]}: exit status" in done.stdout
+def test_sweeps_run_every_learning_rate_locally_and_survive_a_divergence(script, tiny_cfg, tmp_path):
+    """The venv's python made to exit 3 (train.py's divergence) for lr 1e-2 alone: the other rates still train."""
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text(f'export PATH="{venv}:$PATH"\n')
+    (venv / "python").write_text(f'#!/bin/bash\nfor a in "$@"; do [ "$a" = lr=1e-2 ] && exit 3; done\n'
+                                 f'exec "{sys.executable}" "$@"\n')
+    (venv / "python").chmod(0o755)
+    done = run_job(script, [*tiny_args(tiny_cfg, max_steps=2, val_every=2, ckpt_every=2)], SR_VENV=str(venv.parent))
+    assert "sweep finished: 1 of 5 runs did not complete" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "lr=1e-2: exit status 3" in done.stdout
+    trained = ["lr_1e-3", "lr_1e-4", "lr_1e-5", "lr_1e-6"]
+    assert sorted(os.listdir(tiny_cfg["runs_dir"])) == trained
+    for run in trained:
+        assert f"lr={run[3:]}: exit status 0" in done.stdout
+        assert os.path.isfile(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt"))
 
 
 def test_multi_process_script_runs_torchrun_locally(tiny_cfg):
