@@ -187,7 +187,7 @@ def validate(cfg):
     require(0 <= cfg["jitter"] <= 0.5, f"jitter={cfg['jitter']}: must be in [0, 0.5] (ColorJitter's hue limit)")
     require(cfg["run"] and "/" not in cfg["run"] and not cfg["run"].startswith("."),
             f"run={cfg['run']!r}: must be a plain folder name")
-    require(cfg["device"] in ("auto", "cpu") or cfg["device"].startswith("cuda"),
+    require(cfg["device"] in ("auto", "cpu", "cuda") or (cfg["device"][:5] == "cuda:" and cfg["device"][5:].isdigit()),
             f"device={cfg['device']!r}: expected auto, cpu, cuda or cuda:N")
 
 

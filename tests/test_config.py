@@ -39,6 +39,13 @@ def test_values_take_the_type_of_their_default():
     ("scale_augment=0.9,1.2", "expected different factors between 0 and 1"),
     ("scale_augment=half", "expected different factors between 0 and 1"),
     ("scale_augment=0.9,0.90", "expected different factors between 0 and 1"),
+    ("lr=nan", "lr='nan': expected a number"),
+    ("ema=1", "ema=1.0: must be in [0, 1)"),
+    ("ema=-0.5", "ema=-0.5: must be in [0, 1)"),
+    ("jitter=0.6", "jitter=0.6: must be in [0, 0.5]"),
+    ("lr_min=1", "lr_min=1.0 is above lr=0.0001"),
+    ("run=.hidden", "plain folder name"),
+    ("device=cuda0", "expected auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_overrides_give_one_line_errors(arg, fragment):
     with pytest.raises(ConfigError) as error:
