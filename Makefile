@@ -93,4 +93,5 @@ tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs
 
 clean:
-	rm -rf runs/demo checkpoints/demo checkpoints/.demo.lock runs/dataset_check runs/eval_eval_bilinear.md runs/eval_eval_bilinear.csv runs/compare_eval_bilinear data/train data/eval
+	rm -rf runs/demo checkpoints/demo checkpoints/.demo.lock runs/dataset_check runs/eval_eval_bilinear.md \
+	  runs/eval_eval_bilinear.csv runs/compare_eval_bilinear data/train data/eval

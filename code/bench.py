@@ -116,9 +116,9 @@ def pure_steps(cfg, device, steps, flops):
         print(f"CPU fp32 FMA peak {f'{peak / 1e9:.0f} GFLOP/s = ' if peak else ''}{derivation}"
               f"{bf16_note if bf16_fast and peak else ''}")
         for name, seconds in results.items():
-            share = f"{flops / seconds / peak:6.1%} of fp32 peak" if peak else ""
+            share = f"{flops / seconds / peak:6.1%} of fp32 peak  " if peak else ""
             print(f"  {name:<40} {seconds * 1000:7.1f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s  "
-                  f"{share}  {naive / seconds:4.2f}x naive", flush=True)
+                  f"{share}{naive / seconds:4.2f}x naive", flush=True)
     else:
         card, peak = gpu_bf16_peak(device)
         print(f"{card}: dense bf16 peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}")

@@ -9,6 +9,7 @@ import difflib
 import json
 import math
 import os
+import re
 
 import system
 
@@ -187,7 +188,7 @@ def validate(cfg):
     require(0 <= cfg["jitter"] <= 0.5, f"jitter={cfg['jitter']}: must be in [0, 0.5] (ColorJitter's hue limit)")
     require(cfg["run"] and "/" not in cfg["run"] and not cfg["run"].startswith("."),
             f"run={cfg['run']!r}: must be a plain folder name")
-    require(cfg["device"] in ("auto", "cpu", "cuda") or (cfg["device"][:5] == "cuda:" and cfg["device"][5:].isdigit()),
+    require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", cfg["device"]) is not None,
             f"device={cfg['device']!r}: expected auto, cpu, cuda or cuda:N")
 
 

@@ -104,8 +104,8 @@ def main(argv):
         _, peak = gpu_bf16_peak(device)
         share = f"{flops / pure / peak:.1%} of the dense bf16 peak" if peak else "bf16 peak of this GPU unknown"
     else:
-        peak, why = cpu_peak_flops()
-        share = f"{flops / pure / peak:.1%} of the fp32 FMA peak" if peak else f"fp32 FMA peak {why}"
+        peak, derivation = cpu_peak_flops()
+        share = f"{flops / pure / peak:.1%} of the fp32 FMA peak" if peak else f"fp32 FMA peak {derivation}"
     ratio = pure / full
     summary.append(f"1 throughput: pure step {cfg['batch_size'] / pure:,.0f} patches/s ({pure * 1000:.2f} ms, "
                    f"{flops / pure / 1e12:.2f} TFLOP/s, {share}); full loop {cfg['batch_size'] / full:,.0f} patches/s; "

@@ -11,6 +11,7 @@ import time
 import torch
 from torch import nn
 
+import system
 from models import build_model
 from train import Networks, training_step
 
@@ -31,16 +32,12 @@ def training_flops(model, batch_size, patch_size):
 
 def cpu_peak_flops():
     """fp32 FMA peak: cores x clock x lanes x 2 (multiply-add) x FMA units; returns (flop/s, how it was derived), or
-    (None, why) where /proc/cpuinfo gives no clock (macOS, most Arm machines)."""
+    (None, why) where system.CPUINFO gives no clock (macOS has none, Arm's lists none)."""
     lanes = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 4)
     fma_units = 2  # Xeon Gold/Platinum and most desktop cores; some Xeon Silver/Bronze parts have 1
-    try:
-        with open("/proc/cpuinfo") as f:
-            mhz = max([float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")], default=0.0)
-    except OSError:
-        mhz = 0.0
+    mhz = max([float(line.split(":")[1]) for line in system.cpuinfo_lines() if line.startswith("cpu MHz")], default=0)
     if not mhz:
-        return None, "unknown: /proc/cpuinfo gives no clock"
+        return None, f"unknown: no clock in {system.CPUINFO}"
     cores = torch.get_num_threads()
     peak = cores * mhz * 1e6 * lanes * 2 * fma_units
     return peak, f"{cores} cores x {mhz:.0f} MHz x {lanes} fp32 lanes x 2 x {fma_units} FMA units"

@@ -25,13 +25,21 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 BF16_CAPABILITY = (8, 0)
 
 
-def cpu_has(flag):
-    """Whether the CPU lists `flag` (avx512f, amx_bf16, ...) in /proc/cpuinfo; False where there is none."""
+CPUINFO = "/proc/cpuinfo"  # Linux's description of the CPU; macOS has none, Arm's lists no clock
+
+
+def cpuinfo_lines():
+    """The lines of CPUINFO, or none where it cannot be read."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and f" {flag} " in f"{line.rstrip()} " for line in f)
+        with open(CPUINFO) as f:
+            return f.readlines()
     except OSError:
-        return False
+        return []
+
+
+def cpu_has(flag):
+    """Whether the CPU lists `flag` (avx512f, amx_bf16, ...) in CPUINFO; False where there is none."""
+    return any(line.startswith("flags") and f" {flag} " in f"{line.rstrip()} " for line in cpuinfo_lines())
 
 
 def cpu_runs(flag):
@@ -53,11 +61,8 @@ def cpu_runs(flag):
 
 
 def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo_lines() if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def cuda_kernels_for(capability, arch_list):
@@ -237,9 +242,7 @@ def write_failure(path, err):
     """The one line for a write that failed (full disk, quota, read-only or forbidden folder): the file, the reason
     and the space left where it was going, so that the user knows what to free or where to write instead."""
     parent = os.path.abspath(path)
-    if not os.path.isdir(parent):  # the space of the folder the file goes to
-        parent = os.path.dirname(parent)
-    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:  # the nearest folder: the space it has
         parent = os.path.dirname(parent)
     try:
         free = f"{shutil.disk_usage(parent).free / 1e6:,.1f} MB free on {parent}"
@@ -300,7 +303,7 @@ def failed_writes_exit(path):
 def check_writable(folder):
     """Create `folder` if needed and create a file in it, so that an output that cannot be written (read-only file
     system, no permission, a file of that name) stops the script with one line before its work instead of after it."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
+    if os.path.lexists(folder) and not os.path.isdir(folder):  # a file, or a link to nothing
         raise SystemExit(f"error: cannot write in {folder}: it is a file, not a folder")
     with failed_writes_exit(folder):
         os.makedirs(folder, exist_ok=True)

@@ -140,14 +140,17 @@ def read_only_dir(tmp_path, monkeypatch):
             unmount(folder)
 
 
-def stopped_before(work, call):
-    """The SystemExit message of call() in this process, with `work` = (module, function name) made to fail the test
-    if it is reached: for a check that must stop a script before that work."""
+def refused_before(module, work, script, args, call, real):
+    """run_or_call's (exit status, stderr), where call() in this process, with module.<work> made to fail the test if
+    it is reached, has stopped with the same line: for a check that must stop a script before that work."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(*work, lambda *args, **kwargs: pytest.fail(f"{work[1]} ran before the script stopped"))
-        with pytest.raises(SystemExit) as stop:
-            call()
-    return str(stop.value.code)
+        patch.setattr(module, work, lambda *args, **kwargs: pytest.fail(f"{work} ran before the script stopped"))
+        status, err = run_or_call(script, args, call, False)
+    if real:
+        first_line = err.split(" (")[0]
+        status, err = run_or_call(script, args, call, True)
+        assert err.strip().splitlines()[-1].startswith(first_line), (first_line, err)
+    return status, err
 
 
 def run_or_call(script, args, call, real):

@@ -46,12 +46,19 @@ def test_values_take_the_type_of_their_default():
     ("lr_min=1", "lr_min=1.0 is above lr=0.0001"),
     ("run=.hidden", "plain folder name"),
     ("device=cuda0", "expected auto, cpu, cuda or cuda:N"),
+    ("device=cuda:x", "expected auto, cpu, cuda or cuda:N"),
+    ("device=cuda:²", "expected auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_overrides_give_one_line_errors(arg, fragment):
     with pytest.raises(ConfigError) as error:
         parse_overrides([arg])
     assert fragment in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_every_device_form_is_accepted():
+    assert [parse_overrides([f"device={d}"])["device"] for d in ("auto", "cpu", "cuda", "cuda:1")] == [
+        "auto", "cpu", "cuda", "cuda:1"]
 
 
 def test_training_needs_a_patch_the_scale_divides_but_evaluation_does_not():

@@ -244,8 +244,8 @@ def make_bad_input_corpus(folder):
             "text.png": "cannot read image", "picture.webp": "rgb", "animated.gif": "rgb", "phone.jpg": "rgb",
             "float.tiff": "rgb", "float_0_255.tiff": "expected [0, 1]", "deep16.tiff": "rgb",
             "tiny1x1.png": "1x1 px is too small", "tiny2x2.png": "2x2 px is too small",
-            "loop.png": "cannot read image ([Errno 40] Too many levels of symbolic links",
-            "broken.png": "cannot read image ([Errno 2] No such file or directory", "with space.png": "rgb", "größe.png": "rgb", "-dash.png": "rgb",
+            "loop.png": "Too many levels of symbolic links", "broken.png": "No such file or directory",
+            "with space.png": "rgb", "größe.png": "rgb", "-dash.png": "rgb",
             "zz_bomb.png": "30000x30000 px (900 megapixels) is above max_pixels=100000000"}
 
 

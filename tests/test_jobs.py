@@ -94,7 +94,7 @@ def test_sweeps_run_every_learning_rate_locally_and_survive_a_divergence(script,
     venv = tmp_path / "venv" / "bin"
     venv.mkdir(parents=True)
     (venv / "activate").write_text(f'export PATH="{venv}:$PATH"\n')
-    (venv / "python").write_text(f'#!/bin/bash\nfor a in "$@"; do [ "$a" = lr=1e-2 ] && exit 3; done\n'
+    (venv / "python").write_text('#!/bin/bash\nfor a in "$@"; do [ "$a" = lr=1e-2 ] && exit 3; done\n'
                                  f'exec "{sys.executable}" "$@"\n')
     (venv / "python").chmod(0o755)
     done = run_job(script, [*tiny_args(tiny_cfg, max_steps=2, val_every=2, ckpt_every=2)], SR_VENV=str(venv.parent))

@@ -117,7 +117,7 @@ def test_ssim_agrees_with_scikit_image_and_luma_with_matlab_rgb2ycbcr():
                                      use_sample_covariance=False, data_range=1, channel_axis=0)  # Wang et al.'s SSIM
     assert metrics.ssim(prediction.float(), target.float()).item() == pytest.approx(expected, abs=1e-6)
     primaries = torch.tensor([[255, 0, 0, 255, 0], [0, 255, 0, 255, 0], [0, 0, 255, 255, 0]], dtype=torch.float64)
-    assert metrics.luma(primaries[:, None]).tolist() == [[81, 145, 41, 235, 16]]  # rgb2ycbcr of red, green, blue, white, black
+    assert metrics.luma(primaries[:, None]).tolist() == [[81, 145, 41, 235, 16]]  # rgb2ycbcr: red, green, blue, white, black
 
 
 def test_the_standard_protocol_shaves_the_border_before_measuring():

@@ -163,7 +163,7 @@ def test_upscale_writes_the_page_for_ones_own_photo(tiny_cfg, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "page" / methods[2]["src"])), written)
     photos = folder_bytes(photo)
     with pytest.raises(SystemExit, match="exists and is not a comparison page"):  # refused before the work
-        upscale.main([f"checkpoint={ckpt}", f"input={photo}", f"page={tmp_path / 'photos'}", "device=cpu"])
+        upscale.main([f"checkpoint={ckpt}", f"input={photo}", f"page={photo}", "device=cpu"])
     assert folder_bytes(photo) == photos and not os.path.exists(tmp_path / "photos_x2") and leftovers(tmp_path) == []
 
 

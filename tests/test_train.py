@@ -572,15 +572,14 @@ def test_a_decompression_bomb_in_the_data_folder_gives_one_line_and_little_memor
 
 @pytest.mark.slow
 def test_a_read_only_runs_or_checkpoint_folder_stops_before_the_work_in_one_line(tiny_cfg, read_only_dir):
-    from conftest import run_or_call, stopped_before
+    from conftest import refused_before
 
     for key in ("runs_dir", "ckpt_dir"):
         cfg = dict(tiny_cfg, run="ro", max_steps=2, **{key: str(read_only_dir.path / key)})
-        status, err = run_or_call("train.py", cli_args(cfg)[2:], lambda: train.train(cfg), read_only_dir.mounted)
+        status, err = refused_before(train, "build_networks", "train.py", cli_args(cfg)[2:], lambda: train.train(cfg),
+                                     read_only_dir.mounted)
         assert status == 1 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith(f"error: cannot write {read_only_dir.path / key}"), err
-        stopped = stopped_before((train, "build_networks"), lambda: train.train(cfg))
-        assert stopped.startswith(f"error: cannot write {read_only_dir.path / key}"), stopped
         assert "Read-only file system (" in err and " MB free on " in err
 
 

@@ -243,15 +243,15 @@ def test_every_file_of_the_bad_input_corpus_is_upscaled_or_refused_in_one_line(m
 
 
 def test_a_read_only_output_folder_stops_before_the_work_in_one_line(model_path, tmp_path, read_only_dir):
-    from conftest import run_or_call, stopped_before
+    from conftest import refused_before
 
     Image.fromarray(photo_crops(20, 1)[0]).save(tmp_path / "small.png")
     out = read_only_dir.path / "small_x2.png"
     args = [f"checkpoint={model_path}", f"input={tmp_path / 'small.png'}", f"output={out}", "device=cpu"]
-    status, err = run_or_call("upscale.py", args, lambda: upscale.main(args), read_only_dir.mounted)
+    status, err = refused_before(upscale, "upscale_file", "upscale.py", args, lambda: upscale.main(args),
+                                 read_only_dir.mounted)
     assert status == 1 and "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith(f"error: cannot write {read_only_dir.path}: Read-only file system (") and " MB free " in err
-    assert stopped_before((upscale, "upscale_file"), lambda: upscale.main(args)).startswith(err.split(" (")[0])
 
 
 def test_a_disk_that_fills_while_the_png_is_written_is_one_line(model_path, tmp_path, monkeypatch):
