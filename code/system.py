@@ -303,8 +303,9 @@ def failed_writes_exit(path):
 def check_writable(folder):
     """Create `folder` if needed and create a file in it, so that an output that cannot be written (read-only file
     system, no permission, a file of that name) stops the script with one line before its work instead of after it."""
-    if os.path.lexists(folder) and not os.path.isdir(folder):  # a file, or a link to nothing
-        raise SystemExit(f"error: cannot write in {folder}: it is a file, not a folder")
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        what = "a link to nothing" if os.path.islink(folder) and not os.path.exists(folder) else "a file"
+        raise SystemExit(f"error: cannot write in {folder}: it is {what}, not a folder")
     with failed_writes_exit(folder):
         os.makedirs(folder, exist_ok=True)
     try:

@@ -265,3 +265,7 @@ def test_an_output_folder_that_is_a_file_or_lies_under_one_is_one_line(tmp_path)
         system.check_writable(str(tmp_path / "file" / "sub"))
     assert refused.value.code.startswith(f"error: cannot write {tmp_path / 'file' / 'sub'}: Not a directory (")
     assert refused.value.code.endswith(f" MB free on {tmp_path})")  # the space of the nearest folder, not of the file
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    with pytest.raises(SystemExit) as refused:
+        system.check_writable(str(tmp_path / "link"))
+    assert refused.value.code == f"error: cannot write in {tmp_path / 'link'}: it is a link to nothing, not a folder"
