@@ -1,7 +1,7 @@
-"""README.pdf from the committed checkpoints and logs: python code/report.py (make report). code/report.typ holds every
-sentence and caption; this script writes what it quotes into runs/report: values.json (`#v.name`), <name>.json per table
-(`#tab("name")`), <name>.png per figure (`#pic("name")`); Typst sets README.pdf. Scores are memoised in scores.json there
-by checkpoint hash, set contents, metrics.py, protocol and degradation (delete it after changing degrade() or the models)."""
+"""README.pdf from the committed checkpoints and logs (make report). code/report.typ holds every sentence and caption; this
+script writes what it quotes into runs/report: values.json (`#v.name`), <name>.json per table (`#tab("name")`), <name>.png per
+figure (`#pic("name")`), and Typst sets README.pdf. Scores are memoised there in scores.json by checkpoint hash, set contents,
+metrics.py, protocol and degradation (delete it after changing degrade() or the models)."""
 import functools
 import hashlib
 import json
@@ -33,7 +33,7 @@ TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.typ"
 SETS = ("Set5", "Set14", "B100")  # Set5 validates; Set14 and B100 test (B100: the set the SR papers report)
 DOWNSCALING = {"bilinear": "bilinear (training)", "bicubic": "bicubic", "nearest": "nearest, top-left",
                "nearest_last": "nearest, bottom-right", "box": "2×2 mean"}  # LR made otherwise at test time
-SCALE, LAST = 2, 5  # x2; a run's level is the mean ± sd of its last 5 validations
+SCALE, LAST, SWEEP = 2, 5, 5000  # x2; a run's level: the mean ± sd of its last 5 validations; the sweep's steps
 # Published x2 results, papers' protocol: SRCNN 9-5-5, FSRCNN (Dong et al. 2016), VDSR (Kim et al.), DRRN B1U25 (Tai et al.)
 PUBLISHED = (("SRCNN", "57k", "ImageNet (395k)", {"Set5": (36.66, .9542), "Set14": (32.42, .9063), "B100": (31.36, .8879)}),
              ("FSRCNN", "12k", "T91 + General-100 (191)", {"Set5": (37.00, .9558), "Set14": (32.63, .9088), "B100": (31.53, .8920)}),
@@ -68,8 +68,8 @@ class Run:
         self.name, self.planned_config = name, config.parse_overrides(settings)
         self.planned, init = self.planned_config["max_steps"], self.planned_config["init"]
         self.init = os.path.relpath(init, cfg["ckpt_dir"]) if init else ""  # the checkpoint a fine-tune started from
-        self.run_dir, ckpt_dir = os.path.join(cfg["runs_dir"], name), os.path.join(cfg["ckpt_dir"], name)
-        final, newest = os.path.join(ckpt_dir, "model.pt"), step_checkpoints(ckpt_dir)
+        self.run_dir, self.ckpt_dir = os.path.join(cfg["runs_dir"], name), os.path.join(cfg["ckpt_dir"], name)
+        final, newest = os.path.join(self.ckpt_dir, "model.pt"), step_checkpoints(self.ckpt_dir)
         self.checkpoint = final if os.path.isfile(final) else (newest[0] if newest else None)
         self.scalars = plots.read_scalars(self.run_dir) if os.path.isdir(self.run_dir) else {}
         self.summary = read_json(os.path.join(self.run_dir, "summary.json")) or {}
@@ -180,16 +180,6 @@ def markdown(tab):
     """A table as markdown, for README.md's blocks."""
     lines = ["| " + " | ".join(tab["header"]) + " |", "|---" + "|---:" * (len(tab["header"]) - 1) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in tab["rows"]]) + "\n"
-
-
-def sweep_table(sweep):
-    rows = []
-    for run in sweep:
-        psnrs, (steps, losses) = run.last(max_step=5000), run.series(f"train/{metrics.LOGGED_L1}", 5000)
-        loss = ends(steps, losses)[1] if steps else math.nan  # steps 4,501-5,000
-        rows.append([rate(run.config["lr"]), pm(psnrs), spread(psnrs), f"{loss:.4f}" if math.isfinite(loss) else "not finite",
-                     "the baseline's first 5,000 steps" if run.name == "baseline" else run.status() or "—"])
-    return table(["lr", "val PSNR, mean ± sd of steps 3,000–5,000 (dB)", "range", "train L1, steps 4,501–5,000", "note"], rows)
 
 
 def standard_table(rows, scores):
@@ -320,22 +310,33 @@ def baseline_and_residual(r):
 
 
 def learning_rates(r):
-    """Task 5: the sweep's curves, table and outputs at 5,000 steps (lr 1e-4: the baseline's logs; its outputs: lr_1e-4)."""
-    baseline, rerun = r.runs["baseline"], r.runs["lr_1e-4"]
+    """Task 5: the sweep to step 5,000, the rates continued to 30,000 against the baseline, the outputs at step 5,000."""
+    baseline, rerun, psnr, l1 = r.runs["baseline"], r.runs["lr_1e-4"], "val/psnr", f"train/{metrics.LOGGED_L1}"
     sweep = sorted([x for n, x in r.runs.items() if n.startswith("lr_") and n != rerun.name] + [baseline], key=lambda x: -x.config["lr"])
-    plots.plot_curves([run.curve(5000, f"lr {rate(run.config['lr'])}") for run in sweep], r.fig("lr_sweep"),
-                      plots.PANELS[:1] + plots.PANELS[2:], references=r.reference,
-                      y_limits={f"train/{metrics.LOGGED_L1}": (0.01, 0.3)}, legend=(2, "lower right", 2))
-    r.tables["sweep"] = sweep_table(sweep)
-    last = {("baseline_5k" if run is baseline else run.name).replace("-", "_"): run.last(max_step=5000) for run in sweep}
-    r.v.update({f"{name}_level": pm(values) for name, values in last.items()},
-               **{f"{name}_range": spread(last[name]) for name in ("lr_1e_3", "lr_1e_5")})
-    r.v.update(lr_ranking=", ".join(rate(run.config["lr"]) for run in sorted(sweep, key=lambda run: level_order(run.last(max_step=5000)))),
-               lr_gap=number(mean_sd(last['baseline_5k'])[0] - mean_sd(last['lr_1e_3'])[0]),
-               lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(f'train/{metrics.LOGGED_L1}')[1]):.0f}",
-               lr_1e_4_rerun_level=pm(rerun.last(max_step=5000)), rerun_hardware=rerun.hardware(), baseline_hardware=baseline.hardware())
-    shown = [rerun if run is baseline else run for run in sweep]
-    panels = [(run.label(f"lr {rate(run.config['lr'])}"), "bilinear", r.method[run.name].upscale) for run in shown if run.name in r.method]
+    lr, last = lambda run: f"lr {rate(run.config['lr'])}", {run.name: run.last(max_step=SWEEP) for run in sweep + [rerun]}
+    panels = [plots.PANELS[0], plots.PANELS[2], (("val/psnr_all",), "validation PSNR, all steps (dB)", False)]
+    plots.plot_curves([(lr(run), {**run.curve(SWEEP)[1], "val/psnr_all": run.series(psnr)}) for run in sweep], r.fig("lr_sweep"), panels,
+                      references={**r.reference, "val/psnr_all": r.reference[psnr]},
+                      y_limits={l1: (0.01, 0.3), "val/psnr_all": (26, 34.5)}, legend=(2, "lower right", 2))
+    rows, at = [], dict(zip(*baseline.series(psnr)))  # the baseline's validations by step
+    for run in sweep:
+        loss, (steps, values) = ends(*run.series(l1, SWEEP))[1], (x[-LAST:] for x in run.series(psnr))  # L1: its last 500 steps
+        rows.append([rate(run.config["lr"]), pm(last[run.name]), spread(last[run.name]),
+                     f"{loss:.4f}" if math.isfinite(loss) else "not finite",
+                     f"{pm(values)} ({steps[0]:,}–{steps[-1]:,})" if run.planned > SWEEP and steps else "—",
+                     "the baseline" if run is baseline else run.status() or "—"])
+        if run.planned > SWEEP and run is not baseline and steps:  # trained on: its difference to the baseline at the same validations
+            r.v[f"{run.name.replace('-', '_')}_vs_baseline"] = signed_pm(*mean_sd([v - at[s] for s, v in zip(steps, values) if s in at]))
+    r.tables["sweep"] = table(["lr", f"val PSNR, last 5 to step {SWEEP:,} (dB)", "range", f"train L1, steps {SWEEP - 499:,}–{SWEEP:,}",
+                               "val PSNR, last 5 validations (steps)", "note"], rows)
+    r.v.update({f"{name.replace('-', '_')}_level": pm(last[name]) for name in ("lr_1e-2", "lr_1e-3", "lr_1e-5", "lr_1e-6")},
+               baseline_5k_level=pm(last["baseline"]), lr_1e_4_rerun_level=pm(last[rerun.name]),
+               lr_ranking=", ".join(rate(run.config["lr"]) for run in sorted(sweep, key=lambda run: level_order(last[run.name]))),
+               lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(l1)[1]):.0f}",
+               rerun_hardware=rerun.hardware(), baseline_hardware=baseline.hardware())
+    paths = [(x.label(lr(x)), x.checkpoint) if x.planned <= SWEEP else (lr(x), os.path.join(x.ckpt_dir, f"model_{SWEEP:06d}.pt"))
+             for x in (rerun if run is baseline else run for run in sweep)]  # the baseline kept only its last weights
+    panels = [(label, "bilinear", checkpoint_method(path, "", r.device).upscale) for label, path in paths if path and os.path.isfile(path)]
     crops_figure(r, "comic", panels + [("bicubic", "bilinear", BICUBIC.upscale), ("LR input, pixels enlarged", "bilinear", "lr"),
                                        ("HR", "bilinear", None)], columns=4)
 
