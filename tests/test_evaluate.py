@@ -157,7 +157,8 @@ def test_a_read_only_out_folder_stops_before_the_work_in_one_line(tiny_cfg, tmp_
 def test_a_disk_that_fills_while_the_tables_are_written_is_one_line_and_keeps_the_previous_tables(tiny_cfg, tmp_path,
                                                                                                   monkeypatch):
     """A real tmpfs full but for the .md (else ENOSPC mocked on the .csv): the line names the .csv and the space
-    left in its folder; the previous .csv is kept whole and no temporary file is left."""
+    left in its folder; the previous .csv is kept whole and no temporary file is left. The second evaluation makes
+    other numbers (bicubic LR), so that the kept .csv is the old one and the .md the new one."""
     import errno
 
     from conftest import mount_tmpfs, unmount
@@ -181,11 +182,12 @@ def test_a_disk_that_fills_while_the_tables_are_written_is_one_line_and_keeps_th
                 real_replace(source, target)
             monkeypatch.setattr(os, "replace", full_disk)
         with pytest.raises(SystemExit) as stop:
-            evaluate.main(args)
+            evaluate.main([*args, "degradation=bicubic"])
         message = str(stop.value.code)
         assert message.startswith(f"error: cannot write {out}.csv: No space left on device (") and "\n" not in message
         assert message.endswith(f" MB free on {folder})")
-        assert (folder / "t.csv").read_bytes() == before["t.csv"] and (folder / "t.md").read_bytes() == before["t.md"]
+        assert (folder / "t.csv").read_bytes() == before["t.csv"] and (folder / "t.md").read_bytes() != before["t.md"]
+        assert (folder / "t.md").read_text().count("\n") == before["t.md"].decode().count("\n")  # whole
         assert sorted(path.name for path in folder.iterdir()) == sorted({*before, *(["filler"] if mounted else [])})
     finally:
         if mounted:

@@ -26,6 +26,11 @@ def state_dict_of(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+def final_weights(cfg, run):
+    """The weights of run's model.pt in cfg's checkpoint folder."""
+    return state_dict_of(os.path.join(cfg["ckpt_dir"], run, "model.pt"))
+
+
 def test_short_training_writes_checkpoints_logs_and_lowers_the_loss(tiny_cfg):
     summary = train.train(tiny_cfg)
     run_dir = os.path.join(tiny_cfg["runs_dir"], "tiny")
@@ -48,7 +53,7 @@ def test_an_l2_loss_and_a_loss_border_each_train_other_weights_and_log_every_ste
     train.train(dict(tiny_cfg, run="l1", max_steps=4))
     train.train(dict(tiny_cfg, run="l2_whole", max_steps=4, loss="l2"))
     train.train(dict(tiny_cfg, run="l2", max_steps=4, loss="l2", loss_border=4))
-    l1, whole, l2 = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("l1", "l2_whole", "l2"))
+    l1, whole, l2 = (final_weights(tiny_cfg, run) for run in ("l1", "l2_whole", "l2"))
     assert not all(torch.equal(l1[k], whole[k]) for k in l1) and not all(torch.equal(whole[k], l2[k]) for k in l1)
     assert read_scalars(os.path.join(tiny_cfg["runs_dir"], "l2"))["train/l1"][0] == [1, 2, 3, 4]
 
@@ -56,7 +61,7 @@ def test_an_l2_loss_and_a_loss_border_each_train_other_weights_and_log_every_ste
 def test_a_luma_loss_trains_other_weights(tiny_cfg):
     train.train(dict(tiny_cfg, run="rgb", max_steps=4, loss="l2"))
     train.train(dict(tiny_cfg, run="y", max_steps=4, loss="l2", loss_channels="y"))
-    rgb, y = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("rgb", "y"))
+    rgb, y = (final_weights(tiny_cfg, run) for run in ("rgb", "y"))
     assert not all(torch.equal(rgb[k], y[k]) for k in rgb)
     assert read_scalars(os.path.join(tiny_cfg["runs_dir"], "y"))["train/l1"][0] == [1, 2, 3, 4]
 
@@ -79,9 +84,9 @@ def test_a_step_on_another_loss_returns_the_rgb_l1_of_the_pixels_in_the_loss(kin
 
 def test_training_is_bit_identical_on_rerun(tiny_cfg, tmp_path):
     train.train(dict(tiny_cfg, max_steps=6))
-    first = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt"))
+    first = final_weights(tiny_cfg, "tiny")
     train.train(dict(tiny_cfg, max_steps=6, overwrite=True))
-    second = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "tiny", "model.pt"))
+    second = final_weights(tiny_cfg, "tiny")
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -96,8 +101,8 @@ def test_resumed_training_matches_an_uninterrupted_one(tiny_cfg, capsys):
     capsys.readouterr()
     train.train(dict(tiny_cfg, run="resumed", max_steps=12, resume="auto"))
     assert resumed_at(capsys, "resumed", 6)
-    straight = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "straight", "model.pt"))
-    resumed = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "resumed", "model.pt"))
+    straight = final_weights(tiny_cfg, "straight")
+    resumed = final_weights(tiny_cfg, "resumed")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     steps, _ = read_scalars(os.path.join(tiny_cfg["runs_dir"], "resumed"))["train/l1"]
     assert steps == list(range(1, 13))
@@ -200,8 +205,8 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_cfg, 
     output = capsys.readouterr()
     assert f"warning: {latest}: not a readable checkpoint" in output.err
     assert "Resuming run 'broken' at step 5" in output.out
-    straight = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "straight", "model.pt"))
-    resumed = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "broken", "model.pt"))
+    straight = final_weights(tiny_cfg, "straight")
+    resumed = final_weights(tiny_cfg, "broken")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
@@ -276,8 +281,8 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_cfg):
     time.sleep(1.1)
     train.train(dict(cfg, run="killed", resume="auto"))
     train.train(dict(cfg, run="straight"))
-    straight = state_dict_of(os.path.join(cfg["ckpt_dir"], "straight", "model.pt"))
-    resumed = state_dict_of(os.path.join(cfg["ckpt_dir"], "killed", "model.pt"))
+    straight = final_weights(cfg, "straight")
+    resumed = final_weights(cfg, "killed")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     events = EventAccumulator(os.path.join(cfg["runs_dir"], "killed"))
     events.Reload()
@@ -381,8 +386,8 @@ def test_torchrun_two_processes_equal_one_process_on_the_concatenated_batch(tiny
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Using cpu device, 2 processes") == 1  # rank 0 alone reports
     train.train(dict(cfg, run="single", batch_size=4))
-    ddp = state_dict_of(os.path.join(cfg["ckpt_dir"], "ddp", "model.pt"))
-    single = state_dict_of(os.path.join(cfg["ckpt_dir"], "single", "model.pt"))
+    ddp = final_weights(cfg, "ddp")
+    single = final_weights(cfg, "single")
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
     run_files = sorted(os.listdir(os.path.join(cfg["runs_dir"], "ddp")))
@@ -413,8 +418,8 @@ def test_channels_last_changes_the_layout_not_the_result(tiny_cfg, monkeypatch):
     monkeypatch.setattr(train, "build_networks", recording_layout)
     train.train(dict(tiny_cfg, run="nhwc", max_steps=5, channels_last="on"))
     train.train(dict(tiny_cfg, run="nchw", max_steps=5, channels_last="off"))
-    nhwc = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "nhwc", "model.pt"))
-    nchw = state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], "nchw", "model.pt"))
+    nhwc = final_weights(tiny_cfg, "nhwc")
+    nchw = final_weights(tiny_cfg, "nchw")
     for key in nchw:
         torch.testing.assert_close(nhwc[key], nchw[key], atol=1e-5, rtol=1e-4)
     assert nhwc_weights == [True, False]
@@ -476,7 +481,7 @@ def test_adversarial_losses_reward_the_side_that_wins(kind):
 def test_batches_made_on_the_device_train_the_same_weights(tiny_cfg):
     train.train(dict(tiny_cfg, run="loader", max_steps=4, data_on_device="off"))
     train.train(dict(tiny_cfg, run="device", max_steps=4, data_on_device="on"))
-    loader, device = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("loader", "device"))
+    loader, device = (final_weights(tiny_cfg, run) for run in ("loader", "device"))
     assert all(torch.allclose(loader[k], device[k], atol=1e-6) for k in loader)
 
 
@@ -484,7 +489,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights(tiny_cfg, capsys):
     summary = train.train(dict(tiny_cfg, max_steps=4, amp="bf16"))
     assert "Using cpu device, bf16 autocast" in capsys.readouterr().out
     train.train(dict(tiny_cfg, run="fp32", max_steps=4, amp="off"))
-    bf16, fp32 = (state_dict_of(os.path.join(tiny_cfg["ckpt_dir"], run, "model.pt")) for run in ("tiny", "fp32"))
+    bf16, fp32 = (final_weights(tiny_cfg, run) for run in ("tiny", "fp32"))
     assert all(w.dtype == torch.float32 for w in bf16.values()) and math.isfinite(summary["final_val"]["psnr"])
     assert not all(torch.equal(bf16[k], fp32[k]) for k in bf16)  # the steps were computed in bf16
 
