@@ -10,6 +10,7 @@ continue what stopped, skip what is done.
 Each run is `code/train.py run=<name> <COMMON> <its settings> resume=auto`, so an interrupted
 experiment continues exactly where it stopped, on a CPU or a GPU. A diverging run (exit 3) is
 reported and the others go on; an interrupted one (Ctrl-C, a scheduler signal: exit 75) stops the list.
+Exit status: 75 after an interrupted run (run it again), 1 if a run failed otherwise, else 0.
 """
 import os
 import subprocess
@@ -141,5 +142,12 @@ def main(argv):
     return outcomes
 
 
+def exit_status(outcomes):
+    """75 where the list stopped at an interrupted run (so that `make` and job scripts stop and can run it again), 1
+    where a run failed otherwise, else 0: a diverged run is a result of the list (a learning rate too high)."""
+    codes = [outcome for _, outcome in outcomes if outcome.startswith("exit ")]
+    return EXIT_INTERRUPTED if f"exit {EXIT_INTERRUPTED}" in codes else 1 if codes else 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(exit_status(main(sys.argv[1:])))

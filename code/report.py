@@ -313,30 +313,30 @@ def learning_rates(r):
     """Task 5: the sweep to step 5,000, the rates continued to 30,000 against the baseline, the outputs at step 5,000."""
     baseline, rerun, psnr, l1 = r.runs["baseline"], r.runs["lr_1e-4"], "val/psnr", f"train/{metrics.LOGGED_L1}"
     sweep = sorted([x for n, x in r.runs.items() if n.startswith("lr_") and n != rerun.name] + [baseline], key=lambda x: -x.config["lr"])
-    lr, last = lambda run: f"lr {rate(run.config['lr'])}", {run.name: run.last(max_step=SWEEP) for run in sweep + [rerun]}
-    panels = [plots.PANELS[0], plots.PANELS[2], (("val/psnr_all",), "validation PSNR, all steps (dB)", False)]
-    plots.plot_curves([(lr(run), {**run.curve(SWEEP)[1], "val/psnr_all": run.series(psnr)}) for run in sweep], r.fig("lr_sweep"), panels,
-                      references={**r.reference, "val/psnr_all": r.reference[psnr]},
+    rate_label, last = lambda run: f"lr {rate(run.config['lr'])}", {run.name: run.last(max_step=SWEEP) for run in sweep + [rerun]}
+    panels = [plots.PANELS[0], plots.PANELS[2], (("val/psnr_all",), "validation PSNR, all steps (dB)", False)]  # uncut, unlike SWEEP's
+    plots.plot_curves([(rate_label(run), {**run.curve(SWEEP)[1], "val/psnr_all": run.series(psnr)}) for run in sweep], r.fig("lr_sweep"),
+                      panels, references={**r.reference, "val/psnr_all": r.reference[psnr]},
                       y_limits={l1: (0.01, 0.3), "val/psnr_all": (26, 34.5)}, legend=(2, "lower right", 2))
     rows, at = [], dict(zip(*baseline.series(psnr)))  # the baseline's validations by step
-    for run in sweep:
-        loss, (steps, values) = ends(*run.series(l1, SWEEP))[1], (x[-LAST:] for x in run.series(psnr))  # L1: its last 500 steps
+    for run in sweep:  # L1: the mean of steps 4,501-5,000; a run trained on: its last 5 validations
+        loss, steps, values, longer = ends(*run.series(l1, SWEEP))[1], run.series(psnr)[0][-LAST:], run.last(), run.planned > SWEEP
         rows.append([rate(run.config["lr"]), pm(last[run.name]), spread(last[run.name]),
                      f"{loss:.4f}" if math.isfinite(loss) else "not finite",
-                     f"{pm(values)} ({steps[0]:,}–{steps[-1]:,})" if run.planned > SWEEP and steps else "—",
+                     f"{pm(values)} ({steps[0]:,}–{steps[-1]:,})" if longer and steps else "—",
                      "the baseline" if run is baseline else run.status() or "—"])
-        if run.planned > SWEEP and run is not baseline and steps:  # trained on: its difference to the baseline at the same validations
-            r.v[f"{run.name.replace('-', '_')}_vs_baseline"] = signed_pm(*mean_sd([v - at[s] for s, v in zip(steps, values) if s in at]))
+        if longer and run is not baseline:  # its difference to the baseline over their last 5 shared validations
+            shared = [(v, at[s]) for s, v in zip(*run.series(psnr)) if s in at][-LAST:]
+            r.v[f"{run.name.replace('-', '_')}_vs_baseline"] = signed_pm(*mean_sd([a - b for a, b in shared])) if shared else "—"
     r.tables["sweep"] = table(["lr", f"val PSNR, last 5 to step {SWEEP:,} (dB)", "range", f"train L1, steps {SWEEP - 499:,}–{SWEEP:,}",
                                "val PSNR, last 5 validations (steps)", "note"], rows)
-    r.v.update({f"{name.replace('-', '_')}_level": pm(last[name]) for name in ("lr_1e-2", "lr_1e-3", "lr_1e-5", "lr_1e-6")},
-               baseline_5k_level=pm(last["baseline"]), lr_1e_4_rerun_level=pm(last[rerun.name]),
+    r.v.update({f"{('baseline_5k' if name == 'baseline' else name).replace('-', '_')}_level": pm(v) for name, v in last.items()},
                lr_ranking=", ".join(rate(run.config["lr"]) for run in sorted(sweep, key=lambda run: level_order(last[run.name]))),
-               lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(l1)[1]):.0f}",
-               rerun_hardware=rerun.hardware(), baseline_hardware=baseline.hardware())
-    paths = [(x.label(lr(x)), x.checkpoint) if x.planned <= SWEEP else (lr(x), os.path.join(x.ckpt_dir, f"model_{SWEEP:06d}.pt"))
-             for x in (rerun if run is baseline else run for run in sweep)]  # the baseline kept only its last weights
-    panels = [(label, "bilinear", checkpoint_method(path, "", r.device).upscale) for label, path in paths if path and os.path.isfile(path)]
+               lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(l1)[1]):.0f}")
+    shown = [rerun if run is baseline else run for run in sweep]  # the baseline kept only its last weights
+    kept = lambda x: os.path.join(x.ckpt_dir, f"model_{SWEEP:06d}.pt")  # a run's weights at step SWEEP, where it kept them
+    paths = [(rate_label(x), kept(x)) if os.path.isfile(kept(x)) else (x.label(rate_label(x)), x.checkpoint) for x in shown]
+    panels = [(label, "bilinear", checkpoint_method(path, "", r.device).upscale) for label, path in paths if path]
     crops_figure(r, "comic", panels + [("bicubic", "bilinear", BICUBIC.upscale), ("LR input, pixels enlarged", "bilinear", "lr"),
                                        ("HR", "bilinear", None)], columns=4)
 

@@ -79,7 +79,9 @@ def trend_text(steps, values):
 
 def ends(steps, values, window=500):
     """(mean over the first `window` steps, mean over the last `window`): where a logged loss started and ended,
-    its step-to-step noise averaged out."""
+    its step-to-step noise averaged out; NaN for nothing logged."""
+    if not steps:
+        return math.nan, math.nan
     first = [v for s, v in zip(steps, values) if s < steps[0] + window]
     return statistics.fmean(first), statistics.fmean(v for s, v in zip(steps, values) if s > steps[-1] - window)
 

@@ -28,6 +28,12 @@ def test_runner_trains_missing_runs_skips_finished_ones_and_goes_on_after_a_dive
     assert experiments.main([*where, "ok"]) == [("ok", "done before")]
 
 
+def test_the_exit_status_stops_make_after_an_interrupted_run_and_reports_a_failed_one():
+    assert experiments.exit_status([("a", "trained"), ("b", "diverged (exit 3)"), ("c", "done before")]) == 0
+    assert experiments.exit_status([("a", "trained"), ("b", "exit 75")]) == 75  # make sweep-30k's next line must not run
+    assert experiments.exit_status([("a", "exit 1"), ("b", "trained")]) == 1
+
+
 def test_the_gan_trials_run_only_when_named(monkeypatch):
     monkeypatch.setattr(experiments, "finished_step", lambda *args: 1)  # every run done: nothing trains
     assert [name for name, _ in experiments.main([])] == [name for name, _ in experiments.RUNS]

@@ -42,6 +42,7 @@ def test_ends_average_the_first_and_the_last_window_of_steps():
     first, last = stats.ends(steps, [1.0 if s < 510 else 3.0 if s > 4500 else 100.0 for s in steps])
     assert (first, last) == (1.0, 3.0)
     assert stats.ends([1, 2, 3], [2.0, 4.0, 6.0], window=2) == (3.0, 5.0)
+    assert all(math.isnan(x) for x in stats.ends([], []))  # a run that logged nothing yet
 
 
 def test_learning_rates_are_written_as_the_text_writes_them():
