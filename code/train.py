@@ -177,12 +177,17 @@ def prepare_folders(cfg, run_dir, ckpt_dir):
     return state_path, state
 
 
+def lock_path(cfg):
+    """The file whose fcntl lock a training of cfg's run holds (lock_run)."""
+    return os.path.join(cfg["ckpt_dir"], f".{cfg['run']}.lock")
+
+
 def lock_run(cfg):
     """Hold an exclusive lock on the run for as long as this process lives, so that the same run started twice
     (two sbatch, a job and an interactive run) stops at once instead of writing one folder twice. The lock is
     the kernel's (fcntl, which network file systems honour too): it goes with its process, so a killed or
     requeued job never leaves a stale one. Returns the open lock file, which must be kept."""
-    path = os.path.join(cfg["ckpt_dir"], f".{cfg['run']}.lock")
+    path = lock_path(cfg)
     try:
         os.makedirs(cfg["ckpt_dir"], exist_ok=True)
         lock = open(path, "a+")

@@ -201,7 +201,7 @@ def test_the_committed_pdf_has_at_most_10_pages_and_the_key_results_on_page_1():
 
 def training_now(run, ckpt_dir=os.path.join(REPO, "checkpoints")):
     """Whether train.py is training `run` in this checkout now (it holds the run's lock): its logs and checkpoints move."""
-    path = os.path.join(ckpt_dir, f".{run}.lock")
+    path = train.lock_path({"ckpt_dir": ckpt_dir, "run": run})
     if not os.path.isfile(path):
         return False
     with open(path) as lock:
