@@ -137,14 +137,18 @@ def plot_image_grid(cells, out_path, columns, cell_inches=None, title_size=9):
     return save_figure(figure, out_path, pad=0.2, h_pad=0.6, w_pad=0.3)
 
 
-def plot_split(left, right, out_path, labels, height=4.4):
+def plot_split(left, right, out_path, labels, height=4.4, window=None):
     """A whole image (CxHxW in [0, 1]) drawn pixel for pixel, its left half from `left` and its right half from
-    `right` (two outputs for the same input), a line between them and `labels` (left, right) above."""
+    `right` (two outputs for the same input), a line between them and `labels` (left, right) above; `window` = (top,
+    left, side): a square outlined (where another figure's crop comes from)."""
     middle = left.shape[-1] // 2
     pixels = to_pixels(torch.cat([left[..., :middle], right[..., middle:]], -1))
     figure, axis = plt.subplots(figsize=(height * pixels.shape[1] / pixels.shape[0], height + 0.25))
     axis.imshow(pixels, interpolation="nearest")
     axis.axvline(middle - 0.5, color="white", linewidth=0.8)
+    if window:
+        axis.add_patch(plt.Rectangle((window[1] - 0.5, window[0] - 0.5), window[2], window[2], fill=False,
+                                           edgecolor="yellow", linewidth=0.8))
     axis.set_axis_off()
     axis.set_title(f"{labels[0]}    |    {labels[1]}", fontsize=8, pad=3)
     return save_figure(figure, out_path, pad=0.1)

@@ -50,8 +50,7 @@ plots.use_report_style()
 
 
 def cell(scores, keys=("psnr", "ssim")):
-    formats = {"psnr": "{:.2f}", "ssim": "{:.4f}", "sharpness": "{:.3f}", "gmsd": "{:.4f}"}
-    return " / ".join(formats[k].format(scores[k]) for k in keys)
+    return " / ".join({"psnr": "{:.2f}", "ssim": "{:.4f}", "sharpness": "{:.3f}", "gmsd": "{:.4f}"}[k].format(scores[k]) for k in keys)
 
 
 # ---- the runs, their models and their scores ------------------------------------------------------------------
@@ -154,8 +153,7 @@ class Scores:
 
     def standard_mean(self, method, set_name, key="psnr"):
         """The set's metric: per-image values summed in order, as evaluate_standard does for a whole set."""
-        per_image = self.standard(method, set_name)
-        return sum(m[key] for m in per_image) / len(per_image)
+        return sum(m[key] for m in self.standard(method, set_name)) / len(self.standard(method, set_name))
 
     def gains(self, method, set_name):
         """Per image, the PSNR of `method` minus MATLAB bicubic's, papers' protocol."""
@@ -213,8 +211,9 @@ def runs_table(runs):
         cfg, (steps, psnrs) = run.config, run.series("val/psnr")
         gain, se, verdict = trend(steps, psnrs) if steps and not run.init and run.planned > 5000 else (0, 0, "—")
         elapsed = run.summary.get("wall_time_s", run.payload.get("elapsed"))
-        rows.append([run.label(run.name),
-                     cfg["model"] + (f" from {run.init}" if run.init else ""), training_data(cfg),
+        start = re.fullmatch(r"(.+)/model(?:_0*(\d+))?\.pt", run.init)  # 'residual/model_020000.pt': residual at step 20,000
+        source = (f" from {start[1]}" + (f", step {int(start[2]):,}" if start[2] else "")) if start else ""
+        rows.append([run.label(run.name), cfg["model"] + source, training_data(cfg),
                      f"{cfg['batch_size']}×{cfg['patch_size']}²", rate(cfg["lr"]),
                      *(["—", "—"] if run.step is None else [f"{run.step:,}", f"{run.step * cfg['batch_size'] / 1000:,.0f}k"]),
                      "—" if elapsed is None else f"{elapsed / 3600:.2f}\u00a0h", run.hardware(), pm(psnrs[-LAST:]),
@@ -256,12 +255,11 @@ def best_case_figure(path, final, scores, device):
 
 def loader_figure(path, out_dir, seed=0):
     """Task 1's check (dataset.check_batch) on T91 with the handout's settings, its batch drawn; returns the shapes."""
-    dataset = SRDataset(os.path.join(DATA_ROOT, "T91"), patch_size=64, scale=SCALE, jitter=0.2)
-    lr_image, hr_image = check_batch(dataset, seed, out_dir)
+    lr_image, hr_image = check_batch(SRDataset(os.path.join(DATA_ROOT, "T91"), patch_size=64, scale=SCALE, jitter=0.2), seed, out_dir)
     cells = [(f"{kind} {i + 1}", plots.to_pixels(x), "") for kind, batch in (("HR", hr_image), ("LR", lr_image))
              for i, x in enumerate(batch)]
     plots.plot_image_grid(cells, path, columns=8, cell_inches=0.8)
-    return f"lr {tuple(lr_image.shape)}, hr {tuple(hr_image.shape)}"
+    return f"LR {tuple(lr_image.shape)}, HR {tuple(hr_image.shape)}"
 
 
 # ---- the report, section by section: each writes its figures and tables and the values the text quotes -------
@@ -283,7 +281,7 @@ def headline(r):
     where = ("B100", typical, top, left, TYPICAL_SIDE)
     crops_figure(r, "typical", panels, 3, errors=True, where=where)  # the LR input under HR
     outputs = [plots.upscaled(m.upscale, hr, "bicubic_matlab", SCALE, r.device) for m in (MATLAB, r.method["final"])]
-    plots.plot_split(*outputs, r.fig("split"), (f"← {MATLAB.label}", "final →"))
+    plots.plot_split(*outputs, r.fig("split"), (f"← {MATLAB.label}", "final →"), window=(top, left, TYPICAL_SIDE))
     panels = [("LR input, pixels enlarged", "lr"), ("bicubic", BICUBIC.upscale), ("HR", None)]
     panels += [(NAMES.get(n, n), r.method[n].upscale) for n in ("baseline", "residual", "gan")]
     crops_figure(r, "typical_task5", [(label, "bilinear", upscale) for label, upscale in panels], 3, where=where)
@@ -317,19 +315,20 @@ def learning_rates(r):
     panels = [plots.PANELS[0], plots.PANELS[2], (("val/psnr_all",), "validation PSNR, all steps (dB)", False)]  # uncut, unlike SWEEP's
     plots.plot_curves([(rate_label(run), {**run.curve(SWEEP)[1], "val/psnr_all": run.series(psnr)}) for run in sweep], r.fig("lr_sweep"),
                       panels, references={**r.reference, "val/psnr_all": r.reference[psnr]},
-                      y_limits={l1: (0.01, 0.3), "val/psnr_all": (26, 34.5)}, legend=(2, "lower right", 2))
+                      y_limits={l1: (0.01, 0.3), "val/psnr_all": (26, 34.5)}, legend=(1, "lower right", 2))
     rows, at = [], dict(zip(*baseline.series(psnr)))  # the baseline's validations by step
     for run in sweep:  # L1: the mean of steps 4,501-5,000; a run trained on: its last 5 validations
         loss, steps, values, longer = ends(*run.series(l1, SWEEP))[1], run.series(psnr)[0][-LAST:], run.last(), run.planned > SWEEP
+        shared = [(v, at[s]) for s, v in zip(*run.series(psnr)) if s in at][-LAST:]  # its last 5 validations with the baseline's
+        versus = signed_pm(*mean_sd([a - b for a, b in shared])) if longer and shared and run is not baseline else "—"
         rows.append([rate(run.config["lr"]), pm(last[run.name]), spread(last[run.name]),
                      f"{loss:.4f}" if math.isfinite(loss) else "not finite",
-                     f"{pm(values)} ({steps[0]:,}–{steps[-1]:,})" if longer and steps else "—",
+                     f"{pm(values)} ({steps[0]:,}–{steps[-1]:,})" if longer and steps else "—", versus,
                      "the baseline" if run is baseline else run.status() or "—"])
-        if longer and run is not baseline:  # its difference to the baseline over their last 5 shared validations
-            shared = [(v, at[s]) for s, v in zip(*run.series(psnr)) if s in at][-LAST:]
-            r.v[f"{run.name.replace('-', '_')}_vs_baseline"] = signed_pm(*mean_sd([a - b for a, b in shared])) if shared else "—"
+        if longer and run is not baseline:
+            r.v[f"{run.name.replace('-', '_')}_vs_baseline"] = versus
     r.tables["sweep"] = table(["lr", f"val PSNR, last 5 to step {SWEEP:,} (dB)", "range", f"train L1, steps {SWEEP - 499:,}–{SWEEP:,}",
-                               "val PSNR, last 5 validations (steps)", "note"], rows)
+                               "val PSNR, last 5 validations (steps)", "minus 1e-4's, same steps", "note"], rows)
     r.v.update({f"{('baseline_5k' if name == 'baseline' else name).replace('-', '_')}_level": pm(v) for name, v in last.items()},
                lr_ranking=", ".join(rate(run.config["lr"]) for run in sorted(sweep, key=lambda run: level_order(last[run.name]))),
                lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(l1)[1]):.0f}")
@@ -343,14 +342,14 @@ def learning_rates(r):
 
 def downscaling(r):
     """Task 5: the residual model on LR made otherwise than in its training."""
-    residual = r.method["residual"]
+    residual, models = r.method["residual"], {n: r.method[n] for n in ("baseline", "residual")}
     r.tables["downscaling"] = table(["set", "method", *DOWNSCALING.values()],
                                     [[s, m.label, *[cell(r.scores.rgb(m, s, d)) for d in DOWNSCALING]]
-                                     for s in SETS for m in (BICUBIC, residual)])
+                                     for s in SETS for m in (BICUBIC, *models.values())])
     psnr = lambda method, s, d: r.scores.rgb(method, s, d)["psnr"]
     change = lambda m, a, b: spread([psnr(m, s, a) - psnr(m, s, b) for s in SETS], 1)
-    r.v.update(bicubic_gain_bicubic=change(BICUBIC, "bicubic", "bilinear"),
-               **{f"residual_loss_{d}": change(residual, "bilinear", d) for d in ("bicubic", "box", "nearest", "nearest_last")},
+    r.v.update(bicubic_gain_bicubic=change(BICUBIC, "bicubic", "bilinear"), **{f"{n}_loss_{d}": change(m, "bilinear", d)
+                                                                               for n, m in models.items() for d in list(DOWNSCALING)[1:]},
                **{f"residual_{d}_vs_bicubic": spread([psnr(residual, s, d) - psnr(BICUBIC, s, d) for s in SETS], 1)
                   for d in ("bicubic", "box", "nearest")})
     crops_figure(r, "butterfly", [(f"from {name} LR", d, residual.upscale) for d, name in DOWNSCALING.items()]

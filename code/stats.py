@@ -38,14 +38,19 @@ def signed(value, digits=2):
     return text if text.startswith(MINUS) or not text.strip("0.") else f"+{text}"
 
 
+def uncertainty(value, digits=2):
+    """An sd or standard error: `digits` decimals, or its first significant digit where those would print 0 ('0.004')."""
+    return f"{value:.{digits}f}" if round(value, digits) or not value else f"{value:.{-math.floor(math.log10(value))}f}"
+
+
 def pm(values, digits=2):
     """'mean ± sd' of a list, '—' for none (a run that diverged before its first validation)."""
     mean, sd = mean_sd(values)
-    return "—" if not values else f"{number(mean, digits)}{PM}{sd:.{digits}f}"
+    return "—" if not values else f"{number(mean, digits)}{PM}{uncertainty(sd, digits)}"
 
 
 def signed_pm(value, error):
-    return f"{signed(value)}{PM}{error:.2f}"
+    return f"{signed(value)}{PM}{uncertainty(error)}"
 
 
 def spread(values, digits=2):

@@ -45,6 +45,11 @@ def test_the_split_view_shows_the_left_half_of_one_image_and_the_right_half_of_t
     rows = pixels[pixels.shape[0] // 2]  # a row through the image: black, the white line, white
     dark = np.flatnonzero(rows < 30)
     assert len(dark) > 0 and rows[dark[-1] + 5:].min() > 225 and dark[0] < len(rows) // 2 < dark[-1] + 10
+    framed = plots.plot_split(black, black, str(tmp_path / "framed.png"), ("", ""), window=(10, 5, 20))
+    colours = np.asarray(Image.open(framed).convert("RGB"), dtype=int)
+    yellow = np.argwhere((colours[..., 0] > 150) & (colours[..., 1] > 150) & (colours[..., 2] < 100))
+    assert len(yellow) > 0  # the outline of a window 20 of the image's 60 pixels wide, nothing else yellow
+    assert yellow[:, 1].max() - yellow[:, 1].min() < colours.shape[1] * 0.45
 
 
 def test_spectra_measure_each_output_against_hr_and_a_blur_loses_the_high_frequencies(tmp_path):

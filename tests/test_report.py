@@ -97,7 +97,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert rows["residual"][-1] == "—"  # no trend verdict: too short
     assert any(re.fullmatch(r"lr_1e-2 \[diverged at step \d; last finite checkpoint: none\]", name) for name in rows)
     assert rows["lr_1e-3 [in progress: no checkpoint yet]"][5] == "—"
-    assert rows["gan"][1] == "residual from residual/model.pt" and rows["final"][1] == "residual from final_t91/model.pt"
+    assert rows["gan"][1] == "residual from residual" and rows["final"][1] == "residual from final_t91"
     key = {row[0]: row for row in tables["key_results"]["rows"]}
     assert tables["key_results"]["header"][1:] == ["Set5 (validation)", "Set14 (test)", "B100 (test)"]
     assert "baseline [in progress: step 4 of 6]" in key and re.fullmatch(r"[\d.]+ / [\d.]+", key["bicubic upsampling"][3])
@@ -112,20 +112,23 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     assert values["ablation_steps"] == "2" and values["recipe_lr"] == "5e-4"
     for name in ("final_vs_t91_B100", "final_vs_no_rescale_Set5", "final_x8_gain_Set14", "t91_ema_gain_Set14",
                  "ablation_total_B100", "gap_level"):
-        assert re.fullmatch(r"[+\u2212]?\d+\.\d\d\xa0±\xa0\d+\.\d\d", values[name]), name
-    assert [row[:2] for row in tables["downscaling"]["rows"][:2]] == [["Set5", "bicubic upsampling"], ["Set5", "residual"]]
+        assert re.fullmatch(r"[+\u2212]?\d+\.\d\d\xa0±\xa0\d+\.\d{2,}", values[name]), name
+    assert [row[:2] for row in tables["downscaling"]["rows"][:3]] == [["Set5", "bicubic upsampling"],
+                                                                      ["Set5", "baseline [in progress: step 4 of 6]"], ["Set5", "residual"]]
+    assert re.fullmatch(r"\d+\.\d–\d+\.\d|\d+\.\d|[\d.\u2212]+ to [\d.\u2212]+", values["baseline_loss_nearest_last"])
     assert tables["downscaling"]["header"][2:] == ["bilinear (training)", "bicubic", "nearest, top-left",
                                                    "nearest, bottom-right", "2×2 mean"]
     assert tables["gan"]["rows"][1][0] == "residual, step 4 (GAN's start)"
     assert re.fullmatch(r"img\d\d\.png", values["typical"]) and values["baseline_trend"] == "—"
-    sweep = tables["sweep"]["rows"]  # lr, level to step SWEEP, range, L1, last 5 validations of a longer run, note
-    trained_on, baseline = (next(row for row in sweep if row[5] == note) for note in ("in progress: no checkpoint yet", "the baseline"))
-    assert re.fullmatch(r"\d+\.\d\d\xa0±\xa0\d+\.\d\d \(2–6\)", trained_on[4])  # lr_1e-3: 6 steps planned, SWEEP 2
+    sweep = tables["sweep"]["rows"]  # lr, level to step SWEEP, range, L1, last 5 validations of a longer run, minus 1e-4's, note
+    trained_on, baseline = (next(row for row in sweep if row[6] == note) for note in ("in progress: no checkpoint yet", "the baseline"))
+    assert re.fullmatch(r"\d+\.\d\d\xa0±\xa0\d+\.\d{2,} \(2–6\)", trained_on[4])  # lr_1e-3: 6 steps planned, SWEEP 2
     assert re.fullmatch(r"[\d.]+\xa0±\xa0[\d.]+ \(2–4\)", baseline[4])
     assert [row[4] for row in sweep if row[0] in ("1e-5", "1e-6")] == ["—", "—"]  # 2 steps: not trained on
-    assert [row[3:5] for row in sweep if row[5].startswith("diverged")] == [["not finite", "—"]]
-    assert re.fullmatch(r"[+\u2212]?\d+\.\d\d\xa0±\xa0\d+\.\d\d", values["lr_1e_3_vs_baseline"])
-    assert re.fullmatch(r"\d+\.\d\d\xa0±\xa0\d+\.\d\d", values["lr_1e_4_level"])
+    assert [row[3:6] for row in sweep if row[6].startswith("diverged")] == [["not finite", "—", "—"]]
+    assert re.fullmatch(r"[+\u2212]?\d+\.\d\d\xa0±\xa0\d+\.\d{2,}", values["lr_1e_3_vs_baseline"])
+    assert trained_on[5] == values["lr_1e_3_vs_baseline"] and baseline[5] == "—"
+    assert re.fullmatch(r"\d+\.\d\d\xa0±\xa0\d+\.\d{2,}", values["lr_1e_4_level"])
     assert re.fullmatch(r"\d\.\d{4} to \d\.\d{4}", values["gan_l1_ends"]) and re.fullmatch(r"[\d.]+ to [\d.]+", values["gan_d_loss_ends"])
     assert all(math.isfinite(float(values[name].replace("\u2212", "-"))) for name in ("gan_cost_Set14", "residual_loss_box"))
 

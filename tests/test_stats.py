@@ -23,7 +23,9 @@ def test_trend_compares_the_last_fifth_with_the_fifth_before_and_says_noisy_wher
 
 def test_signed_numbers_never_print_minus_zero():
     assert [stats.signed(v) for v in (0.126, -0.051, -0.004, 0.0)] == ["+0.13", "\u22120.05", "0.00", "0.00"]
-    assert stats.signed_pm(-0.001, 0.004) == "0.00\xa0±\xa00.00"
+    assert stats.signed_pm(-0.001, 0.004) == "0.00\xa0±\xa00.004" and stats.signed_pm(0.5, 0.0) == "+0.50\xa0±\xa00.00"
+    assert stats.pm([35.031, 35.032, 35.034]) == "35.03\xa0±\xa00.002"  # an sd under 0.005: its first digit, not 0.00
+    assert stats.uncertainty(0.00003) == "0.00003" and stats.uncertainty(0.0123) == "0.01"
 
 
 def test_a_paired_difference_is_the_mean_and_standard_error_over_the_images():
