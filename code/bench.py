@@ -71,15 +71,16 @@ def endless(loader):
 
 
 def ours_loader(cfg, device):
-    data = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
-                     bad_files="skip")
+    """train.py's two ways to the same batches (every augmentation of cfg): sample by sample in DataLoader workers, or
+    batch-wise on the device (device_batches)."""
+    data = SRDataset.from_config(dict(cfg, bad_files="skip"))
     return DataLoader(data, batch_size=cfg["batch_size"], sampler=TrainSampler(len(data), cfg["seed"]),
-                      num_workers=system.data_workers(cfg, device), pin_memory=device.type == "cuda")
+                      num_workers=system.data_workers(cfg, device), pin_memory=device.type == "cuda",
+                      worker_init_fn=system.ignore_stop_signals)
 
 
 def device_batches(cfg, device):
-    data = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
-                     bad_files="skip")
+    data = SRDataset.from_config(dict(cfg, bad_files="skip"))
     return DeviceBatches.from_config(cfg, data.images, TrainSampler(len(data), cfg["seed"]), device)
 
 

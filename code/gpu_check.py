@@ -39,8 +39,7 @@ SIZES = {"cuda": (200, 1000, (4000, 3000)), "cpu": (8, 24, (800, 600))}
 def throughput(cfg, device, steps):
     """(pure-step seconds, full-loop seconds, GFLOP per step): the default path, timed in turns."""
     bf16, channels_last = system.use_bf16(cfg, device), system.channels_last_helps(cfg["channels_last"], device)
-    data = SRDataset(cfg["data_dir"], cfg["patch_size"], cfg["scale"], cfg["jitter"], cfg["degradation"],
-                     bad_files="skip")
+    data = SRDataset.from_config(dict(cfg, bad_files="skip"))
     stream = DeviceBatches.from_config(cfg, data.images, TrainSampler(len(data), cfg["seed"]), device,
                                        workers=system.data_workers(cfg, device))
     fixed = next(stream)

@@ -106,15 +106,15 @@ def _spans(length, tile, margin):
 
 
 @torch.no_grad()
-def upscale_tiled(model, low_res, scale, tile, margin, progress=None, out_device=None, output=None):
+def upscale_tiled(model, low_res, scale, tile, margin, progress=None, output=None):
     """model(low_res) for an Nx3xHxW batch, computed in tiles of `tile` LR px a side, each seen with `margin` px
     of context (the result equals the whole image's when the margin covers the receptive field); returns a float
-    Nx3x(sH)x(sW) tensor on `out_device` (default: the input's; the CPU keeps a huge output off a GPU).
+    Nx3x(sH)x(sW) tensor on the input's device.
     An 8- or 16-bit `low_res` is converted to [0, 1] a window at a time, and a given 8-bit `output` receives each
     tile clamped and rounded, so that a huge photo is held in 8 bits, never whole in floats (upscale.py)."""
     height, width = low_res.shape[-2:]
     if output is None:
-        output = torch.empty(low_res.shape[0], 3, height * scale, width * scale, device=out_device or low_res.device)
+        output = torch.empty(low_res.shape[0], 3, height * scale, width * scale, device=low_res.device)
     for top, bottom, window_top, window_bottom in _spans(height, tile, margin):
         for left, right, window_left, window_right in _spans(width, tile, margin):
             window = low_res[..., window_top:window_bottom, window_left:window_right]

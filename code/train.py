@@ -545,16 +545,15 @@ def stop_at_once_line(ckpt_dir, step):
     return f"stopped at once by a second Ctrl-C after step {step}; {resume_from}"
 
 
-def end_run(writer, bar, stop_request, world_size, message=None, code=0):
-    """Close the logs, give the signals back and leave the process group; with a code, print `message` (rank 0)
-    and stop the process with that exit status."""
+def end_run(writer, bar, world_size, message=None, code=0):
+    """Close the logs and leave the process group; with a code, print `message` (rank 0) and stop the process with
+    that exit status."""
     bar.close()
     if writer is not None:
         with contextlib.suppress(OSError):  # after a failed write, TensorBoard's writer raises it again
             writer.close()
         if message:
             print(message, file=sys.stderr)
-    stop_request.restore()
     if world_size > 1 and dist.is_initialized():  # a failed final save ends the run a second time
         dist.destroy_process_group()
     if code:
@@ -618,8 +617,8 @@ def train(cfg):
     started = last_log = time.time()
 
     model.train()
+    stop_request = StopRequest(announce=main_process)  # SIGTERM, Ctrl-C: stop at the next logged step (kept to the end)
     try:
-        stop_request = StopRequest(announce=main_process)  # SIGTERM, Ctrl-C: stop at the next logged step
         while progress.step < cfg["max_steps"]:
             low_res, high_res = (t.to(device, non_blocking=True, memory_format=layout) for t in next(batches))
             set_learning_rate(networks.optimizer, cfg, progress.step)
@@ -644,7 +643,7 @@ def train(cfg):
             if not all(math.isfinite(value) for value in means.values()):  # diverged: stop at the last good checkpoint
                 if main_process:
                     log_scalars(writer, means, step)
-                end_run(writer, bar, stop_request, world_size, divergence_line(cfg, means, step, ckpt_dir), EXIT_DIVERGED)
+                end_run(writer, bar, world_size, divergence_line(cfg, means, step, ckpt_dir), EXIT_DIVERGED)
             if log_now and main_process:
                 last_log = log_training(writer, bar, means, step, cfg, since_log * world_size, last_log)
             if log_now:  # the running sums start again, on every rank
@@ -663,16 +662,17 @@ def train(cfg):
                 save_checkpoint(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), networks.ema_or_model, cfg, step,
                                 val=progress.val)
             if stop_requested and not last:
-                end_run(writer, bar, stop_request, world_size, stop_line(stop_request, step, path), EXIT_INTERRUPTED)
-        end_run(writer, bar, stop_request, world_size)
+                end_run(writer, bar, world_size, stop_line(stop_request, step, path), EXIT_INTERRUPTED)
+        end_run(writer, bar, world_size)
         if main_process:  # the final model.pt, summary.json and curves.png
             return save_final(cfg, networks, progress, run_dir, ckpt_dir, world_size, time.time() - started, hardware)
     except StopNow:
-        end_run(writer, bar, stop_request, world_size, stop_at_once_line(ckpt_dir, progress.step), EXIT_INTERRUPTED)
+        end_run(writer, bar, world_size, stop_at_once_line(ckpt_dir, progress.step), EXIT_INTERRUPTED)
     except OSError as err:  # a full disk or quota: checkpoints, logs, summary
-        end_run(writer, bar, stop_request, world_size)
+        end_run(writer, bar, world_size)
         raise SystemExit(system.write_failure(err.filename or run_dir, err)) from None
-    finally:  # the DataLoader workers stop now, even where a kept traceback holds this frame (plots, errors)
+    finally:  # the signals handed back after the final save; the DataLoader workers stop now, even where a kept
+        stop_request.restore()  # traceback holds this frame (plots, errors)
         del batches
 
 

@@ -360,6 +360,24 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_and_resume_auto_continues(tin
     assert summary["steps"] == step + 2
 
 
+def test_ctrl_c_twice_during_the_final_save_is_one_line_and_resume_auto_finishes_the_run(tiny_cfg, capsys, monkeypatch):
+    """The signals stay handled to the end of the run: two Ctrl-C while the final model's curves are drawn end it
+    with one line (no traceback), and resume=auto finishes the final save."""
+    real_plot = train.plot_training_curves
+    def interrupted_plot(*args):
+        signal.raise_signal(signal.SIGINT)  # the first: a flag; the second: stop at once
+        signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(train, "plot_training_curves", interrupted_plot)
+    cfg = dict(tiny_cfg, max_steps=4, ckpt_every=2)
+    with pytest.raises(SystemExit) as exit_:
+        train.train(cfg)
+    assert exit_.value.code == train.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped at once by a second Ctrl-C after step 4; ")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+    monkeypatch.setattr(train, "plot_training_curves", real_plot)
+    assert train.train(dict(cfg, resume="auto"))["steps"] == 4
+
+
 def test_a_too_high_learning_rate_diverges_cleanly(tiny_cfg, capsys):
     with pytest.raises(SystemExit) as exit_:
         train.train(dict(tiny_cfg, lr=1e12, max_steps=200, ckpt_every=1))  # step 1 finite, then not
