@@ -282,7 +282,7 @@ def headline(r):
     crops_figure(r, "typical", panels, 3, errors=True, where=where)  # the LR input under HR
     outputs = [plots.upscaled(m.upscale, hr, "bicubic_matlab", SCALE, r.device) for m in (MATLAB, r.method["final"])]
     plots.plot_split(*outputs, r.fig("split"), (f"← {MATLAB.label}", "final →"), window=(top, left, TYPICAL_SIDE))
-    panels = [("LR input, pixels enlarged", "lr"), ("bicubic", BICUBIC.upscale), ("HR", None)]
+    panels = [("HR", None), ("LR input, pixels enlarged", "lr"), ("bicubic", BICUBIC.upscale)]
     panels += [(NAMES.get(n, n), r.method[n].upscale) for n in ("baseline", "residual", "gan")]
     crops_figure(r, "typical_task5", [(label, "bilinear", upscale) for label, upscale in panels], 3, where=where)
     r.v["loader_shapes"] = loader_figure(r.fig("loader"), r.out)
