@@ -25,7 +25,7 @@ logging.getLogger("tensorboard").addFilter(
 # A panel: (tags drawn in it, title, log y axis)
 PANELS = (((f"train/{LOGGED_L1}",), "train L1 (log scale)", True), ((f"val/{LOGGED_L1}",), "validation L1", True),
           (("val/psnr",), "validation PSNR (dB)", False), (("val/ssim",), "validation SSIM", False))
-GAN_PANELS = (((f"train/{LOGGED_L1}",), "generator L1 (content, log scale)", True),
+GAN_PANELS = (((f"train/{LOGGED_L1}",), "generator L1 (content)", False),
               (("train/adv",), "generator adversarial loss", False), (("train/d_loss",), "discriminator loss", False),
               (("train/d_real", "train/d_fake"), "D(real), D(fake)", False), (("val/psnr",), "validation PSNR (dB)", False),
               (("val/ssim",), "validation SSIM", False), (("val/sharpness",), "validation sharpness (1 = HR)", False))

@@ -315,7 +315,7 @@ def learning_rates(r):
     panels = [plots.PANELS[0], plots.PANELS[2], (("val/psnr_all",), "validation PSNR, all steps (dB)", False)]  # uncut, unlike SWEEP's
     plots.plot_curves([(rate_label(run), {**run.curve(SWEEP)[1], "val/psnr_all": run.series(psnr)}) for run in sweep], r.fig("lr_sweep"),
                       panels, references={**r.reference, "val/psnr_all": r.reference[psnr]},
-                      y_limits={l1: (0.01, 0.3), "val/psnr_all": (26, 34.5)}, legend=(1, "lower right", 2))
+                      y_limits={l1: (0.01, 0.3), "val/psnr_all": (26, 34.5)}, legend=(2, "lower right", 1))
     rows, at = [], dict(zip(*baseline.series(psnr)))  # the baseline's validations by step
     for run in sweep:  # L1: the mean of steps 4,501-5,000; a run trained on: its last 5 validations
         loss, steps, values, longer = ends(*run.series(l1, SWEEP))[1], run.series(psnr)[0][-LAST:], run.last(), run.planned > SWEEP
