@@ -153,7 +153,8 @@ class Scores:
 
     def standard_mean(self, method, set_name, key="psnr"):
         """The set's metric: per-image values summed in order, as evaluate_standard does for a whole set."""
-        return sum(m[key] for m in self.standard(method, set_name)) / len(self.standard(method, set_name))
+        per_image = self.standard(method, set_name)
+        return sum(m[key] for m in per_image) / len(per_image)
 
     def gains(self, method, set_name):
         """Per image, the PSNR of `method` minus MATLAB bicubic's, papers' protocol."""

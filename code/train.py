@@ -671,9 +671,9 @@ def train(cfg):
     except OSError as err:  # a full disk or quota: checkpoints, logs, summary
         end_run(writer, bar, world_size)
         raise SystemExit(system.write_failure(err.filename or run_dir, err)) from None
-    finally:  # the signals handed back after the final save; the DataLoader workers stop now, even where a kept
-        stop_request.restore()  # traceback holds this frame (plots, errors)
-        del batches
+    finally:
+        stop_request.restore()  # only now, after the final save
+        del batches  # the DataLoader workers stop now, even where a kept traceback holds this frame (plots, errors)
 
 
 if __name__ == "__main__":
