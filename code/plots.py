@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: works on cluster nodes and CI without a display
 import matplotlib.pyplot as plt
+import matplotlib.ticker as ticker
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -23,7 +24,7 @@ from stats import number
 logging.getLogger("tensorboard").addFilter(
     lambda record: not str(record.msg).startswith("Detected out of order event.step"))
 # A panel: (tags drawn in it, title, log y axis)
-PANELS = (((f"train/{LOGGED_L1}",), "train L1 (log scale)", True), ((f"val/{LOGGED_L1}",), "validation L1", True),
+PANELS = (((f"train/{LOGGED_L1}",), "train L1 (log scale)", True), ((f"val/{LOGGED_L1}",), "validation L1 (log scale)", True),
           (("val/psnr",), "validation PSNR (dB)", False), (("val/ssim",), "validation SSIM", False))
 GAN_PANELS = (((f"train/{LOGGED_L1}",), "generator L1 (content)", False),
               (("train/adv",), "generator adversarial loss", False), (("train/d_loss",), "discriminator loss", False),
@@ -82,6 +83,10 @@ def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None
         if tags[0] in (references or {}):
             axis.axhline(references[tags[0]], color="gray", linestyle="--", linewidth=1)
         axis.set(title=title, xlabel="step", yscale="log" if log else "linear", xlim=(0, x_max) if x_max else None)
+        if log:  # ticks at 1, 2, 3, 5 times the powers of ten, labelled 0.02 rather than 2 x 10^-2
+            axis.yaxis.set_minor_locator(ticker.LogLocator(subs=(2, 3, 5)))
+            for set_formatter in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+                set_formatter(ticker.FormatStrFormatter("%g"))
         if y_limits and tags[0] in y_limits:
             axis.set_ylim(*y_limits[tags[0]])
         axis.grid(alpha=0.3)
