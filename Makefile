@@ -63,12 +63,9 @@ experiments: venv
 	$(PY) code/experiments.py $(ARGS)
 
 # Task 5's sweep continued (README: Task 5 experiments): lr 1e-3 and 1e-5 from scratch to the baseline's 30,000
-# steps, keeping the step-5,000 weights; resumable. lr_1e-3 trains in its own folders (experiments.RUNS), lr_1e-5 in
-# folders beside its committed 5,000-step run until it passes that step.
+# steps, keeping the step-5,000 weights; resumable (experiments.RUNS has their settings).
 sweep-30k: venv
-	$(PY) code/experiments.py lr_1e-3 $(ARGS)
-	$(PY) code/experiments.py lr_1e-5 max_steps=30000 save_model_at=5000 \
-	  ckpt_dir=checkpoints/sweep30k runs_dir=runs/sweep30k $(ARGS)
+	$(PY) code/experiments.py lr_1e-3 lr_1e-5 $(ARGS)
 
 # The report: runs/report/, README.pdf and README.md's key results, from the committed checkpoints and logs
 # (code/report.py evaluates and plots, code/report.typ is the text, set by Typst), and the comparison page of Set14.

@@ -54,12 +54,12 @@ RUNS = [
     ("residual_matlab", ["model=residual", "degradation=bicubic_matlab", "init=checkpoints/residual/model_020000.pt",
                          "lr=1e-4", "max_steps=3000"]),
     # learning-rate sweep with the original model; the baseline is its lr=1e-4 curve, and lr_1e-4 the baseline's
-    # settings rerun to 5000 steps for that step's weights (the baseline kept only its last ones). lr_1e-3 goes on
-    # to the baseline's 30000 steps, keeping its step-5000 weights (lr_1e-5 follows: make sweep-30k)
+    # settings rerun to 5000 steps for that step's weights (the baseline kept only its last ones). lr_1e-3 and lr_1e-5
+    # go on to the baseline's 30000 steps, keeping their step-5000 weights (make sweep-30k)
     ("lr_1e-2", ["model=basic", "lr=1e-2", "max_steps=5000"]),
     ("lr_1e-3", ["model=basic", "lr=1e-3", "max_steps=30000", "save_model_at=5000"]),
     ("lr_1e-4", ["model=basic", "lr=1e-4", "max_steps=5000"]),
-    ("lr_1e-5", ["model=basic", "lr=1e-5", "max_steps=5000"]),
+    ("lr_1e-5", ["model=basic", "lr=1e-5", "max_steps=30000", "save_model_at=5000"]),
     ("lr_1e-6", ["model=basic", "lr=1e-6", "max_steps=5000"]),
     # The final model's first stage (final_t91): the residual network trained from scratch on the standard degradation with the recipe
     # of the SR literature (README: Final model): no colour jitter (the benchmarks score colours as they are),

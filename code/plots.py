@@ -83,12 +83,14 @@ def draw_curves(axes, curves, panels, references=None, x_max=None, y_limits=None
         if tags[0] in (references or {}):
             axis.axhline(references[tags[0]], color="gray", linestyle="--", linewidth=1)
         axis.set(title=title, xlabel="step", yscale="log" if log else "linear", xlim=(0, x_max) if x_max else None)
-        if log:  # ticks at 1, 2, 3, 5 times the powers of ten, labelled 0.02 rather than 2 x 10^-2
-            axis.yaxis.set_minor_locator(ticker.LogLocator(subs=(2, 3, 5)))
-            for set_formatter in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
-                set_formatter(ticker.FormatStrFormatter("%g"))
         if y_limits and tags[0] in y_limits:
             axis.set_ylim(*y_limits[tags[0]])
+        if log:  # labels 0.02 rather than 2 x 10^-2; within two decades also at 2, 3 and 5 times the powers of ten
+            axis.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            low, high = axis.get_ylim()
+            if high <= 100 * low:
+                axis.yaxis.set_minor_locator(ticker.LogLocator(subs=(2, 3, 5)))
+                axis.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
         axis.grid(alpha=0.3)
         if axis is axes[legend[0]] and len(curves) > 1:  # the curves' legend once
             axis.legend(loc=legend[1], ncol=legend[2], framealpha=0.8)

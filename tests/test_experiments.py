@@ -30,7 +30,7 @@ def test_runner_trains_missing_runs_skips_finished_ones_and_goes_on_after_a_dive
 
 def test_the_exit_status_stops_make_after_an_interrupted_run_and_reports_a_failed_one():
     assert experiments.exit_status([("a", "trained"), ("b", "diverged (exit 3)"), ("c", "done before")]) == 0
-    assert experiments.exit_status([("a", "trained"), ("b", "exit 75")]) == 75  # make sweep-30k's next line must not run
+    assert experiments.exit_status([("a", "trained"), ("b", "exit 75")]) == 75  # an interrupted run (75) fails make: nothing after it runs
     assert experiments.exit_status([("a", "exit 1"), ("b", "trained")]) == 1
 
 
