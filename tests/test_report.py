@@ -41,9 +41,9 @@ def tiny_experiments(tiny_cfg, tmp_path, monkeypatch):
     runs = [("baseline", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
             ("residual", [*tiny, "model=residual", "lr=1e-3", "max_steps=4"]),
             ("lr_1e-2", [*tiny, "model=basic", "lr=1e12", "max_steps=6"]),
-            ("lr_1e-3", [*tiny, "model=basic", "lr=1e-3", "max_steps=6"]),
+            *[(name, [*tiny, "model=basic", f"lr={name[3:]}", "max_steps=6"]) for name in ("lr_1e-3", "lr_1e-5")],
             ("lr_1e-4", [*tiny, "model=basic", "lr=1e-3", "max_steps=2"]),  # the tiny baseline's settings, rerun
-            *[(name, [*tiny, "model=basic", f"lr={name[3:]}", "max_steps=2"]) for name in ("lr_1e-5", "lr_1e-6")],
+            ("lr_1e-6", [*tiny, "model=basic", "lr=1e-6", "max_steps=2"]),
             ("gan", [*tiny, "model=residual", "gan=true", f"init={tiny_cfg['ckpt_dir']}/residual/model.pt", "lr=1e-3",
                      "max_steps=2"]),
             ("residual_matlab", [*tiny, "model=residual", "degradation=bicubic_matlab", "max_steps=2"]),
@@ -124,7 +124,8 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
     trained_on, baseline = (next(row for row in sweep if row[6] == note) for note in ("in progress: no checkpoint yet", "the baseline"))
     assert re.fullmatch(r"\d+\.\d\d\xa0±\xa0\d+\.\d{2,} \(2–6\)", trained_on[4])  # lr_1e-3: 6 steps planned, SWEEP 2
     assert re.fullmatch(r"[\d.]+\xa0±\xa0[\d.]+ \(2–4\)", baseline[4])
-    assert [row[4] for row in sweep if row[0] in ("1e-5", "1e-6")] == ["—", "—"]  # 2 steps: not trained on
+    assert [row[4] for row in sweep if row[0] == "1e-6"] == ["—"]  # 2 steps: not trained on
+    assert next(row for row in sweep if row[0] == "1e-5")[5] == values["lr_1e_5_vs_baseline"] != "—"  # 6 steps, like 1e-3
     assert [row[3:6] for row in sweep if row[6].startswith("diverged")] == [["not finite", "—", "—"]]
     assert re.fullmatch(r"[+\u2212]?\d+\.\d\d\xa0±\xa0\d+\.\d{2,}", values["lr_1e_3_vs_baseline"])
     assert trained_on[5] == values["lr_1e_3_vs_baseline"] and baseline[5] == "—"
