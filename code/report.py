@@ -34,8 +34,9 @@ SETS = ("Set5", "Set14", "B100")  # Set5 validates; Set14 and B100 test (B100: t
 DOWNSCALING = {"bilinear": "bilinear (training)", "bicubic": "bicubic", "nearest": "nearest, top-left",
                "nearest_last": "nearest, bottom-right", "box": "2×2 mean"}  # LR made otherwise at test time
 SCALE, LAST, SWEEP = 2, 5, 5000  # x2; a run's level: the mean ± sd of its last 5 validations; the sweep's steps
-# Published x2 results, papers' protocol: SRCNN 9-5-5, FSRCNN (Dong et al. 2016), VDSR (Kim et al.), DRRN B1U25 (Tai et al.)
-PUBLISHED = (("SRCNN", "57k", "ImageNet (395k)", {"Set5": (36.66, .9542), "Set14": (32.42, .9063), "B100": (31.36, .8879)}),
+# Published x2 results, papers' protocol: bicubic and VDSR (Kim et al. 2016), SRCNN 9-5-5, FSRCNN, DRRN B1U25 (Tai et al.)
+PUBLISHED = (("bicubic", "—", "—", {"Set5": (33.66, .9299), "Set14": (30.24, .8688), "B100": (29.56, .8431)}),
+             ("SRCNN", "57k", "ImageNet (395k)", {"Set5": (36.66, .9542), "Set14": (32.42, .9063), "B100": (31.36, .8879)}),
              ("FSRCNN", "12k", "T91 + General-100 (191)", {"Set5": (37.00, .9558), "Set14": (32.63, .9088), "B100": (31.53, .8920)}),
              ("VDSR", "665k", "T91 + BSD200 (291)", {"Set5": (37.53, .9587), "Set14": (33.03, .9124), "B100": (31.90, .8960)}),
              ("DRRN", "297k", "T91 + BSD200 (291)", {"Set5": (37.74, .9591), "Set14": (33.23, .9136), "B100": (32.05, .8973)}))
@@ -283,9 +284,8 @@ def headline(r):
     crops_figure(r, "typical", panels, 3, errors=True, where=where)  # the LR input under HR
     outputs = [plots.upscaled(m.upscale, hr, "bicubic_matlab", SCALE, r.device) for m in (MATLAB, r.method["final"])]
     plots.plot_split(*outputs, r.fig("split"), (f"← {MATLAB.label}", "final →"), window=(top, left, TYPICAL_SIDE))
-    panels = [("HR", None), ("LR input, pixels enlarged", "lr"), ("bicubic", BICUBIC.upscale)]
-    panels += [(NAMES.get(n, n), r.method[n].upscale) for n in ("baseline", "residual", "gan")]
-    crops_figure(r, "typical_task5", [(label, "bilinear", upscale) for label, upscale in panels], 3, where=where)
+    panels = [("HR", None), ("bicubic", BICUBIC.upscale)] + [(NAMES.get(n, n), r.method[n].upscale) for n in ("baseline", "residual", "gan")]
+    crops_figure(r, "typical_task5", [(label, "bilinear", upscale) for label, upscale in panels], 5, errors=True, where=where)
     r.v["loader_shapes"] = loader_figure(r.fig("loader"), r.out)
 
 
@@ -328,8 +328,8 @@ def learning_rates(r):
                      "the baseline" if run is baseline else run.status() or "—"])
         if longer and run is not baseline:
             r.v[f"{run.name.replace('-', '_')}_vs_baseline"] = versus
-    r.tables["sweep"] = table(["lr", f"val PSNR, last 5 to step {SWEEP:,} (dB)", "range", f"train L1, steps {SWEEP - 499:,}–{SWEEP:,}",
-                               "val PSNR, last 5 validations (steps)", "minus 1e-4's, same steps", "note"], rows)
+    r.tables["sweep"] = table(["lr", f"val PSNR to step {SWEEP:,} (dB)", "range", f"train L1 at {SWEEP:,}",
+                               "val PSNR, last 5 (steps)", "Δ vs 1e-4 (dB)", "note"], rows)
     r.v.update({f"{('baseline_5k' if name == 'baseline' else name).replace('-', '_')}_level": pm(v) for name, v in last.items()},
                lr_ranking=", ".join(rate(run.config["lr"]) for run in sorted(sweep, key=lambda run: level_order(last[run.name]))),
                lr_1e_2_peak_loss=f"{max(r.runs['lr_1e-2'].series(l1)[1]):.0f}")
@@ -386,8 +386,7 @@ def adversarial(r):
 
 
 def final_model(r):
-    """The final model in the papers' protocol, what its data bought, its curves, its best and failure cases, the
-    ablation."""
+    """The final model in the papers' protocol, what its data bought, its curves, best and failure cases, ablation."""
     method, runs, per = r.method, r.runs, r.scores.standard
     rows = [(MATLAB, "—", "—")] + [(method[n], training_data(runs[n].config), f"{count_parameters(method[n].upscale) / 1000:.0f}k")
                                    for n in ("residual_matlab", "final_t91", "final_no_rescale", "final")]

@@ -120,7 +120,7 @@ def test_report_labels_unfinished_and_diverged_runs_and_rebuilds_the_same_bytes(
                                                    "nearest, bottom-right", "2×2 mean"]
     assert tables["gan"]["rows"][1][0] == "residual, step 4 (GAN's start)"
     assert re.fullmatch(r"img\d\d\.png", values["typical"]) and values["baseline_trend"] == "—"
-    sweep = tables["sweep"]["rows"]  # lr, level to step SWEEP, range, L1, last 5 validations of a longer run, minus 1e-4's, note
+    sweep = tables["sweep"]["rows"]  # lr, level to step SWEEP, range, L1, last 5 validations of a longer run, Δ vs 1e-4, note
     trained_on, baseline = (next(row for row in sweep if row[6] == note) for note in ("in progress: no checkpoint yet", "the baseline"))
     assert re.fullmatch(r"\d+\.\d\d\xa0±\xa0\d+\.\d{2,} \(2–6\)", trained_on[4])  # lr_1e-3: 6 steps planned, SWEEP 2
     assert re.fullmatch(r"[\d.]+\xa0±\xa0[\d.]+ \(2–4\)", baseline[4])
